@@ -1,0 +1,56 @@
+"""eventrelay: a distributed event bus for Python microservices, after ABP's.
+
+Typed events, handler classes, a unit of work with a transactional outbox and an inbox, dead letters with
+replay, and brokers chosen by URL.
+"""
+
+from __future__ import annotations
+
+from eventrelay.brokers.base import Broker
+from eventrelay.brokers.memory import MemoryBroker
+from eventrelay.bus import DistributedEventBus, Subscription
+from eventrelay.config import Settings
+from eventrelay.envelope import Delivery, Message
+from eventrelay.errors import (
+    BrokerError,
+    BrokerUnavailable,
+    ConfigurationError,
+    DecodeError,
+    EventRelayError,
+    PublishFailed,
+    StoreError,
+    UnitOfWorkError,
+)
+from eventrelay.events import DynamicEvent, Event, event_name
+from eventrelay.handlers import Context, DistributedEventHandler, Reject, Retry, RetryPolicy
+from eventrelay.stores.base import DeadLetter, Store
+from eventrelay.uow import UnitOfWork
+
+__all__ = [
+    "Broker",
+    "BrokerError",
+    "BrokerUnavailable",
+    "ConfigurationError",
+    "Context",
+    "DeadLetter",
+    "DecodeError",
+    "Delivery",
+    "DistributedEventBus",
+    "DistributedEventHandler",
+    "DynamicEvent",
+    "Event",
+    "EventRelayError",
+    "MemoryBroker",
+    "Message",
+    "PublishFailed",
+    "Reject",
+    "Retry",
+    "RetryPolicy",
+    "Settings",
+    "Store",
+    "StoreError",
+    "Subscription",
+    "UnitOfWork",
+    "UnitOfWorkError",
+    "event_name",
+]

@@ -1,0 +1,345 @@
+"""The distributed event bus: publish, subscribe, and the background work (consumer, relay, inbox cleanup)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Callable, Mapping
+from datetime import UTC, datetime, timedelta
+from types import TracebackType
+from typing import Any, Self
+
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from eventrelay.brokers import Broker, broker_from_url
+from eventrelay.codec import check_headers, encode_body
+from eventrelay.config import Settings
+from eventrelay.consumer import Consumer, current_context
+from eventrelay.envelope import CAUSATION_ID, CORRELATION_ID, RESERVED_HEADERS, TENANT_ID, Message, new_message_id
+from eventrelay.errors import ConfigurationError
+from eventrelay.events import DynamicEvent, Event, event_name, validate_event_name
+from eventrelay.handlers import DistributedEventHandler, HandlerSpec, RetryPolicy, resolve_handler
+from eventrelay.outbox import Relay
+from eventrelay.stores.base import DeadLetter, Store, utcnow
+from eventrelay.stores.memory import MemoryStore
+from eventrelay.uow import UnitOfWork, current_unit_of_work
+
+logger = logging.getLogger(__name__)
+
+
+class Subscription:
+    """What `subscribe` returns: `await subscription.unsubscribe()` removes the handler."""
+
+    def __init__(self, bus: DistributedEventBus, spec: HandlerSpec) -> None:
+        self.bus = bus
+        self.spec = spec
+
+    @property
+    def handler_name(self) -> str:
+        return self.spec.name
+
+    async def unsubscribe(self) -> None:
+        """Remove the handler; unbind names no other handler of this service takes. Idempotent."""
+        await self.bus.unsubscribe(self.spec.name)
+
+
+class DistributedEventBus:
+    """One service's connection to the distributed event bus.
+
+    `service` names the subscription (ABP's ClientName): every service gets its own copy of each event it
+    subscribes to, and instances of one service share it and compete. `broker` is a `Broker` or a URL
+    (`memory://` by default). `database` (a URL, an `AsyncEngine` or a `Store`) holds the outbox, inbox and
+    dead letters next to your tables; without it they live in memory and nothing survives the process.
+    """
+
+    def __init__(
+        self,
+        service: str,
+        *,
+        broker: Broker | str = "memory://",
+        database: str | AsyncEngine | Store | None = None,
+        settings: Settings | None = None,
+    ) -> None:
+        if not isinstance(service, str) or not service.strip() or len(service) > 200:
+            raise ConfigurationError(f"service must be a non-empty name of at most 200 characters: {service!r}")
+        self.service = service
+        self.settings = settings or Settings()
+        self._owns_broker = isinstance(broker, str)
+        self.broker = broker_from_url(broker) if isinstance(broker, str) else broker
+        self._owns_store = not isinstance(database, Store)
+        self.store = _store(database)
+        self.relay = Relay(
+            self.store,
+            self.broker,
+            batch_size=self.settings.relay_batch_size,
+            poll_interval=self.settings.relay_poll_interval,
+        )
+        self.consumer = Consumer(self)
+        self._specs: dict[str, HandlerSpec] = {}
+        self._by_event: dict[str, list[HandlerSpec]] = {}
+        self._tasks: list[asyncio.Task[None]] = []
+        self.started = False
+
+    # --- lifecycle -----------------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Connect, create tables (unless turned off), bind subscriptions, start consuming and relaying."""
+        if self.started:
+            return
+        if self._owns_broker:
+            await self.broker.start()
+        if self.settings.create_tables:
+            await self.store.create_tables()
+        for name in self._by_event:
+            await self.broker.bind(self.service, name)
+        self._tasks = [
+            asyncio.create_task(self.consumer.run(), name=f"{self.service}-consumer"),
+            asyncio.create_task(self.relay.run(), name=f"{self.service}-relay"),
+            asyncio.create_task(self._clean_inbox(), name=f"{self.service}-inbox-cleanup"),
+        ]
+        self.started = True
+        logger.info("Bus of %s started with %d handler(s)", self.service, len(self._specs))
+
+    async def stop(self) -> None:
+        """Stop fetching, let in-flight handlers finish, send what the outbox holds, then close."""
+        if not self.started:
+            return
+        self.started = False
+        self.consumer.stop()
+        consumer, relay, cleaner = self._tasks
+        await asyncio.wait({consumer}, timeout=self.settings.shutdown_timeout)
+        for task in (consumer, relay, cleaner):
+            task.cancel()
+        await asyncio.gather(consumer, relay, cleaner, return_exceptions=True)
+        with contextlib.suppress(Exception):  # best effort: rows left behind are sent at the next start
+            await asyncio.wait_for(self._drain_outbox(), self.settings.shutdown_timeout)
+        self.consumer = Consumer(self)
+        if self._owns_broker:
+            await self.broker.close()
+        if self._owns_store:
+            await self.store.close()
+        logger.info("Bus of %s stopped", self.service)
+
+    async def _drain_outbox(self) -> None:
+        while await self.relay.run_once():
+            pass
+
+    async def __aenter__(self) -> Self:
+        await self.start()
+        return self
+
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        await self.stop()
+
+    # --- units of work -------------------------------------------------------------------------------
+
+    def unit_of_work(self) -> contextlib.AbstractAsyncContextManager[UnitOfWork]:
+        """`async with bus.unit_of_work() as uow:` one transaction; inside another of this bus, join it."""
+        current = current_unit_of_work()
+        if current is not None and current.owner is self:
+            return contextlib.nullcontext(current)
+        return self.new_unit_of_work()
+
+    def new_unit_of_work(self) -> UnitOfWork:
+        """A unit of work of its own, even inside another."""
+        return UnitOfWork(self.store, self, self.broker.publish)
+
+    # --- publishing ----------------------------------------------------------------------------------
+
+    async def publish(
+        self,
+        event: Event | str,
+        data: Mapping[str, Any] | None = None,
+        *,
+        use_outbox: bool = True,
+        on_unit_of_work_complete: bool = True,
+        headers: Mapping[str, str] | None = None,
+        key: str | None = None,
+        delay: float | timedelta | None = None,
+        at: datetime | None = None,
+        correlation_id: str | None = None,
+        tenant_id: str | None = None,
+    ) -> str:
+        """Publish an event (or a name and a dict payload); return its message id.
+
+        Inside a unit of work (and `on_unit_of_work_complete`) the event waits for the commit; with
+        `use_outbox` it goes through the outbox, in the unit of work's transaction when there is one;
+        otherwise it is sent to the broker now. `key` orders events (same key, same order at the consumer);
+        `delay` or `at` hold it in the outbox until due.
+        """
+        message = self._message(event, data, headers, key, correlation_id, tenant_id)
+        due = _due(delay, at)
+        if due is not None and not use_outbox:
+            raise ConfigurationError("A delayed event waits in the outbox: drop use_outbox=False")
+        available_at = due or utcnow()
+        uow = current_unit_of_work()
+        uow = uow if uow is not None and uow.owner is self else None
+        if uow is not None and on_unit_of_work_complete:
+            uow.add(message, use_outbox=use_outbox, available_at=available_at)
+            uow.after_commit(self.relay.wake)
+        elif use_outbox and uow is not None:
+            await self.store.add_outbox(uow.transaction, [message], available_at)
+            uow.after_commit(self.relay.wake)
+        elif use_outbox:
+            async with self.new_unit_of_work() as own:
+                own.add(message, use_outbox=True, available_at=available_at)
+                own.after_commit(self.relay.wake)
+        else:
+            await self.broker.publish([message])
+        return message.id
+
+    def _message(
+        self,
+        event: Event | str,
+        data: Mapping[str, Any] | None,
+        headers: Mapping[str, str] | None,
+        key: str | None,
+        correlation_id: str | None,
+        tenant_id: str | None,
+    ) -> Message:
+        if isinstance(event, Event):
+            if data is not None:
+                raise ConfigurationError("Pass data only with an event name: publish('Name', {...})")
+            name, body = event_name(event), encode_body(event)
+        elif isinstance(event, str):
+            name = validate_event_name(event)
+            body = encode_body(DynamicEvent(name, dict(data or {})))
+        else:
+            raise ConfigurationError(f"publish takes an Event or an event name, not {type(event).__name__}")
+        if key is not None and (not isinstance(key, str) or len(key) > 256):
+            raise ConfigurationError(f"key must be a string of at most 256 characters: {key!r}")
+        all_headers = check_headers(headers or {})
+        reserved = RESERVED_HEADERS & all_headers.keys()
+        if reserved:
+            raise ConfigurationError(f"Set {sorted(reserved)} with correlation_id= / tenant_id=, not headers=")
+        message_id = new_message_id()
+        parent = current_context.get()
+        correlation = correlation_id or (parent.correlation_id if parent else None) or message_id
+        all_headers[CORRELATION_ID] = correlation
+        if parent is not None:
+            all_headers[CAUSATION_ID] = parent.message_id
+        tenant = tenant_id or (parent.tenant_id if parent else None)
+        if tenant is not None:
+            all_headers[TENANT_ID] = tenant
+        return Message(message_id, name, body, all_headers, key)
+
+    # --- subscribing ---------------------------------------------------------------------------------
+
+    async def subscribe(
+        self,
+        handler: type[DistributedEventHandler[Any]] | Callable[..., Any],
+        *,
+        event: str | type[Event] | None = None,
+        factory: Callable[[], DistributedEventHandler[Any]] | None = None,
+        name: str | None = None,
+        retry: RetryPolicy | None = None,
+    ) -> Subscription:
+        """Subscribe a handler class (a fresh instance per message, made by `factory` if given) or an async
+        function. `event` subscribes to one event by name or class instead of the annotated ones; `name`
+        is the handler's stable identity in the inbox and dead letters (default: its qualified name)."""
+        spec = resolve_handler(handler, event=event, factory=factory, name=name, retry=retry)
+        if spec.name in self._specs:
+            raise ConfigurationError(f"{spec.name} is already subscribed in {self.service}; pass name= to add it twice")
+        self._specs[spec.name] = spec
+        for event_name_ in spec.events:
+            first = event_name_ not in self._by_event
+            self._by_event.setdefault(event_name_, []).append(spec)
+            if first and self.started:
+                await self.broker.bind(self.service, event_name_)
+        return Subscription(self, spec)
+
+    async def unsubscribe(self, handler: str | object) -> None:
+        """Remove a handler, given by its name or by what was subscribed. Idempotent."""
+        spec = self._specs.get(handler) if isinstance(handler, str) else None
+        spec = spec or next((s for s in self._specs.values() if s.target is handler), None)
+        if spec is None:
+            return
+        del self._specs[spec.name]
+        for name in spec.events:
+            remaining = [s for s in self._by_event[name] if s is not spec]
+            if remaining:
+                self._by_event[name] = remaining
+                continue
+            del self._by_event[name]
+            if self.started:
+                await self.broker.unbind(self.service, name)
+
+    def handlers_for(self, name: str) -> list[HandlerSpec]:
+        """The handlers of this service for an event name, in subscription order."""
+        return list(self._by_event.get(name, ()))
+
+    @property
+    def event_names(self) -> list[str]:
+        """The event names this service handles."""
+        return sorted(self._by_event)
+
+    # --- dead letters --------------------------------------------------------------------------------
+
+    async def dead_letters(self, limit: int = 100) -> list[DeadLetter]:
+        """This service's dead letters, oldest first."""
+        return await self.store.dead_letters(self.service, limit)
+
+    async def replay(self, letter_id: int) -> None:
+        """Handle a dead letter again, now, in one unit of work that deletes it if the handler succeeds.
+
+        Raises what the handler raises (the letter stays), or `ConfigurationError` if nothing handles it.
+        """
+        letter = await self.store.dead_letter(letter_id)
+        if letter is None or letter.subscriber != self.service:
+            raise ConfigurationError(f"No dead letter {letter_id} in service {self.service!r}")
+        if letter.handler is not None:
+            spec = self._specs.get(letter.handler)
+            if spec is None or letter.message.name not in spec.events:
+                raise ConfigurationError(f"{letter.handler} no longer handles {letter.message.name!r} here")
+            specs = [spec]
+        else:
+            specs = self.handlers_for(letter.message.name)
+            if not specs:
+                raise ConfigurationError(f"No handler for {letter.message.name!r} in {self.service!r} yet")
+        await self.consumer.replay(specs, letter.message, letter.id, claim=letter.handler is None)
+
+    async def discard(self, letter_id: int) -> None:
+        """Delete a dead letter without handling it."""
+        async with self.new_unit_of_work() as uow:
+            await self.store.remove_dead_letter(uow.transaction, letter_id)
+
+    # --- background ----------------------------------------------------------------------------------
+
+    async def _clean_inbox(self) -> None:
+        while True:
+            try:
+                removed = await self.store.purge_inbox(utcnow() - self.settings.inbox_retention)
+                if removed:
+                    logger.info("Removed %d inbox record(s) older than %s", removed, self.settings.inbox_retention)
+            except Exception:
+                logger.exception("Inbox cleanup failed; it runs again later")
+            await asyncio.sleep(self.settings.inbox_cleanup_interval.total_seconds())
+
+
+def _store(database: str | AsyncEngine | Store | None) -> Store:
+    if database is None:
+        return MemoryStore()
+    if isinstance(database, Store):
+        return database
+    from eventrelay.stores.sqlalchemy import SqlStore
+
+    return SqlStore(database)
+
+
+def _due(delay: float | timedelta | None, at: datetime | None) -> datetime | None:
+    if delay is not None and at is not None:
+        raise ConfigurationError("Give delay= or at=, not both")
+    if delay is not None:
+        seconds = delay.total_seconds() if isinstance(delay, timedelta) else float(delay)
+        return utcnow() + timedelta(seconds=max(0.0, seconds))
+    if at is not None:
+        if at.tzinfo is None:
+            raise ConfigurationError("at= needs a timezone-aware datetime, e.g. datetime.now(UTC) + ...")
+        return at.astimezone(UTC).replace(tzinfo=None)
+    return None
+
+
+__all__ = ["DistributedEventBus", "Subscription"]

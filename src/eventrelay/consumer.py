@@ -1,0 +1,246 @@
+"""The consumer: fetches a service's deliveries, runs its handlers, and settles each delivery.
+
+Deliveries with an ordering key run one after another per key (a key's retries wait in place, so order
+holds); deliveries of different keys, and those without a key, run in parallel up to `max_in_flight`.
+Every handler runs in its own unit of work with its inbox record, so a handler that succeeded is not run
+again when a sibling's failure brings the message back.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import traceback
+from collections import deque
+from collections.abc import Awaitable, Coroutine, Sequence
+from contextvars import ContextVar
+from typing import TYPE_CHECKING, Any, TypeVar
+
+from eventrelay.codec import decode
+from eventrelay.envelope import Delivery, Message
+from eventrelay.errors import BrokerUnavailable, DecodeError
+from eventrelay.handlers import Context, HandlerSpec, Reject, Retry
+from eventrelay.stores.base import NewDeadLetter
+
+if TYPE_CHECKING:
+    from eventrelay.bus import DistributedEventBus
+
+logger = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+current_context: ContextVar[Context | None] = ContextVar("eventrelay_context", default=None)
+
+
+class Consumer:
+    """Runs the handlers of one bus for the deliveries of its subscription."""
+
+    def __init__(self, bus: DistributedEventBus) -> None:
+        self.bus = bus
+        self.in_flight = 0
+        self._stopping = asyncio.Event()
+        self._slot_free = asyncio.Event()
+        self._lanes: dict[str, deque[Delivery]] = {}
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    @property
+    def idle(self) -> bool:
+        """True when no delivery is fetched and unfinished."""
+        return self.in_flight == 0
+
+    async def run(self) -> None:
+        """Fetch and dispatch until `stop()`; then let in-flight deliveries finish."""
+        settings = self.bus.settings
+        failures = 0
+        while not self._stopping.is_set():
+            free = settings.max_in_flight - self.in_flight
+            if free <= 0:
+                self._slot_free.clear()
+                await self._until_stopped(self._slot_free.wait())
+                continue
+            try:
+                batch = await self._until_stopped(
+                    self.bus.broker.fetch(self.bus.service, free, settings.fetch_timeout)
+                )
+                failures = 0
+            except BrokerUnavailable as exc:
+                failures += 1
+                pause = min(30.0, 0.1 * 2**failures)
+                logger.warning("Broker unavailable for %s, fetching again in %.1fs: %s", self.bus.service, pause, exc)
+                await self._until_stopped(asyncio.sleep(pause))
+                continue
+            for delivery in batch or ():
+                self._schedule(delivery)
+        if self._tasks:
+            await asyncio.wait(self._tasks, timeout=settings.shutdown_timeout)
+
+    def stop(self) -> None:
+        """Stop fetching; deliveries already running finish, those not started go back to the broker."""
+        self._stopping.set()
+
+    async def _until_stopped(self, awaitable: Awaitable[T]) -> T | None:
+        """Await `awaitable`, or give up (cancelling it) when the consumer stops."""
+        task = asyncio.ensure_future(awaitable)
+        stop = asyncio.ensure_future(self._stopping.wait())
+        done, _ = await asyncio.wait({task, stop}, return_when=asyncio.FIRST_COMPLETED)
+        if task in done:
+            stop.cancel()
+            return task.result()
+        task.cancel()
+        try:
+            await task
+        except asyncio.CancelledError:
+            return None
+        return task.result()  # it finished before the cancel landed: keep what it fetched
+
+    def _schedule(self, delivery: Delivery) -> None:
+        self.in_flight += 1
+        key = delivery.message.key
+        if key is None:
+            self._spawn(self._settle_one(delivery))
+        elif key in self._lanes:
+            self._lanes[key].append(delivery)
+        else:
+            self._lanes[key] = deque([delivery])
+            self._spawn(self._run_lane(key))
+
+    def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.ensure_future(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _run_lane(self, key: str) -> None:
+        lane = self._lanes[key]
+        try:
+            while lane:
+                delivery = lane.popleft()
+                if self._stopping.is_set():
+                    await self._give_back(delivery)
+                else:
+                    await self._settle_one(delivery)
+        finally:
+            del self._lanes[key]
+
+    async def _give_back(self, delivery: Delivery) -> None:
+        try:
+            await self.bus.broker.release(delivery)
+        except Exception:
+            logger.exception("Could not release %s; the broker will deliver it again", delivery.message.id)
+        finally:
+            self._finished()
+
+    async def _settle_one(self, delivery: Delivery) -> None:
+        try:
+            await self.dispatch(delivery)
+        except Exception:
+            logger.exception("Could not settle message %s; it will come again", delivery.message.id)
+            try:
+                await self.bus.broker.retry(delivery, self.bus.settings.retry.delay(delivery.attempt))
+            except Exception:
+                logger.exception("Could not hand %s back; the broker will deliver it again", delivery.message.id)
+        finally:
+            self._finished()
+
+    def _finished(self) -> None:
+        self.in_flight -= 1
+        self._slot_free.set()
+
+    async def dispatch(self, delivery: Delivery) -> None:
+        """Run every handler of the delivery's event, then ack it or ask the broker to retry it."""
+        message, broker = delivery.message, self.bus.broker
+        specs = self.bus.handlers_for(message.name)
+        if not specs:
+            reason = f"no handler for event {message.name!r} in service {self.bus.service!r}"
+            await self.dead_letter(None, message, delivery.attempt, reason)
+            await broker.ack(delivery)
+            return
+        attempt = delivery.attempt
+        while True:
+            results = [(spec, await self._run_one(spec, message, attempt)) for spec in specs]
+            again = [(spec, delay) for spec, delay in results if delay is not None]
+            if not again:
+                await broker.ack(delivery)
+                return
+            delay = min(d for _, d in again)
+            if message.key is None or self._stopping.is_set():
+                await broker.retry(delivery, delay)
+                return
+            # Ordered: later messages of this key wait behind this one, so its retries wait here.
+            if await self._until_stopped(asyncio.sleep(delay, result=True)) is None:
+                await broker.retry(delivery, 0.0)
+                return
+            attempt += 1
+            specs = [spec for spec, _ in again]
+
+    async def _run_one(self, spec: HandlerSpec, message: Message, attempt: int) -> float | None:
+        """Run one handler once; return None when done with the message, or seconds to wait before again."""
+        policy = spec.retry or self.bus.settings.retry
+        try:
+            event = decode(message, spec.events[message.name], self.bus.settings.max_message_bytes)
+        except DecodeError as exc:
+            await self.dead_letter(spec.name, message, attempt, f"cannot decode: {exc}")
+            return None
+        try:
+            async with self.bus.new_unit_of_work() as uow:
+                if not await self.bus.store.claim_inbox(uow.transaction, self.bus.service, spec.name, message.id):
+                    logger.debug("Duplicate %s for %s skipped", message.id, spec.name)
+                    return None
+                context = Context(
+                    message.id, message.name, self.bus.service, spec.name, attempt, message.headers, message.key, uow
+                )
+                token = current_context.set(context)
+                try:
+                    await spec.invoke(event, context)
+                finally:
+                    current_context.reset(token)
+            return None
+        except Reject as exc:
+            await self.dead_letter(spec.name, message, attempt, f"rejected by handler: {exc.reason}")
+            return None
+        except Retry as exc:
+            if attempt < policy.max_attempts:
+                return exc.after
+            await self.dead_letter(spec.name, message, attempt, f"still asking to retry after {attempt} attempts: {exc}")
+            return None
+        except Exception as exc:
+            if attempt < policy.max_attempts:
+                logger.warning("%s failed on %s (attempt %d): %r", spec.name, message.id, attempt, exc)
+                return policy.delay(attempt)
+            reason = f"failed {attempt} times; last error: {type(exc).__name__}: {exc}"
+            await self.dead_letter(spec.name, message, attempt, reason, traceback.format_exc())
+            return None
+
+    async def dead_letter(
+        self, handler: str | None, message: Message, attempts: int, reason: str, error: str | None = None
+    ) -> None:
+        """Store a dead letter; for a handler, also mark the message done for it so it is not run again."""
+        store = self.bus.store
+        async with self.bus.new_unit_of_work() as uow:
+            tx = uow.transaction
+            if handler is not None and not await store.claim_inbox(tx, self.bus.service, handler, message.id):
+                return
+            await store.add_dead_letter(tx, NewDeadLetter(self.bus.service, handler, message, attempts, reason, error))
+        logger.error("Dead letter: %s (%s) for %s: %s", message.id, message.name, handler or self.bus.service, reason)
+
+    async def replay(self, specs: Sequence[HandlerSpec], message: Message, letter_id: int, claim: bool) -> None:
+        """Run `specs` on a dead letter's message in one unit of work that also deletes the letter.
+
+        A handler's own dead letter already holds its inbox record; for a letter no handler took (`claim`),
+        handlers claim the message here and skip it if they handled it since.
+        """
+        store = self.bus.store
+        async with self.bus.new_unit_of_work() as uow:
+            tx = uow.transaction
+            await store.remove_dead_letter(tx, letter_id)
+            for spec in specs:
+                event = decode(message, spec.events[message.name], self.bus.settings.max_message_bytes)
+                if claim and not await store.claim_inbox(tx, self.bus.service, spec.name, message.id):
+                    continue
+                context = Context(
+                    message.id, message.name, self.bus.service, spec.name, 1, message.headers, message.key, uow
+                )
+                token = current_context.set(context)
+                try:
+                    await spec.invoke(event, context)
+                finally:
+                    current_context.reset(token)

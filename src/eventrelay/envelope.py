@@ -1,0 +1,54 @@
+"""What travels between services: a `Message` (id, name, body, headers, key) and its `Delivery`.
+
+The body is the event's JSON; everything the bus needs besides the payload rides in string headers, so every
+broker can carry it (`docs/wire-format.md` lists them).
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+CORRELATION_ID = "x-correlation-id"
+CAUSATION_ID = "x-causation-id"
+TENANT_ID = "x-tenant-id"
+TRACEPARENT = "traceparent"
+RESERVED_HEADERS = frozenset({CORRELATION_ID, CAUSATION_ID, TENANT_ID})
+
+
+def new_message_id() -> str:
+    """A fresh message id: 32 lowercase hex digits, like ABP's `Guid.ToString("N")`."""
+    return uuid.uuid4().hex
+
+
+@dataclass(frozen=True, slots=True)
+class Message:
+    """One event on the wire. `id` is kept from the outbox to the inbox: it is what deduplicates."""
+
+    id: str
+    name: str
+    body: bytes
+    headers: Mapping[str, str] = field(default_factory=dict)
+    key: str | None = None
+
+    @property
+    def correlation_id(self) -> str | None:
+        return self.headers.get(CORRELATION_ID)
+
+    @property
+    def causation_id(self) -> str | None:
+        return self.headers.get(CAUSATION_ID)
+
+    @property
+    def tenant_id(self) -> str | None:
+        return self.headers.get(TENANT_ID)
+
+
+@dataclass(eq=False, slots=True)
+class Delivery:
+    """A message handed to one subscriber. `attempt` is 1 the first time; `token` belongs to the broker."""
+
+    message: Message
+    attempt: int = 1
+    token: object = None

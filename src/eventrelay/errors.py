@@ -1,0 +1,49 @@
+"""The exceptions eventrelay raises, as one tree.
+
+```
+EventRelayError
+├── ConfigurationError      a wrong declaration, URL, option or missing extra: fix the code or settings
+├── BrokerError             the broker failed; raised by adapters, translated from the client library
+│   ├── BrokerUnavailable   cannot reach the broker (connection refused, reset, timed out): try again later
+│   └── PublishFailed       the broker refused a message (too large, no such destination, ...)
+├── StoreError              the database behind the outbox, inbox or dead letters failed
+├── UnitOfWorkError         no unit of work, or no database behind it, where one is needed
+└── DecodeError             a received message cannot become an event (bytes, JSON or validation)
+```
+
+`Retry` and `Reject` in `eventrelay.handlers` are not errors: a handler raises them to steer delivery.
+"""
+
+from __future__ import annotations
+
+
+class EventRelayError(Exception):
+    """Base class of every exception eventrelay raises."""
+
+
+class ConfigurationError(EventRelayError):
+    """A declaration, URL or option is wrong; the message says how to fix it."""
+
+
+class BrokerError(EventRelayError):
+    """The broker failed."""
+
+
+class BrokerUnavailable(BrokerError):
+    """The broker cannot be reached; the operation may succeed later."""
+
+
+class PublishFailed(BrokerError):
+    """The broker refused a message."""
+
+
+class StoreError(EventRelayError):
+    """The outbox, inbox or dead-letter storage failed."""
+
+
+class UnitOfWorkError(EventRelayError):
+    """A unit of work (or a database behind it) is needed and there is none."""
+
+
+class DecodeError(EventRelayError):
+    """A received message cannot be turned into an event."""

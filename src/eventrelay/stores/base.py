@@ -1,0 +1,162 @@
+"""The store port: outbox, inbox and dead letters in the service's own database, inside its transactions."""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import TYPE_CHECKING
+
+from eventrelay.envelope import Message
+
+if TYPE_CHECKING:
+    from sqlalchemy.ext.asyncio import AsyncSession
+
+
+def utcnow() -> datetime:
+    """Now in UTC, naive: every store keeps naive UTC times (MySQL's DATETIME has no zone)."""
+    return datetime.now(UTC).replace(tzinfo=None)
+
+
+@dataclass(frozen=True)
+class OutboxRecord:
+    """A message waiting in the outbox. `seq` orders rows by the time they were written."""
+
+    seq: int
+    message: Message
+    available_at: datetime
+    attempts: int = 0
+    last_error: str | None = None
+
+
+@dataclass(frozen=True)
+class DeadLetter:
+    """A message a subscriber gave up on, with why. `handler` is None when no handler could take it."""
+
+    id: int
+    subscriber: str
+    handler: str | None
+    message: Message
+    attempts: int
+    reason: str
+    error: str | None
+    created_at: datetime
+
+
+@dataclass(frozen=True)
+class NewDeadLetter:
+    """What `Store.add_dead_letter` needs; the store gives it an id and a time."""
+
+    subscriber: str
+    handler: str | None
+    message: Message
+    attempts: int
+    reason: str
+    error: str | None = None
+
+
+class Transaction(ABC):
+    """One database transaction. The unit of work and the relay write through it."""
+
+    def __init__(self) -> None:
+        self._after_commit: list[Callable[[], None]] = []
+
+    @property
+    def session(self) -> AsyncSession:
+        """The SQLAlchemy session of this transaction."""
+        from eventrelay.errors import UnitOfWorkError
+
+        raise UnitOfWorkError(
+            "This bus has no database, so its unit of work has no session: "
+            "create the bus with database='sqlite+aiosqlite:///service.db' (or PostgreSQL, MariaDB)"
+        )
+
+    def after_commit(self, callback: Callable[[], None]) -> None:
+        """Run `callback` once the transaction has committed (not after a rollback)."""
+        self._after_commit.append(callback)
+
+    async def commit(self) -> None:
+        await self._commit()
+        callbacks, self._after_commit = self._after_commit, []
+        for callback in callbacks:
+            callback()
+
+    async def rollback(self) -> None:
+        self._after_commit.clear()
+        await self._rollback()
+
+    @abstractmethod
+    async def _commit(self) -> None: ...
+
+    @abstractmethod
+    async def _rollback(self) -> None: ...
+
+
+class Store(ABC):
+    """Outbox, inbox and dead-letter storage. One subclass per storage technology."""
+
+    async def create_tables(self) -> None:
+        """Create the tables if they do not exist; the default has none to create."""
+
+    async def close(self) -> None:
+        """Release connections; the default holds none."""
+
+    @abstractmethod
+    def begin(self) -> Transaction:
+        """Start a transaction."""
+
+    # --- inside a transaction -----------------------------------------------------------------------
+
+    @abstractmethod
+    async def add_outbox(self, tx: Transaction, messages: Sequence[Message], available_at: datetime) -> None:
+        """Write messages to the outbox, due at `available_at`."""
+
+    @abstractmethod
+    async def claim_outbox(self, tx: Transaction, limit: int, now: datetime) -> list[OutboxRecord]:
+        """Lock and return up to `limit` due rows in `seq` order, skipping rows another relay holds."""
+
+    @abstractmethod
+    async def delete_outbox(self, tx: Transaction, seqs: Sequence[int]) -> None:
+        """Delete sent rows."""
+
+    @abstractmethod
+    async def defer_outbox(self, tx: Transaction, seq: int, until: datetime, error: str) -> None:
+        """Count a failed send of one row and make it due again at `until`."""
+
+    @abstractmethod
+    async def claim_inbox(self, tx: Transaction, subscriber: str, handler: str, message_id: str) -> bool:
+        """Record that `handler` of `subscriber` took `message_id`; False if it already had (a duplicate).
+
+        A concurrent claim of the same key waits for the first transaction to end.
+        """
+
+    @abstractmethod
+    async def add_dead_letter(self, tx: Transaction, letter: NewDeadLetter) -> None:
+        """Store a dead letter."""
+
+    @abstractmethod
+    async def remove_dead_letter(self, tx: Transaction, letter_id: int) -> None:
+        """Delete a dead letter."""
+
+    # --- on their own --------------------------------------------------------------------------------
+
+    @abstractmethod
+    async def next_outbox_due(self) -> datetime | None:
+        """When the earliest outbox row is due, or None if the outbox is empty."""
+
+    @abstractmethod
+    async def outbox_backlog(self) -> tuple[int, datetime | None]:
+        """How many rows wait in the outbox, and when the oldest was written."""
+
+    @abstractmethod
+    async def dead_letters(self, subscriber: str | None = None, limit: int = 100) -> list[DeadLetter]:
+        """Dead letters, oldest first, optionally of one subscriber."""
+
+    @abstractmethod
+    async def dead_letter(self, letter_id: int) -> DeadLetter | None:
+        """One dead letter by id."""
+
+    @abstractmethod
+    async def purge_inbox(self, before: datetime) -> int:
+        """Delete inbox records received before `before`; return how many went."""

@@ -1,0 +1,159 @@
+"""The in-memory store: the reference adapter, used when a bus has no database. Nothing survives the process."""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+from collections.abc import Callable, Sequence
+from dataclasses import replace
+from datetime import datetime
+
+from eventrelay.envelope import Message
+from eventrelay.stores.base import DeadLetter, NewDeadLetter, OutboxRecord, Store, Transaction, utcnow
+
+InboxKey = tuple[str, str, str]
+
+
+class MemoryTransaction(Transaction):
+    """Collects writes and applies them at commit; a rollback forgets them."""
+
+    def __init__(self, store: MemoryStore) -> None:
+        super().__init__()
+        self.store = store
+        self.writes: list[Callable[[], None]] = []
+        self.undo: list[Callable[[], None]] = []
+
+    async def _commit(self) -> None:
+        for write in self.writes:
+            write()
+        self._end()
+
+    async def _rollback(self) -> None:
+        for undo in self.undo:
+            undo()
+        self._end()
+
+    def _end(self) -> None:
+        self.writes.clear()
+        self.undo.clear()
+        if self.store._relay_lock.locked() and self.store._relay_owner is self:
+            self.store._relay_owner = None
+            self.store._relay_lock.release()
+
+
+class MemoryStore(Store):
+    """Outbox, inbox and dead letters in dicts, with the same transactional behaviour as the SQL store."""
+
+    def __init__(self) -> None:
+        self._seq = itertools.count(1)
+        self._outbox: dict[int, OutboxRecord] = {}
+        self._created: dict[int, datetime] = {}
+        self._inbox: dict[InboxKey, datetime] = {}
+        self._claiming: dict[InboxKey, asyncio.Event] = {}
+        self._letters: dict[int, DeadLetter] = {}
+        self._letter_ids = itertools.count(1)
+        self._relay_lock = asyncio.Lock()
+        self._relay_owner: MemoryTransaction | None = None
+
+    def begin(self) -> MemoryTransaction:
+        return MemoryTransaction(self)
+
+    async def add_outbox(self, tx: Transaction, messages: Sequence[Message], available_at: datetime) -> None:
+        mtx = _memory(tx)
+        now = utcnow()
+
+        def write() -> None:
+            for message in messages:
+                seq = next(self._seq)
+                self._outbox[seq] = OutboxRecord(seq, message, available_at)
+                self._created[seq] = now
+
+        mtx.writes.append(write)
+
+    async def claim_outbox(self, tx: Transaction, limit: int, now: datetime) -> list[OutboxRecord]:
+        mtx = _memory(tx)
+        # One relay at a time, as SKIP LOCKED gives on a database: the lock is held until the transaction ends.
+        await self._relay_lock.acquire()
+        self._relay_owner = mtx
+        due = [r for r in self._outbox.values() if r.available_at <= now]
+        return sorted(due, key=lambda r: r.seq)[:limit]
+
+    async def delete_outbox(self, tx: Transaction, seqs: Sequence[int]) -> None:
+        def write() -> None:
+            for seq in seqs:
+                self._outbox.pop(seq, None)
+                self._created.pop(seq, None)
+
+        _memory(tx).writes.append(write)
+
+    async def defer_outbox(self, tx: Transaction, seq: int, until: datetime, error: str) -> None:
+        def write() -> None:
+            record = self._outbox[seq]
+            self._outbox[seq] = replace(record, available_at=until, attempts=record.attempts + 1, last_error=error)
+
+        _memory(tx).writes.append(write)
+
+    async def claim_inbox(self, tx: Transaction, subscriber: str, handler: str, message_id: str) -> bool:
+        mtx = _memory(tx)
+        key = (subscriber, handler, message_id)
+        while (pending := self._claiming.get(key)) is not None:
+            await pending.wait()  # another transaction holds this key: wait for its end, like a unique index
+        if key in self._inbox:
+            return False
+        done = self._claiming[key] = asyncio.Event()
+
+        def release() -> None:
+            del self._claiming[key]
+            done.set()
+
+        def write() -> None:
+            self._inbox[key] = utcnow()
+            release()
+
+        mtx.writes.append(write)
+        mtx.undo.append(release)
+        return True
+
+    async def add_dead_letter(self, tx: Transaction, letter: NewDeadLetter) -> None:
+        def write() -> None:
+            letter_id = next(self._letter_ids)
+            self._letters[letter_id] = DeadLetter(
+                letter_id,
+                letter.subscriber,
+                letter.handler,
+                letter.message,
+                letter.attempts,
+                letter.reason,
+                letter.error,
+                utcnow(),
+            )
+
+        _memory(tx).writes.append(write)
+
+    async def remove_dead_letter(self, tx: Transaction, letter_id: int) -> None:
+        _memory(tx).writes.append(lambda: self._letters.pop(letter_id, None) and None)
+
+    async def next_outbox_due(self) -> datetime | None:
+        return min((r.available_at for r in self._outbox.values()), default=None)
+
+    async def outbox_backlog(self) -> tuple[int, datetime | None]:
+        return len(self._outbox), min(self._created.values(), default=None)
+
+    async def dead_letters(self, subscriber: str | None = None, limit: int = 100) -> list[DeadLetter]:
+        letters = [d for d in self._letters.values() if subscriber is None or d.subscriber == subscriber]
+        return letters[:limit]
+
+    async def dead_letter(self, letter_id: int) -> DeadLetter | None:
+        return self._letters.get(letter_id)
+
+    async def purge_inbox(self, before: datetime) -> int:
+        old = [key for key, received in self._inbox.items() if received < before]
+        for key in old:
+            del self._inbox[key]
+        return len(old)
+
+
+def _memory(tx: Transaction) -> MemoryTransaction:
+    if not isinstance(tx, MemoryTransaction):
+        raise TypeError(f"MemoryStore needs its own transactions, not {type(tx).__name__}")
+    return tx

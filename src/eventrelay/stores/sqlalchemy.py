@@ -1,0 +1,331 @@
+"""The SQL store (SQLAlchemy 2 async): SQLite (aiosqlite), PostgreSQL (asyncpg), MariaDB/MySQL (asyncmy).
+
+Three tables, named with a prefix (default `eventrelay_`); `define_tables(metadata)` adds them to your own
+`MetaData`, so Alembic (or any migration tool) can own them. `docs/stores.md` shows the DDL.
+
+SQLite engines made by `create_engine` run in WAL mode with a busy timeout, and every transaction starts
+with `BEGIN IMMEDIATE`: it takes the write lock up front, so a read-then-write never fails with
+"database is locked" when another process wrote in between.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import (
+    BigInteger,
+    Column,
+    DateTime,
+    Index,
+    Integer,
+    LargeBinary,
+    MetaData,
+    PrimaryKeyConstraint,
+    String,
+    Table,
+    Text,
+    delete,
+    event,
+    func,
+    insert,
+    select,
+    update,
+)
+from sqlalchemy.dialects import mysql, postgresql, sqlite
+from sqlalchemy.engine import Connection, Row
+from sqlalchemy.exc import SQLAlchemyError
+from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, create_async_engine
+from sqlalchemy.pool import StaticPool
+
+from eventrelay.envelope import Message
+from eventrelay.errors import ConfigurationError, StoreError
+from eventrelay.stores.base import DeadLetter, NewDeadLetter, OutboxRecord, Store, Transaction, utcnow
+
+_ID = BigInteger().with_variant(Integer(), "sqlite")  # SQLite autoincrements only INTEGER PRIMARY KEY
+_TIME = DateTime().with_variant(mysql.DATETIME(fsp=6), "mysql", "mariadb")
+_BYTES = LargeBinary().with_variant(mysql.LONGBLOB(), "mysql", "mariadb")
+_READ_ONLY = {"eventrelay_read_only": True}
+
+
+@dataclass(frozen=True)
+class Tables:
+    """The three tables of a store."""
+
+    outbox: Table
+    inbox: Table
+    dead_letters: Table
+
+
+def define_tables(metadata: MetaData, prefix: str = "eventrelay_") -> Tables:
+    """Add the outbox, inbox and dead-letter tables to `metadata` and return them."""
+    outbox = Table(
+        f"{prefix}outbox",
+        metadata,
+        Column("seq", _ID, primary_key=True, autoincrement=True),
+        Column("message_id", String(64), nullable=False, unique=True),
+        Column("name", String(256), nullable=False),
+        Column("body", _BYTES, nullable=False),
+        Column("headers", Text, nullable=False),
+        Column("ordering_key", String(256)),
+        Column("created_at", _TIME, nullable=False),
+        Column("available_at", _TIME, nullable=False),
+        Column("attempts", Integer, nullable=False, default=0),
+        Column("last_error", Text),
+        Index(f"ix_{prefix}outbox_due", "available_at", "seq"),
+        sqlite_autoincrement=True,
+    )
+    inbox = Table(
+        f"{prefix}inbox",
+        metadata,
+        Column("subscriber", String(200), nullable=False),
+        Column("handler", String(300), nullable=False),
+        Column("message_id", String(64), nullable=False),
+        Column("received_at", _TIME, nullable=False),
+        PrimaryKeyConstraint("subscriber", "handler", "message_id", name=f"pk_{prefix}inbox"),
+        Index(f"ix_{prefix}inbox_received", "received_at"),
+    )
+    dead_letters = Table(
+        f"{prefix}dead_letters",
+        metadata,
+        Column("id", _ID, primary_key=True, autoincrement=True),
+        Column("subscriber", String(200), nullable=False),
+        Column("handler", String(300)),
+        Column("message_id", String(64), nullable=False),
+        Column("name", String(256), nullable=False),
+        Column("body", _BYTES, nullable=False),
+        Column("headers", Text, nullable=False),
+        Column("ordering_key", String(256)),
+        Column("attempts", Integer, nullable=False),
+        Column("reason", Text, nullable=False),
+        Column("error", Text),
+        Column("created_at", _TIME, nullable=False),
+        Index(f"ix_{prefix}dead_letters_subscriber", "subscriber", "id"),
+        sqlite_autoincrement=True,
+    )
+    return Tables(outbox, inbox, dead_letters)
+
+
+def create_engine(url: str, **options: Any) -> AsyncEngine:
+    """An async engine for `url`, set up for eventrelay (SQLite: WAL, busy timeout, BEGIN IMMEDIATE)."""
+    if url.startswith("sqlite") and url.rstrip("/").endswith((":memory:", "sqlite+aiosqlite:")):
+        options.setdefault("poolclass", StaticPool)  # one shared in-memory database, not one per connection
+    try:
+        engine = create_async_engine(url, **options)
+    except (ImportError, ModuleNotFoundError) as exc:
+        extra = "postgresql" if "postgresql" in url else "mysql"
+        raise ConfigurationError(f"This database URL needs an extra: pip install 'eventrelay[{extra}]'") from exc
+    except SQLAlchemyError as exc:
+        raise ConfigurationError(f"Not a usable database URL: {exc}") from exc
+    if engine.dialect.name == "sqlite":
+        configure_sqlite(engine)
+    return engine
+
+
+def configure_sqlite(engine: AsyncEngine, busy_timeout_ms: int = 30_000) -> None:
+    """Set up a SQLite engine for several processes: WAL, busy timeout, `BEGIN IMMEDIATE`."""
+    sync_engine = engine.sync_engine
+    if getattr(sync_engine, "_eventrelay_configured", False):
+        return
+
+    @event.listens_for(sync_engine, "connect")
+    def _connect(dbapi_connection: Any, _record: Any) -> None:
+        dbapi_connection.isolation_level = None  # we emit BEGIN ourselves, below
+        cursor = dbapi_connection.cursor()
+        cursor.execute(f"PRAGMA busy_timeout = {int(busy_timeout_ms)}")
+        cursor.execute("PRAGMA journal_mode = WAL")
+        cursor.execute("PRAGMA synchronous = NORMAL")
+        cursor.close()
+
+    @event.listens_for(sync_engine, "begin")
+    def _begin(connection: Connection) -> None:
+        read_only = connection.get_execution_options().get("eventrelay_read_only", False)
+        connection.exec_driver_sql("BEGIN" if read_only else "BEGIN IMMEDIATE")
+
+    sync_engine._eventrelay_configured = True  # type: ignore[attr-defined]
+
+
+class SqlTransaction(Transaction):
+    """A transaction on one `AsyncSession`; user code writes through the same session."""
+
+    def __init__(self, engine: AsyncEngine) -> None:
+        super().__init__()
+        self._session = AsyncSession(engine, expire_on_commit=False)
+
+    @property
+    def session(self) -> AsyncSession:
+        return self._session
+
+    async def _commit(self) -> None:
+        try:
+            await self._session.commit()
+        finally:
+            await self._session.close()
+
+    async def _rollback(self) -> None:
+        try:
+            await self._session.rollback()
+        finally:
+            await self._session.close()
+
+
+class SqlStore(Store):
+    """Outbox, inbox and dead letters in SQL tables of the service's own database."""
+
+    def __init__(self, engine: AsyncEngine | str, prefix: str = "eventrelay_") -> None:
+        self.engine = create_engine(engine) if isinstance(engine, str) else engine
+        self._owns_engine = isinstance(engine, str)
+        if self.engine.dialect.name == "sqlite":
+            configure_sqlite(self.engine)
+        self.metadata = MetaData()
+        self.tables = define_tables(self.metadata, prefix)
+        self._dialect = self.engine.dialect.name
+
+    async def create_tables(self) -> None:
+        try:
+            async with self.engine.begin() as conn:
+                await conn.run_sync(self.metadata.create_all)
+        except SQLAlchemyError as exc:
+            raise StoreError(f"Could not create the eventrelay tables: {exc}") from exc
+
+    async def close(self) -> None:
+        if self._owns_engine:
+            await self.engine.dispose()
+
+    def begin(self) -> SqlTransaction:
+        return SqlTransaction(self.engine)
+
+    async def add_outbox(self, tx: Transaction, messages: Sequence[Message], available_at: datetime) -> None:
+        if not messages:
+            return
+        now = utcnow()
+        rows = [
+            {
+                "message_id": m.id,
+                "name": m.name,
+                "body": m.body,
+                "headers": json.dumps(dict(m.headers)),
+                "ordering_key": m.key,
+                "created_at": now,
+                "available_at": available_at,
+                "attempts": 0,
+            }
+            for m in messages
+        ]
+        await tx.session.execute(insert(self.tables.outbox), rows)
+
+    async def claim_outbox(self, tx: Transaction, limit: int, now: datetime) -> list[OutboxRecord]:
+        t = self.tables.outbox
+        query = (
+            select(t)
+            .where(t.c.available_at <= now)
+            .order_by(t.c.seq)
+            .limit(limit)
+            .with_for_update(skip_locked=True)
+        )
+        result = await tx.session.execute(query)
+        return [
+            OutboxRecord(row.seq, _message(row), row.available_at, row.attempts, row.last_error) for row in result
+        ]
+
+    async def delete_outbox(self, tx: Transaction, seqs: Sequence[int]) -> None:
+        if seqs:
+            await tx.session.execute(delete(self.tables.outbox).where(self.tables.outbox.c.seq.in_(seqs)))
+
+    async def defer_outbox(self, tx: Transaction, seq: int, until: datetime, error: str) -> None:
+        t = self.tables.outbox
+        await tx.session.execute(
+            update(t)
+            .where(t.c.seq == seq)
+            .values(available_at=until, attempts=t.c.attempts + 1, last_error=error[:4000])
+        )
+
+    async def claim_inbox(self, tx: Transaction, subscriber: str, handler: str, message_id: str) -> bool:
+        t = self.tables.inbox
+        values = {"subscriber": subscriber, "handler": handler, "message_id": message_id, "received_at": utcnow()}
+        if self._dialect == "postgresql":
+            stmt: Any = postgresql.insert(t).values(values).on_conflict_do_nothing()
+        elif self._dialect == "sqlite":
+            stmt = sqlite.insert(t).values(values).on_conflict_do_nothing()
+        else:  # MySQL and MariaDB: a duplicate key becomes a warning and 0 rows
+            stmt = insert(t).values(values).prefix_with("IGNORE")
+        result = await tx.session.execute(stmt)
+        return bool(result.rowcount)  # type: ignore[attr-defined]
+
+    async def add_dead_letter(self, tx: Transaction, letter: NewDeadLetter) -> None:
+        m = letter.message
+        await tx.session.execute(
+            insert(self.tables.dead_letters).values(
+                subscriber=letter.subscriber,
+                handler=letter.handler,
+                message_id=m.id,
+                name=m.name,
+                body=m.body,
+                headers=json.dumps(dict(m.headers)),
+                ordering_key=m.key,
+                attempts=letter.attempts,
+                reason=letter.reason,
+                error=letter.error,
+                created_at=utcnow(),
+            )
+        )
+
+    async def remove_dead_letter(self, tx: Transaction, letter_id: int) -> None:
+        t = self.tables.dead_letters
+        await tx.session.execute(delete(t).where(t.c.id == letter_id))
+
+    async def next_outbox_due(self) -> datetime | None:
+        due: datetime | None = await self._scalar(select(func.min(self.tables.outbox.c.available_at)))
+        return due
+
+    async def outbox_backlog(self) -> tuple[int, datetime | None]:
+        t = self.tables.outbox
+        row = (await self._read(select(func.count(), func.min(t.c.created_at))))[0]
+        return int(row[0]), row[1]
+
+    async def dead_letters(self, subscriber: str | None = None, limit: int = 100) -> list[DeadLetter]:
+        t = self.tables.dead_letters
+        query = select(t).order_by(t.c.id).limit(limit)
+        if subscriber is not None:
+            query = query.where(t.c.subscriber == subscriber)
+        return [_dead_letter(row) for row in await self._read(query)]
+
+    async def dead_letter(self, letter_id: int) -> DeadLetter | None:
+        t = self.tables.dead_letters
+        rows = await self._read(select(t).where(t.c.id == letter_id))
+        return _dead_letter(rows[0]) if rows else None
+
+    async def purge_inbox(self, before: datetime) -> int:
+        t = self.tables.inbox
+        async with self.engine.begin() as conn:
+            result = await conn.execute(delete(t).where(t.c.received_at < before))
+        return int(result.rowcount)
+
+    async def _read(self, query: Any) -> list[Row[Any]]:
+        async with self.engine.connect() as conn:
+            conn = await conn.execution_options(**_READ_ONLY)
+            return list(await conn.execute(query))
+
+    async def _scalar(self, query: Any) -> Any:
+        rows = await self._read(query)
+        return rows[0][0] if rows else None
+
+
+def _message(row: Row[Any]) -> Message:
+    return Message(row.message_id, row.name, bytes(row.body), json.loads(row.headers), row.ordering_key)
+
+
+def _dead_letter(row: Row[Any]) -> DeadLetter:
+    return DeadLetter(
+        row.id,
+        row.subscriber,
+        row.handler,
+        _message(row),
+        row.attempts,
+        row.reason,
+        row.error,
+        row.created_at,
+    )

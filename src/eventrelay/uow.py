@@ -1,0 +1,102 @@
+"""The unit of work: one database transaction; the events published in it leave only if it commits."""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+from contextvars import ContextVar
+from dataclasses import dataclass
+from datetime import datetime
+from types import TracebackType
+from typing import TYPE_CHECKING
+
+from eventrelay.envelope import Message
+from eventrelay.stores.base import Store, Transaction
+
+if TYPE_CHECKING:
+    from sqlalchemy.ext.asyncio import AsyncSession
+
+_current: ContextVar[UnitOfWork | None] = ContextVar("eventrelay_unit_of_work", default=None)
+
+
+def current_unit_of_work() -> UnitOfWork | None:
+    """The unit of work active in this task, if any."""
+    return _current.get()
+
+
+@dataclass(frozen=True)
+class _Pending:
+    message: Message
+    use_outbox: bool
+    available_at: datetime
+
+
+class UnitOfWork:
+    """One transaction over the service's database, used as `async with bus.unit_of_work() as uow:`.
+
+    Your own tables share it through `uow.session`. Events published while it is active are buffered and,
+    at commit, written to the outbox in the same transaction; a rollback (an exception leaving the block)
+    discards them. Events published with `use_outbox=False` are sent right after the commit.
+    """
+
+    def __init__(
+        self, store: Store, owner: object, send: Callable[[list[Message]], Awaitable[None]]
+    ) -> None:
+        self.transaction: Transaction = store.begin()
+        self.owner = owner
+        self._store = store
+        self._send = send
+        self._pending: list[_Pending] = []
+        self._token: object = None
+
+    @property
+    def session(self) -> AsyncSession:
+        """The SQLAlchemy session of this unit of work (raises `UnitOfWorkError` when the bus has no database)."""
+        return self.transaction.session
+
+    def add(self, message: Message, *, use_outbox: bool, available_at: datetime) -> None:
+        """Buffer a message until commit."""
+        self._pending.append(_Pending(message, use_outbox, available_at))
+
+    def after_commit(self, callback: Callable[[], None]) -> None:
+        """Run `callback` once this unit of work has committed."""
+        self.transaction.after_commit(callback)
+
+    async def commit(self) -> None:
+        """Write buffered events to the outbox, commit, then send the events that skip the outbox."""
+        by_due: dict[datetime, list[Message]] = {}
+        direct = []
+        for pending in self._pending:
+            if pending.use_outbox:
+                by_due.setdefault(pending.available_at, []).append(pending.message)
+            else:
+                direct.append(pending.message)
+        self._pending.clear()
+        try:
+            for due, messages in by_due.items():
+                await self._store.add_outbox(self.transaction, messages, due)
+        except BaseException:
+            await self.transaction.rollback()
+            raise
+        await self.transaction.commit()
+        if direct:
+            await self._send(direct)
+
+    async def rollback(self) -> None:
+        """Discard buffered events and roll the transaction back."""
+        self._pending.clear()
+        await self.transaction.rollback()
+
+    async def __aenter__(self) -> UnitOfWork:
+        self._token = _current.set(self)
+        return self
+
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        try:
+            if exc is None:
+                await self.commit()
+            else:
+                await self.rollback()
+        finally:
+            _current.reset(self._token)  # type: ignore[arg-type]
