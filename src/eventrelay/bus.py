@@ -16,7 +16,14 @@ from eventrelay.brokers import Broker, broker_from_url
 from eventrelay.codec import check_headers, encode_body
 from eventrelay.config import Settings
 from eventrelay.consumer import Consumer, current_context
-from eventrelay.envelope import CAUSATION_ID, CORRELATION_ID, RESERVED_HEADERS, TENANT_ID, Message, new_message_id
+from eventrelay.envelope import (
+    CAUSATION_ID,
+    CORRELATION_ID,
+    RESERVED_HEADERS,
+    TENANT_ID,
+    Message,
+    new_message_id,
+)
 from eventrelay.errors import ConfigurationError
 from eventrelay.events import DynamicEvent, Event, event_name, validate_event_name
 from eventrelay.handlers import DistributedEventHandler, HandlerSpec, RetryPolicy, resolve_handler
@@ -62,7 +69,9 @@ class DistributedEventBus:
         settings: Settings | None = None,
     ) -> None:
         if not isinstance(service, str) or not service.strip() or len(service) > 200:
-            raise ConfigurationError(f"service must be a non-empty name of at most 200 characters: {service!r}")
+            raise ConfigurationError(
+                f"service must be a non-empty name of at most 200 characters: {service!r}"
+            )
         self.service = service
         self.settings = settings or Settings()
         self._owns_broker = isinstance(broker, str)
@@ -214,7 +223,9 @@ class DistributedEventBus:
         all_headers = check_headers(headers or {})
         reserved = RESERVED_HEADERS & all_headers.keys()
         if reserved:
-            raise ConfigurationError(f"Set {sorted(reserved)} with correlation_id= / tenant_id=, not headers=")
+            raise ConfigurationError(
+                f"Set {sorted(reserved)} with correlation_id= / tenant_id=, not headers="
+            )
         message_id = new_message_id()
         parent = current_context.get()
         correlation = correlation_id or (parent.correlation_id if parent else None) or message_id
@@ -242,7 +253,9 @@ class DistributedEventBus:
         is the handler's stable identity in the inbox and dead letters (default: its qualified name)."""
         spec = resolve_handler(handler, event=event, factory=factory, name=name, retry=retry)
         if spec.name in self._specs:
-            raise ConfigurationError(f"{spec.name} is already subscribed in {self.service}; pass name= to add it twice")
+            raise ConfigurationError(
+                f"{spec.name} is already subscribed in {self.service}; pass name= to add it twice"
+            )
         self._specs[spec.name] = spec
         for event_name_ in spec.events:
             first = event_name_ not in self._by_event
@@ -313,7 +326,9 @@ class DistributedEventBus:
             try:
                 removed = await self.store.purge_inbox(utcnow() - self.settings.inbox_retention)
                 if removed:
-                    logger.info("Removed %d inbox record(s) older than %s", removed, self.settings.inbox_retention)
+                    logger.info(
+                        "Removed %d inbox record(s) older than %s", removed, self.settings.inbox_retention
+                    )
             except Exception:
                 logger.exception("Inbox cleanup failed; it runs again later")
             await asyncio.sleep(self.settings.inbox_cleanup_interval.total_seconds())

@@ -19,7 +19,9 @@ def encode_body(event: Event | DynamicEvent) -> bytes:
         try:
             return json.dumps(event.data, separators=(",", ":"), ensure_ascii=False).encode()
         except (TypeError, ValueError) as exc:
-            raise ConfigurationError(f"The payload of dynamic event {event.name!r} is not JSON: {exc}") from exc
+            raise ConfigurationError(
+                f"The payload of dynamic event {event.name!r} is not JSON: {exc}"
+            ) from exc
     return event.model_dump_json(by_alias=True).encode()
 
 

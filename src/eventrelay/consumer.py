@@ -66,7 +66,9 @@ class Consumer:
             except BrokerUnavailable as exc:
                 failures += 1
                 pause = min(30.0, 0.1 * 2**failures)
-                logger.warning("Broker unavailable for %s, fetching again in %.1fs: %s", self.bus.service, pause, exc)
+                logger.warning(
+                    "Broker unavailable for %s, fetching again in %.1fs: %s", self.bus.service, pause, exc
+                )
                 await self._until_stopped(asyncio.sleep(pause))
                 continue
             for delivery in batch or ():
@@ -137,7 +139,9 @@ class Consumer:
             try:
                 await self.bus.broker.retry(delivery, self.bus.settings.retry.delay(delivery.attempt))
             except Exception:
-                logger.exception("Could not hand %s back; the broker will deliver it again", delivery.message.id)
+                logger.exception(
+                    "Could not hand %s back; the broker will deliver it again", delivery.message.id
+                )
         finally:
             self._finished()
 
@@ -182,11 +186,20 @@ class Consumer:
             return None
         try:
             async with self.bus.new_unit_of_work() as uow:
-                if not await self.bus.store.claim_inbox(uow.transaction, self.bus.service, spec.name, message.id):
+                if not await self.bus.store.claim_inbox(
+                    uow.transaction, self.bus.service, spec.name, message.id
+                ):
                     logger.debug("Duplicate %s for %s skipped", message.id, spec.name)
                     return None
                 context = Context(
-                    message.id, message.name, self.bus.service, spec.name, attempt, message.headers, message.key, uow
+                    message.id,
+                    message.name,
+                    self.bus.service,
+                    spec.name,
+                    attempt,
+                    message.headers,
+                    message.key,
+                    uow,
                 )
                 token = current_context.set(context)
                 try:
@@ -200,7 +213,9 @@ class Consumer:
         except Retry as exc:
             if attempt < policy.max_attempts:
                 return exc.after
-            await self.dead_letter(spec.name, message, attempt, f"still asking to retry after {attempt} attempts: {exc}")
+            await self.dead_letter(
+                spec.name, message, attempt, f"still asking to retry after {attempt} attempts: {exc}"
+            )
             return None
         except Exception as exc:
             if attempt < policy.max_attempts:
@@ -219,10 +234,16 @@ class Consumer:
             tx = uow.transaction
             if handler is not None and not await store.claim_inbox(tx, self.bus.service, handler, message.id):
                 return
-            await store.add_dead_letter(tx, NewDeadLetter(self.bus.service, handler, message, attempts, reason, error))
-        logger.error("Dead letter: %s (%s) for %s: %s", message.id, message.name, handler or self.bus.service, reason)
+            await store.add_dead_letter(
+                tx, NewDeadLetter(self.bus.service, handler, message, attempts, reason, error)
+            )
+        logger.error(
+            "Dead letter: %s (%s) for %s: %s", message.id, message.name, handler or self.bus.service, reason
+        )
 
-    async def replay(self, specs: Sequence[HandlerSpec], message: Message, letter_id: int, claim: bool) -> None:
+    async def replay(
+        self, specs: Sequence[HandlerSpec], message: Message, letter_id: int, claim: bool
+    ) -> None:
         """Run `specs` on a dead letter's message in one unit of work that also deletes the letter.
 
         A handler's own dead letter already holds its inbox record; for a letter no handler took (`claim`),
@@ -237,7 +258,14 @@ class Consumer:
                 if claim and not await store.claim_inbox(tx, self.bus.service, spec.name, message.id):
                     continue
                 context = Context(
-                    message.id, message.name, self.bus.service, spec.name, 1, message.headers, message.key, uow
+                    message.id,
+                    message.name,
+                    self.bus.service,
+                    spec.name,
+                    1,
+                    message.headers,
+                    message.key,
+                    uow,
                 )
                 token = current_context.set(context)
                 try:

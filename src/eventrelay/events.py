@@ -67,7 +67,7 @@ class Event(BaseModel):
         if metadata["parameters"]:
             return  # an open generic such as EntityUpdatedEto: only its parametrizations have names
         if metadata["origin"] is not None:
-            name = _generic_name(metadata["origin"], metadata["args"])
+            name = _generic_name(metadata["origin"], metadata["args"])  # type: ignore[arg-type]
         else:
             declared = cls.__event_declaration__[0]
             name = str(declared) if declared is not None else f"{cls.__module__}.{cls.__qualname__}"

@@ -24,7 +24,7 @@ if TYPE_CHECKING:
 E = TypeVar("E", bound=Event | DynamicEvent)
 
 
-class Retry(Exception):  # noqa: N818 - a control signal, read as "raise Retry(after=30)"
+class Retry(Exception):  # a control signal, read as `raise Retry(after=30)`
     """Raise from a handler to try this message again after `after` seconds (counts as an attempt)."""
 
     def __init__(self, after: float | timedelta = 0.0, reason: str = "handler asked to retry") -> None:
@@ -32,7 +32,7 @@ class Retry(Exception):  # noqa: N818 - a control signal, read as "raise Retry(a
         super().__init__(reason)
 
 
-class Reject(Exception):  # noqa: N818 - a control signal, read as "raise Reject('unknown product')"
+class Reject(Exception):  # a control signal, read as `raise Reject("unknown product")`
     """Raise from a handler to send this message to the dead letters now, with `reason`."""
 
     def __init__(self, reason: str) -> None:

@@ -1,8 +1,9 @@
-"""The relay: sends outbox rows to the broker in order, in batches, deleting each only once it was accepted."""
+"""The relay: sends outbox rows to the broker in order and in batches, deleting each once it was accepted."""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from datetime import timedelta
 
@@ -94,7 +95,9 @@ class Relay:
                 sent.append(row.seq)
             except PublishFailed as exc:
                 delay = min(self.max_backoff * 10, 2.0 ** (row.attempts + 1))
-                logger.error("Broker refused outbox message %s (%s): %s", row.message.id, row.message.name, exc)
+                logger.error(
+                    "Broker refused outbox message %s (%s): %s", row.message.id, row.message.name, exc
+                )
                 await self.store.defer_outbox(tx, row.seq, utcnow() + timedelta(seconds=delay), str(exc))
         return sent
 
@@ -104,7 +107,5 @@ class Relay:
         if due is not None:
             # Not below 50 ms: due rows that another relay holds must not make this one spin.
             timeout = min(timeout, max(0.05, (due - utcnow()).total_seconds()))
-        try:
+        with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(self._wakeup.wait(), timeout)
-        except TimeoutError:
-            pass

@@ -42,8 +42,7 @@ class RecordingBroker(MemoryBroker):
     def events(self, event_type: type[E]) -> list[E]:
         """The published events of one class, decoded, in publish order."""
         name = event_name(event_type)
-        found = [decode(m, event_type, max_bytes=2**31) for m in self.published if m.name == name]
-        return found  # type: ignore[return-value]
+        return [decode(m, event_type, max_bytes=2**31) for m in self.published if m.name == name]  # type: ignore[misc]
 
 
 async def capture(bus: DistributedEventBus, event_type: type[E]) -> list[E]:
@@ -80,5 +79,7 @@ async def _busy(bus: DistributedEventBus) -> str | None:
     waiting, _ = await bus.store.outbox_backlog()
     pending = bus.broker.pending(bus.service)
     if waiting or pending or not bus.consumer.idle:
-        return f"{bus.service}: {waiting} in outbox, {pending} at the broker, {bus.consumer.in_flight} running"
+        return (
+            f"{bus.service}: {waiting} in outbox, {pending} at the broker, {bus.consumer.in_flight} running"
+        )
     return None

@@ -38,9 +38,7 @@ class UnitOfWork:
     discards them. Events published with `use_outbox=False` are sent right after the commit.
     """
 
-    def __init__(
-        self, store: Store, owner: object, send: Callable[[list[Message]], Awaitable[None]]
-    ) -> None:
+    def __init__(self, store: Store, owner: object, send: Callable[[list[Message]], Awaitable[None]]) -> None:
         self.transaction: Transaction = store.begin()
         self.owner = owner
         self._store = store
@@ -50,7 +48,7 @@ class UnitOfWork:
 
     @property
     def session(self) -> AsyncSession:
-        """The SQLAlchemy session of this unit of work (raises `UnitOfWorkError` when the bus has no database)."""
+        """The SQLAlchemy session (raises `UnitOfWorkError` when the bus has no database)."""
         return self.transaction.session
 
     def add(self, message: Message, *, use_outbox: bool, available_at: datetime) -> None:

@@ -8,6 +8,7 @@ Nothing survives the process.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections import defaultdict, deque
 from collections.abc import Sequence
 
@@ -25,7 +26,7 @@ class MemoryBroker(Broker):
         self._leased: defaultdict[str, set[Delivery]] = defaultdict(set)
         self._delayed: defaultdict[str, set[asyncio.TimerHandle]] = defaultdict(set)
         self._owner: dict[Delivery, str] = {}
-        self._arrived = asyncio.Condition()
+        self._arrival = asyncio.Event()  # replaced by a fresh one each time it is set
         self._closed = False
 
     async def close(self) -> None:
@@ -33,18 +34,18 @@ class MemoryBroker(Broker):
         for handles in self._delayed.values():
             for handle in handles:
                 handle.cancel()
+        self._wake_fetchers()
 
     async def publish(self, messages: Sequence[Message]) -> None:
         self._check_open()
         for message in messages:
             for subscriber in self._bindings.get(message.name, ()):
                 self._queues[subscriber].append(Delivery(message, 1))
-        async with self._arrived:
-            self._arrived.notify_all()
+        self._wake_fetchers()
 
     async def bind(self, subscriber: str, name: str) -> None:
         self._bindings[name].add(subscriber)
-        self._queues[subscriber]  # noqa: B018 - the subscription exists from its first binding on
+        self._queues.setdefault(subscriber, deque())  # the subscription exists from its first binding on
 
     async def unbind(self, subscriber: str, name: str) -> None:
         self._bindings[name].discard(subscriber)
@@ -52,12 +53,13 @@ class MemoryBroker(Broker):
     async def fetch(self, subscriber: str, max_count: int, timeout: float) -> list[Delivery]:
         self._check_open()
         queue = self._queues[subscriber]
-        if not queue:
-            async with self._arrived:
-                try:
-                    await asyncio.wait_for(self._arrived.wait_for(lambda: bool(queue) or self._closed), timeout)
-                except TimeoutError:
-                    return []
+        deadline = asyncio.get_running_loop().time() + timeout
+        while not queue:
+            remaining = deadline - asyncio.get_running_loop().time()
+            if remaining <= 0 or self._closed:
+                return []
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._arrival.wait(), remaining)
         batch = [queue.popleft() for _ in range(min(max_count, len(queue)))]
         for delivery in batch:
             self._leased[subscriber].add(delivery)
@@ -70,29 +72,28 @@ class MemoryBroker(Broker):
     async def retry(self, delivery: Delivery, delay: float) -> None:
         subscriber = self._unlease(delivery)
         again = Delivery(delivery.message, delivery.attempt + 1)
-        loop = asyncio.get_running_loop()
         handle: asyncio.TimerHandle
 
         def due() -> None:
             self._delayed[subscriber].discard(handle)
             self._queues[subscriber].append(again)
-            loop.create_task(self._notify())
+            self._wake_fetchers()
 
-        handle = loop.call_later(max(0.0, delay), due)
+        handle = asyncio.get_running_loop().call_later(max(0.0, delay), due)
         self._delayed[subscriber].add(handle)
 
     async def release(self, delivery: Delivery) -> None:
         subscriber = self._unlease(delivery)
         self._queues[subscriber].appendleft(delivery)
-        await self._notify()
+        self._wake_fetchers()
 
     def pending(self, subscriber: str) -> int:
         """Messages queued, leased or waiting for a retry for `subscriber`."""
         return len(self._queues[subscriber]) + len(self._leased[subscriber]) + len(self._delayed[subscriber])
 
-    async def _notify(self) -> None:
-        async with self._arrived:
-            self._arrived.notify_all()
+    def _wake_fetchers(self) -> None:
+        arrival, self._arrival = self._arrival, asyncio.Event()
+        arrival.set()
 
     def _unlease(self, delivery: Delivery) -> str:
         subscriber = self._owner.pop(delivery)

@@ -1,4 +1,4 @@
-"""The in-memory store: the reference adapter, used when a bus has no database. Nothing survives the process."""
+"""The in-memory store: the reference adapter, used when a bus has no database. Nothing survives."""
 
 from __future__ import annotations
 
@@ -72,7 +72,7 @@ class MemoryStore(Store):
 
     async def claim_outbox(self, tx: Transaction, limit: int, now: datetime) -> list[OutboxRecord]:
         mtx = _memory(tx)
-        # One relay at a time, as SKIP LOCKED gives on a database: the lock is held until the transaction ends.
+        # One relay at a time, as SKIP LOCKED gives on a database; held until the transaction ends.
         await self._relay_lock.acquire()
         self._relay_owner = mtx
         due = [r for r in self._outbox.values() if r.available_at <= now]
@@ -89,7 +89,9 @@ class MemoryStore(Store):
     async def defer_outbox(self, tx: Transaction, seq: int, until: datetime, error: str) -> None:
         def write() -> None:
             record = self._outbox[seq]
-            self._outbox[seq] = replace(record, available_at=until, attempts=record.attempts + 1, last_error=error)
+            self._outbox[seq] = replace(
+                record, available_at=until, attempts=record.attempts + 1, last_error=error
+            )
 
         _memory(tx).writes.append(write)
 
@@ -131,7 +133,10 @@ class MemoryStore(Store):
         _memory(tx).writes.append(write)
 
     async def remove_dead_letter(self, tx: Transaction, letter_id: int) -> None:
-        _memory(tx).writes.append(lambda: self._letters.pop(letter_id, None) and None)
+        def write() -> None:
+            self._letters.pop(letter_id, None)
+
+        _memory(tx).writes.append(write)
 
     async def next_outbox_due(self) -> datetime | None:
         return min((r.available_at for r in self._outbox.values()), default=None)

@@ -117,7 +117,9 @@ def create_engine(url: str, **options: Any) -> AsyncEngine:
         engine = create_async_engine(url, **options)
     except (ImportError, ModuleNotFoundError) as exc:
         extra = "postgresql" if "postgresql" in url else "mysql"
-        raise ConfigurationError(f"This database URL needs an extra: pip install 'eventrelay[{extra}]'") from exc
+        raise ConfigurationError(
+            f"This database URL needs an extra: pip install 'eventrelay[{extra}]'"
+        ) from exc
     except SQLAlchemyError as exc:
         raise ConfigurationError(f"Not a usable database URL: {exc}") from exc
     if engine.dialect.name == "sqlite":
@@ -228,7 +230,8 @@ class SqlStore(Store):
         )
         result = await tx.session.execute(query)
         return [
-            OutboxRecord(row.seq, _message(row), row.available_at, row.attempts, row.last_error) for row in result
+            OutboxRecord(row.seq, _message(row), row.available_at, row.attempts, row.last_error)
+            for row in result
         ]
 
     async def delete_outbox(self, tx: Transaction, seqs: Sequence[int]) -> None:
@@ -245,7 +248,12 @@ class SqlStore(Store):
 
     async def claim_inbox(self, tx: Transaction, subscriber: str, handler: str, message_id: str) -> bool:
         t = self.tables.inbox
-        values = {"subscriber": subscriber, "handler": handler, "message_id": message_id, "received_at": utcnow()}
+        values = {
+            "subscriber": subscriber,
+            "handler": handler,
+            "message_id": message_id,
+            "received_at": utcnow(),
+        }
         if self._dialect == "postgresql":
             stmt: Any = postgresql.insert(t).values(values).on_conflict_do_nothing()
         elif self._dialect == "sqlite":
@@ -283,7 +291,7 @@ class SqlStore(Store):
 
     async def outbox_backlog(self) -> tuple[int, datetime | None]:
         t = self.tables.outbox
-        row = (await self._read(select(func.count(), func.min(t.c.created_at))))[0]
+        row: Any = (await self._read(select(func.count(), func.min(t.c.created_at))))[0]
         return int(row[0]), row[1]
 
     async def dead_letters(self, subscriber: str | None = None, limit: int = 100) -> list[DeadLetter]:
