@@ -41,6 +41,7 @@ from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, create_async_engine
 from sqlalchemy.pool import StaticPool
 
+from eventrelay.config import redact_url
 from eventrelay.envelope import Message
 from eventrelay.errors import ConfigurationError, StoreError
 from eventrelay.stores.base import DeadLetter, NewDeadLetter, OutboxRecord, Store, Transaction, utcnow
@@ -190,8 +191,9 @@ class SqlStore(Store):
         try:
             async with self.engine.begin() as conn:
                 await conn.run_sync(self.metadata.create_all)
-        except SQLAlchemyError as exc:
-            raise StoreError(f"Could not create the eventrelay tables: {exc}") from exc
+        except (SQLAlchemyError, OSError) as exc:
+            where = redact_url(self.engine.url.render_as_string(hide_password=False))
+            raise StoreError(f"Could not create the eventrelay tables in {where}: {exc}") from exc
 
     async def close(self) -> None:
         if self._owns_engine:
