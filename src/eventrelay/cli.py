@@ -49,4 +49,5 @@ def db_init(database_url: str, prefix: str) -> None:
         asyncio.run(create())
     except EventRelayError as exc:
         raise click.ClickException(str(exc)) from exc
-    click.echo(f"Tables {prefix}outbox, {prefix}inbox, {prefix}dead_letters are ready in {redact_url(database_url)}")
+    tables = f"{prefix}outbox, {prefix}inbox, {prefix}dead_letters"
+    click.echo(f"Tables {tables} are ready in {redact_url(database_url)}")

@@ -210,7 +210,13 @@ def _function_types(fn: Callable[..., Any]) -> tuple[type, ...]:
     params = list(inspect.signature(fn).parameters)
     if not params or len(params) > 2:
         raise ConfigurationError(f"{_qualified(fn)} must take (event) or (event, context)")
-    hints = typing.get_type_hints(fn)
+    try:
+        hints = typing.get_type_hints(fn)
+    except NameError as exc:  # a string annotation naming a class defined inside a function
+        raise ConfigurationError(
+            f"Cannot resolve the annotations of {_qualified(fn)}: {exc}. Define the event class at module "
+            "level, or use a handler class: class H(DistributedEventHandler[MyEto])"
+        ) from exc
     if params[0] not in hints:
         raise ConfigurationError(f"Annotate the event parameter of {_qualified(fn)}, e.g. (event: MyEto)")
     return _union_members(hints[params[0]], fn)

@@ -12,6 +12,8 @@ from eventrelay.errors import ConfigurationError
 # scheme -> (module:class, extra needed). Imported lazily, so a missing client library only matters when used.
 BROKERS: dict[str, tuple[str, str | None]] = {
     "memory": ("eventrelay.brokers.memory:MemoryBroker", None),
+    "sqlite+aiosqlite": ("eventrelay.brokers.sql:SqlBroker", None),
+    "postgresql+asyncpg": ("eventrelay.brokers.sql:SqlBroker", "postgresql"),
 }
 
 

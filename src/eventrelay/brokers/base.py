@@ -70,3 +70,7 @@ class Broker(ABC):
     @abstractmethod
     async def release(self, delivery: Delivery) -> None:
         """Give back a delivery that was not handled (shutting down); same attempt, available at once."""
+
+    async def pending_count(self, subscriber: str) -> int:
+        """Messages the broker still owes `subscriber`: queued, leased or waiting for a retry."""
+        raise NotImplementedError(f"{type(self).__name__} cannot count the messages it still owes")

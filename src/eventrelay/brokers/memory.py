@@ -18,7 +18,7 @@ from eventrelay.errors import BrokerUnavailable
 
 
 class MemoryBroker(Broker):
-    """An in-process broker. `pending(subscriber)` tells how many messages it still owes a subscriber."""
+    """An in-process broker with the semantics of a real one (see the module docstring)."""
 
     def __init__(self, url: str = "memory://") -> None:
         self._bindings: defaultdict[str, set[str]] = defaultdict(set)
@@ -87,8 +87,7 @@ class MemoryBroker(Broker):
         self._queues[subscriber].appendleft(delivery)
         self._wake_fetchers()
 
-    def pending(self, subscriber: str) -> int:
-        """Messages queued, leased or waiting for a retry for `subscriber`."""
+    async def pending_count(self, subscriber: str) -> int:
         return len(self._queues[subscriber]) + len(self._leased[subscriber]) + len(self._delayed[subscriber])
 
     def _wake_fetchers(self) -> None:

@@ -47,9 +47,12 @@ from eventrelay.errors import ConfigurationError, StoreError
 from eventrelay.stores.base import DeadLetter, NewDeadLetter, OutboxRecord, Store, Transaction, utcnow
 
 _ID = BigInteger().with_variant(Integer(), "sqlite")  # SQLite autoincrements only INTEGER PRIMARY KEY
-_TIME = DateTime().with_variant(mysql.DATETIME(fsp=6), "mysql", "mariadb")
+TIME = DateTime().with_variant(mysql.DATETIME(fsp=6), "mysql", "mariadb")
 _BYTES = LargeBinary().with_variant(mysql.LONGBLOB(), "mysql", "mariadb")
-_READ_ONLY = {"eventrelay_read_only": True}
+# Execution option `eventrelay_begin` on SQLite: "IMMEDIATE" (default), "DEFERRED" for reads, "NONE" for
+# statements that must run outside a transaction (PRAGMA wal_checkpoint).
+READ_ONLY = {"eventrelay_begin": "DEFERRED"}
+NO_TRANSACTION = {"eventrelay_begin": "NONE"}
 
 
 @dataclass(frozen=True)
@@ -72,8 +75,8 @@ def define_tables(metadata: MetaData, prefix: str = "eventrelay_") -> Tables:
         Column("body", _BYTES, nullable=False),
         Column("headers", Text, nullable=False),
         Column("ordering_key", String(256)),
-        Column("created_at", _TIME, nullable=False),
-        Column("available_at", _TIME, nullable=False),
+        Column("created_at", TIME, nullable=False),
+        Column("available_at", TIME, nullable=False),
         Column("attempts", Integer, nullable=False, default=0),
         Column("last_error", Text),
         Index(f"ix_{prefix}outbox_due", "available_at", "seq"),
@@ -85,7 +88,7 @@ def define_tables(metadata: MetaData, prefix: str = "eventrelay_") -> Tables:
         Column("subscriber", String(200), nullable=False),
         Column("handler", String(300), nullable=False),
         Column("message_id", String(64), nullable=False),
-        Column("received_at", _TIME, nullable=False),
+        Column("received_at", TIME, nullable=False),
         PrimaryKeyConstraint("subscriber", "handler", "message_id", name=f"pk_{prefix}inbox"),
         Index(f"ix_{prefix}inbox_received", "received_at"),
     )
@@ -103,7 +106,7 @@ def define_tables(metadata: MetaData, prefix: str = "eventrelay_") -> Tables:
         Column("attempts", Integer, nullable=False),
         Column("reason", Text, nullable=False),
         Column("error", Text),
-        Column("created_at", _TIME, nullable=False),
+        Column("created_at", TIME, nullable=False),
         Index(f"ix_{prefix}dead_letters_subscriber", "subscriber", "id"),
         sqlite_autoincrement=True,
     )
@@ -145,8 +148,9 @@ def configure_sqlite(engine: AsyncEngine, busy_timeout_ms: int = 30_000) -> None
 
     @event.listens_for(sync_engine, "begin")
     def _begin(connection: Connection) -> None:
-        read_only = connection.get_execution_options().get("eventrelay_read_only", False)
-        connection.exec_driver_sql("BEGIN" if read_only else "BEGIN IMMEDIATE")
+        mode = connection.get_execution_options().get("eventrelay_begin", "IMMEDIATE")
+        if mode != "NONE":
+            connection.exec_driver_sql(f"BEGIN {mode}")
 
     sync_engine._eventrelay_configured = True  # type: ignore[attr-defined]
 
@@ -316,7 +320,7 @@ class SqlStore(Store):
 
     async def _read(self, query: Any) -> list[Row[Any]]:
         async with self.engine.connect() as conn:
-            conn = await conn.execution_options(**_READ_ONLY)
+            conn = await conn.execution_options(**READ_ONLY)
             return list(await conn.execute(query))
 
     async def _scalar(self, query: Any) -> Any:

@@ -1,0 +1,344 @@
+"""A database as the message broker: `sqlite+aiosqlite:///path/broker.db` (the embedded default: one file
+shared by the service processes of one machine) or `postgresql+asyncpg://user@host/db`.
+
+Two tables (prefix `eventrelay_broker_`): `bindings` (subscriber, name) and `deliveries`, one row per message
+per bound subscriber, written at publish (fan-out). A fetch claims up to `max_count` due, unleased rows of
+its subscriber in one statement (`UPDATE ... WHERE id IN (SELECT ... LIMIT n) RETURNING`; on PostgreSQL the
+inner select is `FOR UPDATE SKIP LOCKED`), leasing them for `lease` seconds; the adapter renews the leases
+of what it holds, so a consumer that dies (even by SIGKILL) loses them and the rows come back with
+`attempt + 1`. An ack deletes the row, so the tables hold only what is still owed.
+
+Waking up: on PostgreSQL a publish sends `NOTIFY`, and fetchers `LISTEN`, so they wake at once. On SQLite
+fetchers poll: first a cheap read (no write lock) and only then the claim; the pause between empty polls
+starts at `poll_min` (1 ms) and doubles up to `poll_max` (50 ms) while idle, and drops back to `poll_min`
+as soon as a message arrives. The trade-off: an idle service notices a new message within `poll_max`, and
+each idle fetcher costs one small read per `poll_max`. A publish in the same process wakes its fetchers at
+once on both databases. SQLite runs in WAL mode; the adapter checkpoints the WAL every few seconds and caps
+its size (`journal_size_limit`), so the files do not grow without bound under steady traffic.
+
+URL options (query string): `lease` (30 s), `poll_min` (0.001 s), `poll_max` (0.05 s).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+from collections.abc import Sequence
+from datetime import timedelta
+from typing import Any
+
+from sqlalchemy import (
+    BigInteger,
+    Column,
+    Index,
+    Integer,
+    LargeBinary,
+    MetaData,
+    PrimaryKeyConstraint,
+    String,
+    Table,
+    Text,
+    case,
+    delete,
+    exists,
+    func,
+    insert,
+    or_,
+    select,
+    update,
+)
+from sqlalchemy.engine import make_url
+from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError, SQLAlchemyError
+from sqlalchemy.ext.asyncio import AsyncConnection
+
+from eventrelay.brokers.base import Broker
+from eventrelay.config import redact_url
+from eventrelay.envelope import Delivery, Message
+from eventrelay.errors import BrokerUnavailable, ConfigurationError, PublishFailed
+from eventrelay.stores.base import utcnow
+from eventrelay.stores.sqlalchemy import NO_TRANSACTION, READ_ONLY, TIME, create_engine
+
+logger = logging.getLogger(__name__)
+
+_ID = BigInteger().with_variant(Integer(), "sqlite")
+_CHANNEL = "eventrelay_broker"
+
+
+def _tables(metadata: MetaData, prefix: str) -> tuple[Table, Table]:
+    bindings = Table(
+        f"{prefix}bindings",
+        metadata,
+        Column("subscriber", String(200), nullable=False),
+        Column("name", String(256), nullable=False),
+        PrimaryKeyConstraint("subscriber", "name", name=f"pk_{prefix}bindings"),
+    )
+    deliveries = Table(
+        f"{prefix}deliveries",
+        metadata,
+        Column("id", _ID, primary_key=True, autoincrement=True),
+        Column("subscriber", String(200), nullable=False),
+        Column("message_id", String(64), nullable=False),
+        Column("name", String(256), nullable=False),
+        Column("body", LargeBinary, nullable=False),
+        Column("headers", Text, nullable=False),
+        Column("ordering_key", String(256)),
+        Column("attempt", Integer, nullable=False),
+        Column("available_at", TIME, nullable=False),
+        Column("lease_until", TIME),
+        Index(f"ix_{prefix}deliveries_subscriber", "subscriber", "id"),
+        sqlite_autoincrement=True,
+    )
+    return bindings, deliveries
+
+
+class SqlBroker(Broker):
+    """A broker in a SQLite file or a PostgreSQL database (see the module docstring)."""
+
+    def __init__(self, url: str, prefix: str = "eventrelay_broker_") -> None:
+        parsed = make_url(url)
+        options = dict(parsed.query)
+        self.lease = _seconds(options.pop("lease", "30"), "lease")
+        self.poll_min = _seconds(options.pop("poll_min", "0.001"), "poll_min")
+        self.poll_max = _seconds(options.pop("poll_max", "0.05"), "poll_max")
+        self.url = parsed.set(query=options).render_as_string(hide_password=False)
+        if parsed.get_backend_name() not in ("sqlite", "postgresql"):
+            raise ConfigurationError(f"The SQL broker runs on SQLite or PostgreSQL, not {redact_url(url)!r}")
+        self.engine = create_engine(self.url)
+        self.metadata = MetaData()
+        self.bindings, self.deliveries = _tables(self.metadata, prefix)
+        self._held: dict[int, Delivery] = {}
+        self._arrival = asyncio.Event()
+        self._tasks: list[asyncio.Task[None]] = []
+        self._listener: AsyncConnection | None = None
+        self._sqlite = self.engine.dialect.name == "sqlite"
+
+    # --- lifecycle -----------------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        async with self._translate("connect to"):
+            async with self.engine.begin() as conn:
+                await conn.run_sync(self.metadata.create_all)
+                if self._sqlite:
+                    await conn.exec_driver_sql("PRAGMA journal_size_limit = 8388608")
+            if not self._sqlite:
+                await self._listen()
+        self._tasks = [asyncio.create_task(self._renew_leases(), name="eventrelay-broker-leases")]
+        if self._sqlite:
+            self._tasks.append(asyncio.create_task(self._checkpoint(), name="eventrelay-broker-checkpoint"))
+
+    async def close(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        if self._listener is not None:
+            with contextlib.suppress(Exception):
+                await self._listener.close()
+        await self.engine.dispose()
+
+    async def _listen(self) -> None:
+        self._listener = await self.engine.connect()
+        raw = await self._listener.get_raw_connection()
+        driver: Any = raw.driver_connection
+        await driver.add_listener(_CHANNEL, lambda *_: self._wake_fetchers())
+
+    # --- the port ------------------------------------------------------------------------------------
+
+    async def publish(self, messages: Sequence[Message]) -> None:
+        if not messages:
+            return
+        names = {m.name for m in messages}
+        now = utcnow()
+        async with self._translate("publish to"), self.engine.begin() as conn:
+            rows = await conn.execute(
+                select(self.bindings.c.subscriber, self.bindings.c.name).where(
+                    self.bindings.c.name.in_(names)
+                )
+            )
+            bound: dict[str, list[str]] = {}
+            for subscriber, name in rows:
+                bound.setdefault(name, []).append(subscriber)
+            values = [
+                {
+                    "subscriber": subscriber,
+                    "message_id": m.id,
+                    "name": m.name,
+                    "body": m.body,
+                    "headers": json.dumps(dict(m.headers)),
+                    "ordering_key": m.key,
+                    "attempt": 1,
+                    "available_at": now,
+                }
+                for m in messages
+                for subscriber in bound.get(m.name, ())
+            ]
+            if values:
+                await conn.execute(insert(self.deliveries), values)
+                if not self._sqlite:
+                    await conn.exec_driver_sql(f"NOTIFY {_CHANNEL}")
+        if values:
+            self._wake_fetchers()
+
+    async def bind(self, subscriber: str, name: str) -> None:
+        async with self._translate("bind on"), self.engine.begin() as conn:
+            found = await conn.execute(
+                select(self.bindings).where(
+                    self.bindings.c.subscriber == subscriber, self.bindings.c.name == name
+                )
+            )
+            if found.first() is None:
+                await conn.execute(insert(self.bindings).values(subscriber=subscriber, name=name))
+
+    async def unbind(self, subscriber: str, name: str) -> None:
+        async with self._translate("unbind on"), self.engine.begin() as conn:
+            await conn.execute(
+                delete(self.bindings).where(
+                    self.bindings.c.subscriber == subscriber, self.bindings.c.name == name
+                )
+            )
+
+    async def fetch(self, subscriber: str, max_count: int, timeout: float) -> list[Delivery]:
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        pause = self.poll_min
+        while True:
+            batch = await self._claim(subscriber, max_count)
+            if batch:
+                return batch
+            remaining = deadline - loop.time()
+            if remaining <= 0:
+                return []
+            arrival = self._arrival
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(arrival.wait(), min(pause, remaining))
+            pause = self.poll_min if arrival.is_set() else min(pause * 2, self.poll_max)
+
+    async def ack(self, delivery: Delivery) -> None:
+        row_id = self._let_go(delivery)
+        async with self._translate("ack on"), self.engine.begin() as conn:
+            await conn.execute(delete(self.deliveries).where(self.deliveries.c.id == row_id))
+
+    async def retry(self, delivery: Delivery, delay: float) -> None:
+        row_id = self._let_go(delivery)
+        due = utcnow() + timedelta(seconds=max(0.0, delay))
+        await self._update(row_id, attempt=self.deliveries.c.attempt + 1, available_at=due, lease_until=None)
+
+    async def release(self, delivery: Delivery) -> None:
+        await self._update(self._let_go(delivery), lease_until=None)
+        self._wake_fetchers()
+
+    async def pending_count(self, subscriber: str) -> int:
+        """Deliveries still owed to `subscriber` (queued, leased or waiting for a retry)."""
+        async with self.engine.connect() as conn:
+            conn = await conn.execution_options(**READ_ONLY)
+            count = await conn.scalar(
+                select(func.count())
+                .select_from(self.deliveries)
+                .where(self.deliveries.c.subscriber == subscriber)
+            )
+        return int(count or 0)
+
+    # --- internals -----------------------------------------------------------------------------------
+
+    async def _claim(self, subscriber: str, max_count: int) -> list[Delivery]:
+        t = self.deliveries
+        now = utcnow()
+        claimable = (t.c.subscriber == subscriber) & (t.c.available_at <= now)
+        claimable &= or_(t.c.lease_until.is_(None), t.c.lease_until < now)
+        async with self._translate("fetch from"):
+            if self._sqlite:  # a read first: most idle polls end here, without the write lock
+                async with self.engine.connect() as conn:
+                    conn = await conn.execution_options(**READ_ONLY)
+                    if not await conn.scalar(select(exists().where(claimable))):
+                        return []
+            ids = select(t.c.id).where(claimable).order_by(t.c.id).limit(max_count)
+            if not self._sqlite:
+                ids = ids.with_for_update(skip_locked=True)
+            claim = (
+                update(t)
+                .where(t.c.id.in_(ids.scalar_subquery()))
+                .values(
+                    lease_until=now + timedelta(seconds=self.lease),
+                    # A lease that ran out means the consumer died mid-handler: that was an attempt.
+                    attempt=case((t.c.lease_until.is_not(None), t.c.attempt + 1), else_=t.c.attempt),
+                )
+                .returning(
+                    t.c.id, t.c.message_id, t.c.name, t.c.body, t.c.headers, t.c.ordering_key, t.c.attempt
+                )
+            )
+            async with self.engine.begin() as conn:
+                rows = list(await conn.execute(claim))
+        batch = []
+        for row in sorted(rows, key=lambda r: r.id):
+            message = Message(
+                row.message_id, row.name, bytes(row.body), json.loads(row.headers), row.ordering_key
+            )
+            delivery = Delivery(message, row.attempt, row.id)
+            self._held[row.id] = delivery
+            batch.append(delivery)
+        return batch
+
+    def _let_go(self, delivery: Delivery) -> int:
+        if not isinstance(delivery.token, int):
+            raise ConfigurationError("This delivery did not come from this SqlBroker")
+        self._held.pop(delivery.token, None)
+        return delivery.token
+
+    async def _update(self, row_id: int, **values: Any) -> None:
+        async with self._translate("update"), self.engine.begin() as conn:
+            await conn.execute(update(self.deliveries).where(self.deliveries.c.id == row_id).values(**values))
+
+    def _wake_fetchers(self) -> None:
+        arrival, self._arrival = self._arrival, asyncio.Event()
+        arrival.set()
+
+    async def _renew_leases(self) -> None:
+        while True:
+            await asyncio.sleep(self.lease / 3)
+            held = list(self._held)
+            if not held:
+                continue
+            try:
+                until = utcnow() + timedelta(seconds=self.lease)
+                async with self.engine.begin() as conn:
+                    await conn.execute(
+                        update(self.deliveries)
+                        .where(self.deliveries.c.id.in_(held))
+                        .values(lease_until=until)
+                    )
+            except (SQLAlchemyError, OSError):
+                logger.warning(
+                    "Could not renew %d lease(s); they may be delivered again", len(held), exc_info=True
+                )
+
+    async def _checkpoint(self) -> None:
+        while True:
+            await asyncio.sleep(5.0)
+            try:
+                async with self.engine.connect() as conn:
+                    conn = await conn.execution_options(**NO_TRANSACTION)
+                    await conn.exec_driver_sql("PRAGMA wal_checkpoint(PASSIVE)")
+            except (SQLAlchemyError, OSError):
+                logger.debug("WAL checkpoint skipped", exc_info=True)
+
+    @contextlib.asynccontextmanager
+    async def _translate(self, action: str) -> Any:
+        try:
+            yield
+        except (OSError, OperationalError, InterfaceError) as exc:
+            raise BrokerUnavailable(
+                f"Could not {action} the SQL broker at {redact_url(self.url)}: {exc}"
+            ) from exc
+        except DBAPIError as exc:
+            raise PublishFailed(f"Could not {action} the SQL broker: {exc.orig}") from exc
+
+
+def _seconds(value: str | tuple[str, ...], option: str) -> float:
+    try:
+        seconds = float(value if isinstance(value, str) else value[-1])
+    except ValueError:
+        seconds = -1.0
+    if seconds <= 0:
+        raise ConfigurationError(f"Broker URL option {option} is a number of seconds above 0, not {value!r}")
+    return seconds
