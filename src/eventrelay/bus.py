@@ -75,6 +75,7 @@ class DistributedEventBus:
         self.service = service
         self.settings = settings or Settings()
         self._owns_broker = isinstance(broker, str)
+        self.broker_url = broker if isinstance(broker, str) else f"{type(broker).__name__} instance"
         self.broker = broker_from_url(broker) if isinstance(broker, str) else broker
         self._owns_store = not isinstance(database, Store)
         self.store = _store(database)
@@ -316,6 +317,9 @@ class DistributedEventBus:
 
     async def discard(self, letter_id: int) -> None:
         """Delete a dead letter without handling it."""
+        letter = await self.store.dead_letter(letter_id)
+        if letter is None or letter.subscriber != self.service:
+            raise ConfigurationError(f"No dead letter {letter_id} in service {self.service!r}")
         async with self.new_unit_of_work() as uow:
             await self.store.remove_dead_letter(uow.transaction, letter_id)
 

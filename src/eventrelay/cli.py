@@ -1,26 +1,87 @@
-"""The `eventrelay` command: a thin shell over the library."""
+"""The `eventrelay` command: a thin shell over the library (click for parsing, rich for tables)."""
 
 from __future__ import annotations
 
 import asyncio
+import importlib
+import json
 import logging
 import sys
+from collections.abc import Awaitable, Callable, Sequence
+from datetime import datetime
+from typing import Any, TypeVar
 
 import click
+from rich.console import Console
+from rich.table import Table
 
 from eventrelay.config import redact_url
 from eventrelay.errors import EventRelayError
+from eventrelay.service import Service
+from eventrelay.stores.base import DeadLetter, Store, utcnow
+
+T = TypeVar("T")
+TARGET = click.argument("target", metavar="MODULE:SERVICE")
+JSON = click.option("--json", "as_json", is_flag=True, help="Print JSON for scripts instead of a table.")
 
 
 @click.group()
 @click.option("-v", "--verbose", is_flag=True, help="Log at DEBUG level.")
 def main(verbose: bool) -> None:
-    """Run and inspect eventrelay services."""
+    """Run and inspect eventrelay services.
+
+    MODULE:SERVICE names a `Service` object, e.g. `bookstore.orders.app:service`.
+    """
     logging.basicConfig(
         level=logging.DEBUG if verbose else logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         stream=sys.stderr,
     )
+
+
+def load_service(target: str) -> Service:
+    """Import `module:attribute` and check that it is a `Service`."""
+    module_name, _, attribute = target.partition(":")
+    if not module_name or not attribute:
+        raise click.ClickException(f"{target!r} is not MODULE:SERVICE, e.g. orders.app:service")
+    sys.path.insert(0, ".")
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as exc:
+        raise click.ClickException(f"Cannot import {module_name!r}: {exc}") from exc
+    finally:
+        sys.path.remove(".")
+    service = getattr(module, attribute, None)
+    if not isinstance(service, Service):
+        found = "nothing" if service is None else type(service).__name__
+        raise click.ClickException(f"{target} must be an eventrelay Service; found {found}")
+    return service
+
+
+def run_async(coro: Callable[[], Awaitable[T]]) -> T:
+    """Run a coroutine; library errors become one line and exit code 1."""
+    try:
+        return asyncio.run(coro())  # type: ignore[arg-type]
+    except EventRelayError as exc:
+        raise click.ClickException(str(exc)) from exc
+
+
+async def _opened(service: Service) -> Service:
+    await service.prepare()
+    if service.bus.settings.create_tables:
+        await service.bus.store.create_tables()
+    return service
+
+
+@main.command()
+@TARGET
+def run(target: str) -> None:
+    """Consume and relay until SIGINT or SIGTERM, then stop gracefully and exit 0.
+
+    Example: eventrelay run orders.app:service
+    """
+    service = load_service(target)
+    run_async(service.run)
 
 
 @main.group()
@@ -29,25 +90,220 @@ def db() -> None:
 
 
 @db.command("init")
-@click.argument("database_url")
-@click.option("--prefix", default="eventrelay_", show_default=True, help="Table name prefix.")
-def db_init(database_url: str, prefix: str) -> None:
-    """Create the tables in DATABASE_URL if they do not exist.
+@click.argument("database", metavar="URL|MODULE:SERVICE")
+@click.option("--prefix", default="eventrelay_", show_default=True, help="Table name prefix (with a URL).")
+def db_init(database: str, prefix: str) -> None:
+    """Create the tables (if they do not exist) in a database URL or a service's database.
 
     Example: eventrelay db init sqlite+aiosqlite:///order.db
     """
     from eventrelay.stores.sqlalchemy import SqlStore
 
+    store: Store
+    if "://" in database:
+        url, store = database, SqlStore(database, prefix=prefix)
+    else:
+        service = load_service(database)
+        if service.database_url is None:
+            raise click.ClickException(f"{service.name} has no database: its outbox and inbox live in memory")
+        url, store = service.database_url, service.bus.store
+
     async def create() -> None:
-        store = SqlStore(database_url, prefix=prefix)
         try:
             await store.create_tables()
         finally:
             await store.close()
 
-    try:
-        asyncio.run(create())
-    except EventRelayError as exc:
-        raise click.ClickException(str(exc)) from exc
-    tables = f"{prefix}outbox, {prefix}inbox, {prefix}dead_letters"
-    click.echo(f"Tables {tables} are ready in {redact_url(database_url)}")
+    run_async(create)
+    click.echo(f"The eventrelay tables are ready in {redact_url(url)}")
+
+
+@main.command()
+@TARGET
+@JSON
+def outbox(target: str, as_json: bool) -> None:
+    """How many events wait in the service's outbox, and how old the oldest is.
+
+    Example: eventrelay outbox products.app:service
+    """
+    service = load_service(target)
+
+    async def backlog() -> tuple[int, datetime | None]:
+        await _opened(service)
+        try:
+            return await service.bus.store.outbox_backlog()
+        finally:
+            await service.bus.store.close()
+
+    count, oldest = run_async(backlog)
+    age = (utcnow() - oldest).total_seconds() if oldest else None
+    if as_json:
+        click.echo(json.dumps({"service": service.name, "waiting": count, "oldest_age_seconds": age}))
+    else:
+        click.echo(
+            f"{service.name}: {count} event(s) waiting" + (f", the oldest for {age:.1f}s" if age else "")
+        )
+
+
+@main.command()
+@TARGET
+@JSON
+def events(target: str, as_json: bool) -> None:
+    """The event names a service publishes and handles (with the handlers).
+
+    Example: eventrelay events orders.app:service
+    """
+    service = load_service(target)
+    run_async(service.prepare)
+    handled = {name: [h.name for h in service.bus.handlers_for(name)] for name in service.handled_events}
+    if as_json:
+        click.echo(
+            json.dumps({"service": service.name, "publishes": service.published_events, "handles": handled})
+        )
+        return
+    table = Table(title=f"Events of {service.name}")
+    table.add_column("event")
+    table.add_column("direction")
+    table.add_column("handlers")
+    for name in service.published_events:
+        table.add_row(name, "publishes", "")
+    for name, handlers in handled.items():
+        table.add_row(name, "handles", "\n".join(handlers))
+    Console().print(table)
+
+
+@main.group("dead-letters")
+def dead_letters() -> None:
+    """List, show, replay and purge the messages a service gave up on."""
+
+
+def _letter_dict(letter: DeadLetter, full: bool) -> dict[str, Any]:
+    data: dict[str, Any] = {
+        "id": letter.id,
+        "event": letter.message.name,
+        "handler": letter.handler,
+        "attempts": letter.attempts,
+        "reason": letter.reason,
+        "created_at": letter.created_at.isoformat(),
+        "message_id": letter.message.id,
+    }
+    if full:
+        data.update(
+            headers=dict(letter.message.headers),
+            key=letter.message.key,
+            body=letter.message.body.decode("utf-8", errors="replace"),
+            error=letter.error,
+        )
+    return data
+
+
+def _letters(service: Service, action: Callable[[Service], Awaitable[T]]) -> T:
+    async def go() -> T:
+        await _opened(service)
+        try:
+            return await action(service)
+        finally:
+            await service.bus.store.close()
+
+    return run_async(go)
+
+
+@dead_letters.command("list")
+@TARGET
+@click.option("--limit", default=100, show_default=True, help="At most this many, oldest first.")
+@JSON
+def dead_letters_list(target: str, limit: int, as_json: bool) -> None:
+    """List dead letters, oldest first.
+
+    Example: eventrelay dead-letters list orders.app:service
+    """
+    letters = _letters(load_service(target), lambda s: s.bus.dead_letters(limit))
+    if as_json:
+        click.echo(json.dumps([_letter_dict(letter, full=False) for letter in letters]))
+        return
+    table = Table(title=f"{len(letters)} dead letter(s)")
+    for column in ("id", "event", "handler", "attempts", "reason", "created_at"):
+        table.add_column(column, overflow="fold")
+    for letter in letters:
+        row = _letter_dict(letter, full=False)
+        table.add_row(*(str(row[c] if row[c] is not None else "-") for c in list(row)[:6]))
+    Console().print(table)
+
+
+@dead_letters.command("show")
+@TARGET
+@click.argument("letter_id", type=int)
+@JSON
+def dead_letters_show(target: str, letter_id: int, as_json: bool) -> None:
+    """Show one dead letter with its headers, body and error.
+
+    Example: eventrelay dead-letters show orders.app:service 7
+    """
+    service = load_service(target)
+    letter = _letters(service, lambda s: s.bus.store.dead_letter(letter_id))
+    if letter is None or letter.subscriber != service.name:
+        raise click.ClickException(f"No dead letter {letter_id} in {service.name}")
+    data = _letter_dict(letter, full=True)
+    if as_json:
+        click.echo(json.dumps(data))
+        return
+    for field, value in data.items():
+        click.echo(f"{field}: {value}")
+
+
+@dead_letters.command("replay")
+@TARGET
+@click.argument("letter_ids", type=int, nargs=-1)
+@click.option("--all", "replay_all", is_flag=True, help="Replay every dead letter of the service.")
+@JSON
+def dead_letters_replay(target: str, letter_ids: Sequence[int], replay_all: bool, as_json: bool) -> None:
+    """Handle dead letters again now; each one goes when its handler succeeds.
+
+    Example: eventrelay dead-letters replay orders.app:service 7 8   (or --all)
+    """
+    if bool(letter_ids) == replay_all:
+        raise click.UsageError("Give dead-letter ids, or --all (not both)")
+    service = load_service(target)
+
+    async def replay(s: Service) -> list[tuple[int, str | None]]:
+        ids = [d.id for d in await s.bus.dead_letters(limit=1_000_000)] if replay_all else list(letter_ids)
+        results: list[tuple[int, str | None]] = []
+        for letter_id in ids:
+            try:
+                await s.bus.replay(letter_id)
+                results.append((letter_id, None))
+            except Exception as exc:  # report each failure; the letter stays
+                results.append((letter_id, f"{type(exc).__name__}: {exc}"))
+        return results
+
+    results = _letters(service, replay)
+    if as_json:
+        click.echo(json.dumps([{"id": i, "replayed": e is None, "error": e} for i, e in results]))
+    else:
+        for letter_id, error in results:
+            click.echo(f"{letter_id}: " + ("replayed" if error is None else f"failed, kept: {error}"))
+    if any(error for _, error in results):
+        sys.exit(1)
+
+
+@dead_letters.command("purge")
+@TARGET
+@click.argument("letter_ids", type=int, nargs=-1)
+@click.option("--yes", is_flag=True, help="Do not ask for confirmation.")
+def dead_letters_purge(target: str, letter_ids: Sequence[int], yes: bool) -> None:
+    """Delete dead letters without handling them: the given ids, or all of the service's.
+
+    Example: eventrelay dead-letters purge orders.app:service --yes
+    """
+    service = load_service(target)
+    what = f"dead letters {', '.join(map(str, letter_ids))}" if letter_ids else "ALL dead letters"
+    if not yes:
+        click.confirm(f"Delete {what} of {service.name}?", abort=True)
+
+    async def purge(s: Service) -> int:
+        ids = list(letter_ids) or [d.id for d in await s.bus.dead_letters(limit=1_000_000)]
+        for letter_id in ids:
+            await s.bus.discard(letter_id)
+        return len(ids)
+
+    click.echo(f"Deleted {_letters(service, purge)} dead letter(s) of {service.name}")

@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import dataclasses
+import os
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import timedelta
+from typing import Any, Self
 
 from eventrelay.errors import ConfigurationError
 from eventrelay.handlers import RetryPolicy
@@ -32,6 +36,28 @@ class Settings:
     shutdown_timeout: float = 30.0
     """On stop, how long in-flight handlers may take to finish, and the outbox to drain."""
 
+    @classmethod
+    def from_env(cls, prefix: str = "EVENTRELAY_", environ: Mapping[str, str] | None = None) -> Self:
+        """Settings from `{prefix}FIELD` variables (e.g. `ORDER_MAX_IN_FLIGHT=50`), defaults for the rest.
+
+        Durations are seconds; `{prefix}RETRY_MAX_ATTEMPTS`, `..._RETRY_INITIAL_DELAY`, `..._RETRY_MAX_DELAY`
+        set the retry policy; booleans are `true`/`false`/`1`/`0`.
+        """
+        env = os.environ if environ is None else environ
+        values: dict[str, Any] = {}
+        for f in dataclasses.fields(cls):
+            raw = env.get(f"{prefix}{f.name.upper()}")
+            if raw is not None and f.name != "retry":
+                values[f.name] = _parse(f"{prefix}{f.name.upper()}", raw, f.default)
+        retry = {
+            name: _parse(f"{prefix}RETRY_{name.upper()}", env[f"{prefix}RETRY_{name.upper()}"], default)
+            for name, default in (("max_attempts", 0), ("initial_delay", 0.0), ("max_delay", 0.0))
+            if f"{prefix}RETRY_{name.upper()}" in env
+        }
+        if retry:
+            values["retry"] = dataclasses.replace(RetryPolicy(), **retry)
+        return cls(**values)
+
     def __post_init__(self) -> None:
         for name in ("max_in_flight", "max_message_bytes", "relay_batch_size"):
             if getattr(self, name) < 1:
@@ -48,3 +74,21 @@ def redact_url(url: str) -> str:
     if not at or ":" not in creds:
         return url
     return f"{scheme}{sep}{creds.partition(':')[0]}:***@{host}"
+
+
+def _parse(variable: str, raw: str, default: object) -> Any:
+    try:
+        if isinstance(default, bool):
+            if raw.lower() not in ("true", "false", "1", "0"):
+                raise ValueError(raw)
+            return raw.lower() in ("true", "1")
+        if isinstance(default, int):
+            return int(raw)
+        if isinstance(default, float):
+            return float(raw)
+        if isinstance(default, timedelta):
+            return timedelta(seconds=float(raw))
+    except ValueError:
+        kind = type(default).__name__ if not isinstance(default, timedelta) else "number of seconds"
+        raise ConfigurationError(f"{variable}={raw!r} is not a valid {kind}") from None
+    raise ConfigurationError(f"{variable} cannot be set from the environment")
