@@ -65,6 +65,11 @@ class Event(BaseModel):
         super().__pydantic_init_subclass__(**kwargs)
         metadata = cls.__pydantic_generic_metadata__
         if metadata["parameters"]:
+            if metadata["origin"] is None and cls.__event_declaration__[0] is not None:
+                raise ConfigurationError(
+                    f"{cls.__name__} is generic, so it is named after its type argument and name= would be "
+                    "ignored: declare name_prefix= or name_postfix= instead, e.g. name_postfix='.Updated'"
+                )
             return  # an open generic such as EntityUpdatedEto: only its parametrizations have names
         if metadata["origin"] is not None:
             name = _generic_name(metadata["origin"], metadata["args"])  # type: ignore[arg-type]

@@ -28,6 +28,7 @@ from sqlalchemy import (
     String,
     Table,
     Text,
+    bindparam,
     delete,
     event,
     func,
@@ -233,7 +234,13 @@ class SqlStore(Store):
             .order_by(t.c.seq)
             .limit(limit)
             .with_for_update(skip_locked=True)
+            # MySQL/MariaDB: read in seq order and stop at `limit`, instead of locking every due row
+            .with_hint(t, "FORCE INDEX (PRIMARY)", "mysql")
+            .with_hint(t, "FORCE INDEX (PRIMARY)", "mariadb")
         )
+        if self._dialect in ("mysql", "mariadb") and not tx.session.in_transaction():
+            # READ COMMITTED takes no gap locks, so new outbox rows need not wait for this relay.
+            await tx.session.connection(execution_options={"isolation_level": "READ COMMITTED"})
         result = await tx.session.execute(query)
         return [
             OutboxRecord(row.seq, _message(row), row.available_at, row.attempts, row.last_error)
@@ -241,8 +248,10 @@ class SqlStore(Store):
         ]
 
     async def delete_outbox(self, tx: Transaction, seqs: Sequence[int]) -> None:
-        if seqs:
-            await tx.session.execute(delete(self.tables.outbox).where(self.tables.outbox.c.seq.in_(seqs)))
+        if seqs:  # one row per statement: MariaDB's `seq IN (...)` also locks neighbours another relay holds
+            t = self.tables.outbox
+            by_seq = delete(t).where(t.c.seq == bindparam("b_seq"))
+            await tx.session.execute(by_seq, [{"b_seq": s} for s in seqs])
 
     async def defer_outbox(self, tx: Transaction, seq: int, until: datetime, error: str) -> None:
         t = self.tables.outbox
