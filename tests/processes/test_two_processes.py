@@ -42,7 +42,11 @@ async def apply(event: Numbered, context: Context) -> None:
 quick = Settings(relay_poll_interval=0.2, fetch_timeout=0.2)
 publisher = Service("Publisher", database="sqlite+aiosqlite:///publisher.db", broker=BROKER, settings=quick)
 subscriber = Service(
-    "Subscriber", database="sqlite+aiosqlite:///subscriber.db", broker=BROKER, handlers=[apply], settings=quick
+    "Subscriber",
+    database="sqlite+aiosqlite:///subscriber.db",
+    broker=BROKER,
+    handlers=[apply],
+    settings=quick,
 )
 
 
@@ -117,8 +121,9 @@ def _scenario(tmp_path: Path, broker_url: str) -> None:
         consumer.wait(timeout=10)
         consumer = _start_subscriber(tmp_path, env)
         assert publisher.wait(timeout=120) == 0
+        distinct = "SELECT count(DISTINCT n) FROM effects"
         _wait_for(
-            lambda: _count(subscriber_db, "SELECT count(DISTINCT n) FROM effects") == EVENTS,
+            lambda: _count(subscriber_db, distinct) == EVENTS,
             120,
             "every event",
         )
