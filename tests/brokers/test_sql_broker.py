@@ -1,0 +1,77 @@
+"""The broker contract on the SQL broker (a SQLite file, a PostgreSQL database), and what is SQL-only."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+
+from eventrelay.brokers import broker_from_url
+from eventrelay.brokers.base import Broker
+from eventrelay.brokers.sql import SqlBroker
+from eventrelay.envelope import Delivery, Message, new_message_id
+from eventrelay.errors import BrokerUnavailable, ConfigurationError
+from tests.brokers.contract import BrokerContract, collect
+
+
+class TestSqliteBroker(BrokerContract):
+    @pytest.fixture
+    async def broker(self, tmp_path: Path) -> AsyncIterator[Broker]:
+        async with SqlBroker(f"sqlite+aiosqlite:///{tmp_path}/broker.db") as broker:
+            yield broker
+
+
+@pytest.mark.postgresql
+class TestPostgresqlBroker(BrokerContract):
+    @pytest.fixture
+    async def broker(self, postgresql_url: str) -> AsyncIterator[Broker]:
+        async with SqlBroker(postgresql_url) as broker:
+            yield broker
+
+
+def test_urls_choose_the_sql_broker(tmp_path: Path) -> None:
+    assert isinstance(broker_from_url(f"sqlite+aiosqlite:///{tmp_path}/b.db"), SqlBroker)
+    with pytest.raises(ConfigurationError, match="lease is a number of seconds"):
+        SqlBroker(f"sqlite+aiosqlite:///{tmp_path}/b.db?lease=soon")
+
+
+async def test_a_lease_that_runs_out_delivers_again_with_the_next_attempt(tmp_path: Path) -> None:
+    # A consumer that dies (here: one that never acks and whose broker is closed) loses its lease.
+    url = f"sqlite+aiosqlite:///{tmp_path}/broker.db?lease=0.3"
+    async with SqlBroker(url) as first:
+        await first.bind("svc", "e")
+        await first.publish([Message(new_message_id(), "e", b"{}")])
+        (taken,) = await first.fetch("svc", 10, 5.0)
+        assert taken.attempt == 1
+    async with SqlBroker(url) as second:
+        (again,) = await collect(second, "svc", 1)
+    assert again.message.id == taken.message.id
+    assert again.attempt == 2
+
+
+async def test_files_stay_bounded_under_steady_traffic(tmp_path: Path) -> None:
+    path = tmp_path / "broker.db"
+    body = b"x" * 1024
+    sizes: list[tuple[int, int]] = []
+    async with SqlBroker(f"sqlite+aiosqlite:///{path}") as broker:
+        await broker.bind("svc", "e")
+        for _ in range(8):  # 8 x 300 KiB of bodies pass through
+            await broker.publish([Message(new_message_id(), "e", body) for _ in range(300)])
+            got: list[Delivery] = await collect(broker, "svc", 300, max_count=100)
+            assert len(got) == 300
+            wal = Path(f"{path}-wal")
+            sizes.append((os.path.getsize(path), wal.stat().st_size if wal.exists() else 0))
+    database_sizes = [db for db, _ in sizes]
+    assert max(database_sizes) < 2 * 1024 * 1024, sizes  # delivered rows are deleted and their pages reused
+    assert database_sizes[-1] <= database_sizes[1], sizes  # no growth after the first rounds
+    assert max(wal for _, wal in sizes) <= 9 * 1024 * 1024, sizes  # checkpointed and capped
+
+
+async def test_an_unreachable_postgresql_broker_is_unavailable() -> None:
+    broker = SqlBroker("postgresql+asyncpg://someone:secret@127.0.0.1:9/nowhere")
+    with pytest.raises(BrokerUnavailable) as caught:
+        await broker.start()
+    assert "secret" not in str(caught.value)
+    await broker.close()
