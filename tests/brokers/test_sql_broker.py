@@ -51,6 +51,12 @@ async def test_a_lease_that_runs_out_delivers_again_with_the_next_attempt(tmp_pa
     assert again.attempt == 2
 
 
+def _sizes(path: Path) -> tuple[int, int]:
+    """The sizes of a SQLite database file and of its write-ahead log."""
+    wal = Path(f"{path}-wal")
+    return os.path.getsize(path), wal.stat().st_size if wal.exists() else 0
+
+
 async def test_files_stay_bounded_under_steady_traffic(tmp_path: Path) -> None:
     path = tmp_path / "broker.db"
     body = b"x" * 1024
@@ -61,8 +67,7 @@ async def test_files_stay_bounded_under_steady_traffic(tmp_path: Path) -> None:
             await broker.publish([Message(new_message_id(), "e", body) for _ in range(300)])
             got: list[Delivery] = await collect(broker, "svc", 300, max_count=100)
             assert len(got) == 300
-            wal = Path(f"{path}-wal")
-            sizes.append((os.path.getsize(path), wal.stat().st_size if wal.exists() else 0))
+            sizes.append(_sizes(path))
     database_sizes = [db for db, _ in sizes]
     assert max(database_sizes) < 2 * 1024 * 1024, sizes  # delivered rows are deleted and their pages reused
     assert database_sizes[-1] <= database_sizes[1], sizes  # no growth after the first rounds
