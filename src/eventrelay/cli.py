@@ -47,7 +47,7 @@ def load_service(target: str) -> Service:
     sys.path.insert(0, ".")
     try:
         module = importlib.import_module(module_name)
-    except ImportError as exc:
+    except (ImportError, SyntaxError, EventRelayError) as exc:  # e.g. a Service with a wrong broker URL
         raise click.ClickException(f"Cannot import {module_name!r}: {exc}") from exc
     finally:
         sys.path.remove(".")
@@ -101,7 +101,10 @@ def db_init(database: str, prefix: str) -> None:
 
     store: Store
     if "://" in database:
-        url, store = database, SqlStore(database, prefix=prefix)
+        try:  # a wrong scheme or a missing driver is one line, not a traceback
+            url, store = database, SqlStore(database, prefix=prefix)
+        except EventRelayError as exc:
+            raise click.ClickException(str(exc)) from exc
     else:
         service = load_service(database)
         if service.database_url is None:
@@ -141,7 +144,8 @@ def outbox(target: str, as_json: bool) -> None:
         click.echo(json.dumps({"service": service.name, "waiting": count, "oldest_age_seconds": age}))
     else:
         click.echo(
-            f"{service.name}: {count} event(s) waiting" + (f", the oldest for {age:.1f}s" if age else "")
+            f"{service.name}: {count} event(s) waiting"
+            + (f", the oldest for {age:.1f}s" if age is not None else "")
         )
 
 
@@ -221,7 +225,8 @@ def dead_letters_list(target: str, limit: int, as_json: bool) -> None:
     if as_json:
         click.echo(json.dumps([_letter_dict(letter, full=False) for letter in letters]))
         return
-    table = Table(title=f"{len(letters)} dead letter(s)")
+    more = " (the oldest; --limit shows more)" if len(letters) == limit else ""
+    table = Table(title=f"{len(letters)} dead letter(s) of {target}{more}")
     for column in ("id", "event", "handler", "attempts", "reason", "created_at"):
         table.add_column(column, overflow="fold")
     for letter in letters:
@@ -281,7 +286,7 @@ def dead_letters_replay(target: str, letter_ids: Sequence[int], replay_all: bool
         click.echo(json.dumps([{"id": i, "replayed": e is None, "error": e} for i, e in results]))
     else:
         for letter_id, error in results:
-            click.echo(f"{letter_id}: " + ("replayed" if error is None else f"failed, kept: {error}"))
+            click.echo(f"{letter_id}: " + ("replayed" if error is None else f"not replayed: {error}"))
     if any(error for _, error in results):
         sys.exit(1)
 
@@ -302,6 +307,11 @@ def dead_letters_purge(target: str, letter_ids: Sequence[int], yes: bool) -> Non
 
     async def purge(s: Service) -> int:
         ids = list(letter_ids) or [d.id for d in await s.bus.dead_letters(limit=1_000_000)]
+        missing = [i for i in ids if await s.bus.store.dead_letter(i) is None]
+        if missing:  # check them all before deleting any
+            raise click.ClickException(
+                f"No dead letter {', '.join(map(str, missing))} in {s.name}; nothing deleted"
+            )
         for letter_id in ids:
             await s.bus.discard(letter_id)
         return len(ids)

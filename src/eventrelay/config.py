@@ -65,6 +65,9 @@ class Settings:
         for name in ("fetch_timeout", "relay_poll_interval", "shutdown_timeout"):
             if getattr(self, name) <= 0:
                 raise ConfigurationError(f"Settings.{name} must be more than 0 seconds")
+        for name in ("inbox_retention", "inbox_cleanup_interval"):  # <= 0 would purge every inbox record
+            if getattr(self, name) <= timedelta(0):
+                raise ConfigurationError(f"Settings.{name} must be more than 0 seconds")
 
 
 def redact_url(url: str) -> str:

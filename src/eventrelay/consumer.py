@@ -115,11 +115,11 @@ class Consumer:
         lane = self._lanes[key]
         try:
             while lane:
-                delivery = lane.popleft()
                 if self._stopping.is_set():
-                    await self._give_back(delivery)
+                    # Last first: a broker that puts each one back in front then holds them in key order.
+                    await self._give_back(lane.pop())
                 else:
-                    await self._settle_one(delivery)
+                    await self._settle_one(lane.popleft())
         finally:
             del self._lanes[key]
 

@@ -29,6 +29,9 @@ class MemoryBroker(Broker):
         self._arrival = asyncio.Event()  # replaced by a fresh one each time it is set
         self._closed = False
 
+    async def start(self) -> None:
+        self._closed = False
+
     async def close(self) -> None:
         self._closed = True
         for handles in self._delayed.values():

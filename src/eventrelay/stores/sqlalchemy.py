@@ -121,11 +121,12 @@ def create_engine(url: str, **options: Any) -> AsyncEngine:
     try:
         engine = create_async_engine(url, **options)
     except (ImportError, ModuleNotFoundError) as exc:
-        extra = "postgresql" if "postgresql" in url else "mysql"
         raise ConfigurationError(
-            f"This database URL needs an extra: pip install 'eventrelay[{extra}]'"
+            f"No driver for {redact_url(url)!r} ({exc}). eventrelay is async: use sqlite+aiosqlite://, "
+            "postgresql+asyncpg:// (pip install 'eventrelay[postgresql]') or mysql+asyncmy:// "
+            "(pip install 'eventrelay[mysql]')"
         ) from exc
-    except SQLAlchemyError as exc:
+    except (SQLAlchemyError, ValueError) as exc:  # ValueError: a port that is not a number
         raise ConfigurationError(f"Not a usable database URL: {exc}") from exc
     if engine.dialect.name == "sqlite":
         configure_sqlite(engine)
