@@ -14,6 +14,12 @@ BROKERS: dict[str, tuple[str, str | None]] = {
     "memory": ("eventrelay.brokers.memory:MemoryBroker", None),
     "sqlite+aiosqlite": ("eventrelay.brokers.sql:SqlBroker", None),
     "postgresql+asyncpg": ("eventrelay.brokers.sql:SqlBroker", "postgresql"),
+    "amqp": ("eventrelay.brokers.rabbitmq:RabbitMQBroker", "rabbitmq"),
+    "amqps": ("eventrelay.brokers.rabbitmq:RabbitMQBroker", "rabbitmq"),
+    "nats": ("eventrelay.brokers.nats:NatsBroker", "nats"),
+    "tls": ("eventrelay.brokers.nats:NatsBroker", "nats"),
+    "redis": ("eventrelay.brokers.redis:RedisBroker", "redis"),
+    "rediss": ("eventrelay.brokers.redis:RedisBroker", "redis"),
 }
 
 
