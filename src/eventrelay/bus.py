@@ -16,6 +16,7 @@ from eventrelay.brokers import Broker, broker_from_url
 from eventrelay.codec import check_headers, encode_body
 from eventrelay.config import Settings
 from eventrelay.consumer import Consumer, current_context
+from eventrelay.entity_events import EntityChangeTracker, EntityEvents
 from eventrelay.envelope import (
     CAUSATION_ID,
     CORRELATION_ID,
@@ -67,6 +68,7 @@ class DistributedEventBus:
         broker: Broker | str = "memory://",
         database: str | AsyncEngine | Store | None = None,
         settings: Settings | None = None,
+        entity_events: EntityEvents | None = None,
     ) -> None:
         if not isinstance(service, str) or not service.strip() or len(service) > 200:
             raise ConfigurationError(
@@ -79,6 +81,9 @@ class DistributedEventBus:
         self.broker = broker_from_url(broker) if isinstance(broker, str) else broker
         self._owns_store = not isinstance(database, Store)
         self.store = _store(database)
+        if entity_events is not None and database is None:
+            raise ConfigurationError("Entity events come from a database: pass database= with entity_events=")
+        self.entity_events = entity_events
         self.relay = Relay(
             self.store,
             self.broker,
@@ -155,7 +160,18 @@ class DistributedEventBus:
 
     def new_unit_of_work(self) -> UnitOfWork:
         """A unit of work of its own, even inside another."""
-        return UnitOfWork(self.store, self, self.broker.publish)
+        uow = UnitOfWork(self.store, self, self.broker.publish)
+        if self.entity_events is not None:
+            tracker = uow.tracker = EntityChangeTracker(self.entity_events, uow.session.sync_session)
+
+            async def publish_entity_events() -> None:
+                for change in await tracker.collect(uow):
+                    message = self._message(change.event, None, None, change.key, None, change.tenant_id)
+                    uow.add(message, use_outbox=True, available_at=utcnow())
+                    uow.after_commit(self.relay.wake)
+
+            uow.before_commit(publish_entity_events)
+        return uow
 
     # --- publishing ----------------------------------------------------------------------------------
 

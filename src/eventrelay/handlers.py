@@ -196,6 +196,9 @@ def _event_map(
 
 
 def _handled_types(cls: type) -> tuple[type, ...]:
+    declared = getattr(cls, "__handled_events__", None)
+    if declared is not None:  # a generic handler base that works its events out itself (EntitySynchronizer)
+        return tuple(declared())
     for klass in cls.__mro__:
         for base in getattr(klass, "__orig_bases__", ()):
             if typing.get_origin(base) is DistributedEventHandler:

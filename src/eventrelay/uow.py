@@ -10,10 +10,13 @@ from types import TracebackType
 from typing import TYPE_CHECKING
 
 from eventrelay.envelope import Message
+from eventrelay.errors import UnitOfWorkError
 from eventrelay.stores.base import Store, Transaction
 
 if TYPE_CHECKING:
     from sqlalchemy.ext.asyncio import AsyncSession
+
+    from eventrelay.entity_events import Change, EntityChangeTracker
 
 _current: ContextVar[UnitOfWork | None] = ContextVar("eventrelay_unit_of_work", default=None)
 
@@ -44,7 +47,9 @@ class UnitOfWork:
         self._store = store
         self._send = send
         self._pending: list[_Pending] = []
+        self._before_commit: list[Callable[[], Awaitable[None]]] = []
         self._token: object = None
+        self.tracker: EntityChangeTracker | None = None
 
     @property
     def session(self) -> AsyncSession:
@@ -55,12 +60,28 @@ class UnitOfWork:
         """Buffer a message until commit."""
         self._pending.append(_Pending(message, use_outbox, available_at))
 
+    def before_commit(self, callback: Callable[[], Awaitable[None]]) -> None:
+        """Run `callback` at commit, before the buffered events are written (it may add more)."""
+        self._before_commit.append(callback)
+
+    def entity_changed(self, entity: object, change: Change) -> None:
+        """Publish an entity event for a change the ORM did not see (a bulk `update()`, raw SQL)."""
+        if self.tracker is None:
+            raise UnitOfWorkError("This bus publishes no entity events: pass entity_events=EntityEvents()...")
+        self.tracker.record(entity, change)
+
     def after_commit(self, callback: Callable[[], None]) -> None:
         """Run `callback` once this unit of work has committed."""
         self.transaction.after_commit(callback)
 
     async def commit(self) -> None:
         """Write buffered events to the outbox, commit, then send the events that skip the outbox."""
+        try:
+            for callback in self._before_commit:
+                await callback()
+        except BaseException:
+            await self.rollback()
+            raise
         by_due: dict[datetime, list[Message]] = {}
         direct = []
         for pending in self._pending:

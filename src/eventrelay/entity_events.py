@@ -1,0 +1,227 @@
+"""Pre-defined entity events (ABP's auto events) for SQLAlchemy 2 models.
+
+```python
+entity_events = EntityEvents().select(User).map(User, UserEto)
+bus = DistributedEventBus("IdentityService", database=..., entity_events=entity_events)
+```
+
+Inserts, updates and deletes of selected models made through the unit of work's session publish
+`EntityCreatedEto[UserEto]`, `EntityUpdatedEto[UserEto]` and `EntityDeletedEto[UserEto]`, named
+`"{name of UserEto}.Created"` (`.Updated`, `.Deleted`). Changes are gathered at each flush and mapped at
+commit, after the database assigned keys, and written to the outbox in the commit's transaction. Per entity
+and unit of work one event leaves, with the final state: created then updated is one Created, created then
+deleted is none. An entity's events carry the ordering key `"Model:keys"`, so they are handled in order.
+
+Not captured: bulk `update()` / `delete()` statements and raw SQL, which bypass the ORM's unit of work. For
+those, load the rows and call `uow.entity_changed(entity, Change.UPDATED)` (or CREATED / DELETED).
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Generic, Self, TypeVar
+
+from sqlalchemy import event, inspect
+from sqlalchemy.orm import Session
+
+from eventrelay.events import Event
+
+if TYPE_CHECKING:
+    from eventrelay.uow import UnitOfWork
+
+E = TypeVar("E", bound=Event)
+
+
+class EntityEto(Event, name="Volo.Abp.Domain.Entities.Events.Distributed.EntityEto"):
+    """What an entity selected without a mapping publishes: its type name and keys (ABP's `EntityEto`)."""
+
+    entity_type: str
+    keys_as_string: str
+
+
+class EntityCreatedEto(Event, Generic[E], name_postfix=".Created"):
+    """An entity was created. `entity_version` is the entity's version after the change, if it has one."""
+
+    entity: E
+    entity_version: int | None = None
+
+
+class EntityUpdatedEto(Event, Generic[E], name_postfix=".Updated"):
+    """An entity was updated (one event per unit of work, with the final state)."""
+
+    entity: E
+    entity_version: int | None = None
+
+
+class EntityDeletedEto(Event, Generic[E], name_postfix=".Deleted"):
+    """An entity was deleted; `entity` is its state before the delete."""
+
+    entity: E
+    entity_version: int | None = None
+
+
+class Change(enum.Enum):
+    CREATED = "created"
+    UPDATED = "updated"
+    DELETED = "deleted"
+
+
+_WRAPPERS: dict[Change, type[Any]] = {
+    Change.CREATED: EntityCreatedEto,
+    Change.UPDATED: EntityUpdatedEto,
+    Change.DELETED: EntityDeletedEto,
+}
+
+
+@dataclass
+class EntityEvents:
+    """Which models publish entity events, and how each maps to its ETO (ABP's
+    `AbpDistributedEntityEventOptions`). A model is selected if any selector matches and no ignore does.
+
+    `version_attribute` names the integer version of a model (declare it as SQLAlchemy's `version_id_col`
+    and it is incremented per update); `tenant_attribute` names its tenant id, which travels in the
+    message's tenant header.
+    """
+
+    version_attribute: str = "entity_version"
+    tenant_attribute: str = "tenant_id"
+    _selectors: list[Callable[[type], bool]] = field(default_factory=list)
+    _ignored: list[Callable[[type], bool]] = field(default_factory=list)
+    _mappings: dict[type, tuple[type[Event], Callable[[Any], Event]]] = field(default_factory=dict)
+
+    def select(self, *models: type) -> Self:
+        """Publish events for these model classes (and their subclasses)."""
+        self._selectors.append(lambda cls: issubclass(cls, models))
+        return self
+
+    def select_module(self, prefix: str) -> Self:
+        """Publish events for models defined in this module or package, e.g. `"identity.models"`."""
+        self._selectors.append(lambda cls: _in_module(cls, prefix))
+        return self
+
+    def select_if(self, predicate: Callable[[type], bool]) -> Self:
+        """Publish events for models the predicate accepts."""
+        self._selectors.append(predicate)
+        return self
+
+    def select_all(self) -> Self:
+        """Publish events for every model."""
+        self._selectors.append(lambda cls: True)
+        return self
+
+    def ignore(self, *models: type) -> Self:
+        self._ignored.append(lambda cls: issubclass(cls, models))
+        return self
+
+    def ignore_module(self, prefix: str) -> Self:
+        self._ignored.append(lambda cls: _in_module(cls, prefix))
+        return self
+
+    def ignore_if(self, predicate: Callable[[type], bool]) -> Self:
+        self._ignored.append(predicate)
+        return self
+
+    def map(self, model: type, eto: type[E], mapper: Callable[[Any], E] | None = None) -> Self:
+        """Map `model` to `eto`: with `mapper(entity)`, or else by reading the ETO's fields off the entity."""
+
+        def from_attributes(entity: Any) -> Event:
+            return eto.model_validate(entity, from_attributes=True)
+
+        self._mappings[model] = (eto, mapper or from_attributes)
+        return self
+
+    def selects(self, model: type) -> bool:
+        return any(s(model) for s in self._selectors) and not any(i(model) for i in self._ignored)
+
+    def to_event(self, entity: object, change: Change) -> EntityChange:
+        """The event for a change of `entity`, with its tenant id and ordering key."""
+        model = type(entity)
+        mapping = next((m for cls, m in self._mappings.items() if issubclass(model, cls)), None)
+        keys = ",".join(str(k) for k in inspect(entity).identity or ())
+        if mapping is None:
+            payload: Event = EntityEto(
+                entity_type=f"{model.__module__}.{model.__qualname__}", keys_as_string=keys
+            )
+            eto_type: type[Event] = EntityEto
+        else:
+            eto_type, mapper = mapping
+            payload = mapper(entity)
+        version = getattr(entity, self.version_attribute, None)
+        tenant = getattr(entity, self.tenant_attribute, None)
+        wrapped = _WRAPPERS[change][eto_type](entity=payload, entity_version=version)
+        # The key keeps one entity's events in order at the consumer (an update before its delete).
+        return EntityChange(wrapped, None if tenant is None else str(tenant), f"{model.__qualname__}:{keys}")
+
+
+@dataclass(frozen=True)
+class EntityChange:
+    """An entity event ready to publish."""
+
+    event: Event
+    tenant_id: str | None
+    key: str
+
+
+def _in_module(cls: type, prefix: str) -> bool:
+    return cls.__module__ == prefix or cls.__module__.startswith(prefix + ".")
+
+
+# created+updated = created; created+deleted = nothing; updated+deleted = deleted; deleted+created = updated
+_COMBINE: dict[tuple[Change, Change], Change | None] = {
+    (Change.CREATED, Change.UPDATED): Change.CREATED,
+    (Change.CREATED, Change.DELETED): None,
+    (Change.UPDATED, Change.UPDATED): Change.UPDATED,
+    (Change.UPDATED, Change.DELETED): Change.DELETED,
+    (Change.DELETED, Change.CREATED): Change.UPDATED,
+}
+
+
+class EntityChangeTracker:
+    """Follows one unit of work's session: records selected entities' changes at each flush."""
+
+    def __init__(self, config: EntityEvents, session: Session) -> None:
+        self.config = config
+        self.session = session
+        self._changes: dict[int, tuple[object, Change]] = {}
+        self._deleted_events: dict[int, EntityChange] = {}
+        event.listen(session, "after_flush", self._after_flush)
+
+    def record(self, entity: object, change: Change) -> None:
+        """Note a change of `entity` (what the flush does for ORM changes; call it for bulk statements)."""
+        key = id(entity)
+        previous = self._changes.get(key)
+        combined: Change | None = change
+        if previous is not None:
+            combined = _COMBINE.get((previous[1], change), change)
+        if combined is None:
+            del self._changes[key]
+            self._deleted_events.pop(key, None)
+            return
+        self._changes[key] = (entity, combined)
+        if combined is Change.DELETED:  # map now: after the delete the entity's state may be gone
+            self._deleted_events[key] = self.config.to_event(entity, Change.DELETED)
+
+    def _after_flush(self, session: Session, _context: object) -> None:
+        # The new/dirty/deleted sets still hold the flushed objects here, and new rows have their keys.
+        for entity in self._selected(session.new):
+            self.record(entity, Change.CREATED)
+        for entity in self._selected(session.dirty):
+            if session.is_modified(entity, include_collections=False):
+                self.record(entity, Change.UPDATED)
+        for entity in self._selected(session.deleted):
+            self.record(entity, Change.DELETED)
+
+    def _selected(self, entities: Iterable[object]) -> list[object]:
+        return [e for e in entities if self.config.selects(type(e))]
+
+    async def collect(self, uow: UnitOfWork) -> list[EntityChange]:
+        """Flush what is pending, then return each changed entity's event, in the order of first change."""
+        await uow.session.flush()
+        changes, self._changes = self._changes, {}
+        deleted, self._deleted_events = self._deleted_events, {}
+        return [
+            deleted[key] if change is Change.DELETED else self.config.to_event(entity, change)
+            for key, (entity, change) in changes.items()
+        ]
