@@ -18,22 +18,25 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 test: $(STAMP)
-	$(VENV)/bin/ruff check src tests
-	$(VENV)/bin/ruff format --check src tests
+	$(VENV)/bin/ruff check src tests examples
+	$(VENV)/bin/ruff format --check src tests examples
 	$(VENV)/bin/mypy
+	$(VENV)/bin/mypy -p bookstore
 	$(VENV)/bin/pytest
 
 lint: $(STAMP)
-	$(VENV)/bin/ruff check src tests
-	$(VENV)/bin/ruff format --check src tests
+	$(VENV)/bin/ruff check src tests examples
+	$(VENV)/bin/ruff format --check src tests examples
 	$(VENV)/bin/mypy
+	$(VENV)/bin/mypy -p bookstore
 
 fmt: $(STAMP)
-	$(VENV)/bin/ruff format src tests
-	$(VENV)/bin/ruff check --fix src tests
+	$(VENV)/bin/ruff format src tests examples
+	$(VENV)/bin/ruff check --fix src tests examples
 
+# make demo [BROKER=amqp://guest:guest@127.0.0.1:5672/] [DATABASE=postgresql+asyncpg://postgres@127.0.0.1/bookstore]
 demo: $(STAMP)
-	$(PY) -c "print('The BookStore sample is coming (issue 5). Meanwhile: make test')"
+	PYTHONPATH=examples BROKER='$(BROKER)' DATABASE='$(DATABASE)' $(PY) -m bookstore.demo
 
 clean:
 	rm -rf $(VENV) .mypy_cache .pytest_cache .ruff_cache build dist src/*.egg-info

@@ -26,9 +26,12 @@ from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from types import TracebackType
 from typing import Any, Self
 
+from sqlalchemy.ext.asyncio import AsyncEngine
+
 from eventrelay.brokers.base import Broker
 from eventrelay.bus import DistributedEventBus, Subscription
 from eventrelay.config import Settings, redact_url
+from eventrelay.entity_events import EntityEvents
 from eventrelay.errors import ConfigurationError
 from eventrelay.events import Event, event_name
 from eventrelay.handlers import DistributedEventHandler, RetryPolicy
@@ -54,6 +57,7 @@ class Service:
         broker: str | Broker = DEFAULT_BROKER,
         handlers: Iterable[type[DistributedEventHandler[Any]] | Callable[..., Any]] = (),
         publishes: Sequence[type[Event]] = (),
+        entity_events: EntityEvents | None = None,
         settings: Settings | None = None,
         env_prefix: str | None = None,
         environ: Mapping[str, str] | None = None,
@@ -68,7 +72,9 @@ class Service:
         self.publishes = tuple(publishes)
         for event in self.publishes:
             event_name(event)  # a generic without its argument fails here, not at the first publish
-        self.bus = DistributedEventBus(name, broker=broker, database=database, settings=settings)
+        self.bus = DistributedEventBus(
+            name, broker=broker, database=database, settings=settings, entity_events=entity_events
+        )
         self._pending: list[Callable[[], Awaitable[Subscription]]] = []
         self._prepared = False
         for handler in handlers:
@@ -101,6 +107,14 @@ class Service:
         self._prepared = True
         for subscribe in self._pending:
             await subscribe()
+
+    @property
+    def engine(self) -> AsyncEngine:
+        """The SQLAlchemy engine of the service's database, for its own tables."""
+        engine = getattr(self.bus.store, "engine", None)
+        if not isinstance(engine, AsyncEngine):
+            raise ConfigurationError(f"{self.name} has no database: pass database='sqlite+aiosqlite:///...'")
+        return engine
 
     @property
     def handled_events(self) -> list[str]:

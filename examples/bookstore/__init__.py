@@ -1,0 +1,1 @@
+"""The BookStore sample: the ABP guide's microservices, talking through eventrelay."""

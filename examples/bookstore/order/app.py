@@ -1,0 +1,189 @@
+"""OrderService: orders over HTTP. It depends only on the contracts of IdentityService and ProductService.
+
+Its handlers:
+- `OrderProductPriceChangedHandler` applies a discount to the open orders of a product whose price fell by
+  at least `DISCOUNT_THRESHOLD` (10%): their unit price becomes the new price, and the difference times the
+  quantity is added to the order's discount.
+- `OrderUserUpdateHandler` keeps the buyer's name and e-mail on orders current (EntityUpdatedEto[UserEto]).
+- `BuyerDirectory` and `Catalog` keep local copies of users and products from their entity events; each is
+  one handler for three events (Created, Updated, Deleted).
+"""
+
+from __future__ import annotations
+
+import uuid
+from decimal import Decimal
+
+from fastapi import HTTPException
+from pydantic import BaseModel, Field
+from sqlalchemy import Numeric, String, Uuid, select, update
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+
+from bookstore.hosting import create_app, default_broker, sqlite_url
+from bookstore.identity_contracts import UserEto
+from bookstore.product_contracts import ProductEto, ProductPriceChangedEto
+from eventrelay import DistributedEventHandler
+from eventrelay.entity_events import EntityUpdatedEto
+from eventrelay.service import Service
+from eventrelay.synchronizer import EntitySynchronizer
+
+DISCOUNT_THRESHOLD = Decimal("0.10")  # a price must fall by at least 10% for open orders to get it
+
+
+class Base(DeclarativeBase):
+    pass
+
+
+class Buyer(Base):
+    """OrderService's copy of a user."""
+
+    __tablename__ = "buyers"
+
+    id: Mapped[uuid.UUID] = mapped_column(Uuid, primary_key=True)
+    user_name: Mapped[str] = mapped_column(String(64))
+    name: Mapped[str] = mapped_column(String(128))
+    email: Mapped[str] = mapped_column(String(256))
+    entity_version: Mapped[int | None] = mapped_column()
+
+
+class CatalogItem(Base):
+    """OrderService's copy of a product."""
+
+    __tablename__ = "catalog"
+
+    id: Mapped[uuid.UUID] = mapped_column(Uuid, primary_key=True)
+    name: Mapped[str] = mapped_column(String(200))
+    price: Mapped[Decimal] = mapped_column(Numeric(12, 2))
+    entity_version: Mapped[int | None] = mapped_column()
+
+
+class Order(Base):
+    __tablename__ = "orders"
+
+    id: Mapped[uuid.UUID] = mapped_column(Uuid, primary_key=True, default=uuid.uuid4)
+    buyer_id: Mapped[uuid.UUID] = mapped_column(Uuid, index=True)
+    buyer_name: Mapped[str] = mapped_column(String(128))
+    buyer_email: Mapped[str] = mapped_column(String(256))
+    product_id: Mapped[uuid.UUID] = mapped_column(Uuid, index=True)
+    product_name: Mapped[str] = mapped_column(String(200))
+    quantity: Mapped[int] = mapped_column()
+    unit_price: Mapped[Decimal] = mapped_column(Numeric(12, 2))
+    discount: Mapped[Decimal] = mapped_column(Numeric(12, 2), default=Decimal("0"))
+    status: Mapped[str] = mapped_column(String(16), default="open")
+
+
+class BuyerDirectory(EntitySynchronizer[UserEto, Buyer]):
+    """Users created, updated and deleted in IdentityService, copied here (ABP's EntitySynchronizer)."""
+
+
+class Catalog(EntitySynchronizer[ProductEto, CatalogItem]):
+    """Products created, updated and deleted in ProductService, copied here."""
+
+
+class OrderProductPriceChangedHandler(DistributedEventHandler[ProductPriceChangedEto]):
+    async def handle_event(self, event: ProductPriceChangedEto) -> None:
+        if event.new_price > event.old_price * (1 - DISCOUNT_THRESHOLD):
+            return  # not enough of a drop
+        session = self.context.session
+        orders = await session.scalars(
+            select(Order).where(
+                Order.product_id == event.product_id,
+                Order.status == "open",
+                Order.unit_price > event.new_price,
+            )
+        )
+        for order in orders:
+            order.discount += (order.unit_price - event.new_price) * order.quantity
+            order.unit_price = event.new_price
+
+
+class OrderUserUpdateHandler(DistributedEventHandler[EntityUpdatedEto[UserEto]]):
+    async def handle_event(self, event: EntityUpdatedEto[UserEto]) -> None:
+        user = event.entity
+        await self.context.session.execute(
+            update(Order)
+            .where(Order.buyer_id == user.id)
+            .values(buyer_name=user.name, buyer_email=user.email)
+        )
+
+
+service = Service(
+    "OrderService",
+    database=sqlite_url("order"),
+    broker=default_broker(),
+    handlers=[OrderProductPriceChangedHandler, OrderUserUpdateHandler, BuyerDirectory, Catalog],
+    env_prefix="ORDER_",
+)
+app = create_app(service, Base.metadata, "OrderService")
+
+
+class OrderIn(BaseModel):
+    buyer_id: uuid.UUID
+    product_id: uuid.UUID
+    quantity: int = Field(gt=0)
+
+
+class OrderOut(BaseModel):
+    id: uuid.UUID
+    buyer_id: uuid.UUID
+    buyer_name: str
+    buyer_email: str
+    product_name: str
+    quantity: int
+    unit_price: Decimal
+    discount: Decimal
+    total: Decimal
+    status: str
+
+
+def _out(order: Order) -> OrderOut:
+    return OrderOut(
+        id=order.id,
+        buyer_id=order.buyer_id,
+        buyer_name=order.buyer_name,
+        buyer_email=order.buyer_email,
+        product_name=order.product_name,
+        quantity=order.quantity,
+        unit_price=order.unit_price,
+        discount=order.discount,
+        total=order.unit_price * order.quantity,
+        status=order.status,
+    )
+
+
+@app.post("/orders", status_code=201)
+async def place_order(body: OrderIn) -> OrderOut:
+    async with service.bus.unit_of_work() as uow:
+        buyer = await uow.session.get(Buyer, body.buyer_id)
+        item = await uow.session.get(CatalogItem, body.product_id)
+        if buyer is None or item is None:  # the copies arrive by events: a moment after the source changed
+            raise HTTPException(409, "Buyer or product not known here yet; try again in a moment")
+        order = Order(
+            buyer_id=buyer.id,
+            buyer_name=buyer.name,
+            buyer_email=buyer.email,
+            product_id=item.id,
+            product_name=item.name,
+            quantity=body.quantity,
+            unit_price=item.price,
+            discount=Decimal("0"),
+            status="open",
+        )
+        uow.session.add(order)
+        await uow.session.flush()
+        return _out(order)
+
+
+@app.get("/orders")
+async def list_orders() -> list[OrderOut]:
+    async with service.bus.unit_of_work() as uow:
+        return [_out(o) for o in await uow.session.scalars(select(Order).order_by(Order.buyer_name))]
+
+
+@app.get("/orders/{order_id}")
+async def show_order(order_id: uuid.UUID) -> OrderOut:
+    async with service.bus.unit_of_work() as uow:
+        order = await uow.session.get(Order, order_id)
+        if order is None:
+            raise HTTPException(404, f"No order {order_id}")
+        return _out(order)

@@ -1,0 +1,25 @@
+"""ProductService's contracts: the ETOs other services may depend on (ABP's *.Application.Contracts)."""
+
+from __future__ import annotations
+
+from decimal import Decimal
+from uuid import UUID
+
+from eventrelay import Event
+
+
+class ProductPriceChangedEto(Event, name="BookStore.Product.PriceChanged"):
+    """Published whenever a product's price is updated, in the transaction that changes it."""
+
+    product_id: UUID
+    name: str
+    old_price: Decimal
+    new_price: Decimal
+
+
+class ProductEto(Event, name="BookStore.Product"):
+    """A product, as ProductService publishes it in EntityCreated/Updated/DeletedEto[ProductEto]."""
+
+    id: UUID
+    name: str
+    price: Decimal
