@@ -1,0 +1,106 @@
+"""The BookStore sample: its story runs end to end in separate processes, and its services keep their
+boundaries (a service imports only the other services' contracts)."""
+
+from __future__ import annotations
+
+import ast
+import subprocess
+import sys
+import uuid
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import asyncpg
+import pytest
+
+EXAMPLES = Path(__file__).parent.parent.parent / "examples"
+BOOKSTORE = EXAMPLES / "bookstore"
+SERVICES = ["identity", "product", "order", "notification"]
+CONTRACTS = {"identity_contracts", "product_contracts"}
+
+STORY = [
+    "✓ Services started and healthy",
+    "✓ OrderService: orders placed",
+    "✓ OrderService applied the discount: alice saves 20.00 (2 x 10.00), bob 10.00",
+    "✓ NotificationService got its own copy of the same event",
+    "is under the 10% threshold: no discount, but a notice",
+    "✓ OrderService shows the new name on alice's orders",
+    "✓ Every service stopped cleanly",
+]
+
+
+def run_demo(data: Path, *options: str) -> str:
+    result = subprocess.run(
+        [sys.executable, "-m", "bookstore.demo", "--data", str(data), *options],
+        cwd=EXAMPLES,
+        env={"PYTHONPATH": str(EXAMPLES), "PATH": "/usr/bin:/bin", "COLUMNS": "200"},
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+    logs = "\n".join(p.read_text()[-2000:] for p in data.glob("*.log"))
+    assert result.returncode == 0, f"{result.stdout}\n{result.stderr}\n{logs}"
+    for line in STORY:
+        assert line in result.stdout, result.stdout
+    assert "✗" not in result.stdout
+    return result.stdout
+
+
+@pytest.mark.slow
+def test_the_story_on_the_embedded_broker(tmp_path: Path) -> None:
+    output = run_demo(tmp_path)
+    assert "Alice Johnson: 2 x Mastering Microservices at 30.00, discount 20.00" in output
+    assert (tmp_path / "broker.db").exists()  # they talked through the SQLite broker file
+
+
+@pytest.fixture
+async def postgresql_base() -> AsyncIterator[str]:
+    """A database name prefix whose per-service databases the demo creates; dropped afterwards."""
+    from tests.servers import require_server
+
+    require_server("PostgreSQL", 5432)
+    name = f"er_{uuid.uuid4().hex[:10]}"
+    yield f"postgresql+asyncpg://postgres@127.0.0.1:5432/{name}"
+    admin = await asyncpg.connect("postgresql://postgres@127.0.0.1:5432/postgres")
+    try:
+        for service in SERVICES:
+            await admin.execute(f'DROP DATABASE IF EXISTS "{name}_{service}" WITH (FORCE)')
+    finally:
+        await admin.close()
+
+
+@pytest.mark.slow
+@pytest.mark.postgresql
+def test_the_story_on_postgresql(tmp_path: Path, postgresql_base: str, postgresql_url: str) -> None:
+    run_demo(tmp_path, "--database", postgresql_base, "--broker", postgresql_url)
+    assert not (tmp_path / "broker.db").exists()
+
+
+def _bookstore_imports(path: Path) -> set[str]:
+    """The bookstore packages a file imports (`bookstore.order.app` -> "order")."""
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.ImportFrom) and node.module:
+            names = [node.module]
+        elif isinstance(node, ast.Import):
+            names = [alias.name for alias in node.names]
+        else:
+            continue
+        found |= {n.split(".")[1] for n in names if n.startswith("bookstore.") and n.count(".") >= 1}
+    return found
+
+
+@pytest.mark.parametrize("service", SERVICES)
+def test_a_service_imports_only_other_services_contracts(service: str) -> None:
+    files = list((BOOKSTORE / service).rglob("*.py"))
+    assert files
+    for path in files:
+        imported = _bookstore_imports(path) - {service}
+        assert imported <= CONTRACTS | {"hosting"}, f"{path.name} imports {sorted(imported - CONTRACTS)}"
+
+
+def test_contracts_import_nothing_of_the_services() -> None:
+    for package in CONTRACTS:
+        for path in (BOOKSTORE / package).rglob("*.py"):
+            assert _bookstore_imports(path) <= {package}, path
