@@ -166,9 +166,9 @@ def events(target: str, as_json: bool) -> None:
         )
         return
     table = Table(title=f"Events of {service.name}")
-    table.add_column("event")
+    table.add_column("event", overflow="fold")
     table.add_column("direction")
-    table.add_column("handlers")
+    table.add_column("handlers", overflow="fold")
     for name in service.published_events:
         table.add_row(name, "publishes", "")
     for name, handlers in handled.items():
