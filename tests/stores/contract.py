@@ -472,6 +472,19 @@ class StoreContract:
         assert await self.claim_inbox(store, "order-service", "ApplyDiscount", message_id) is False
         assert await self.claim_inbox(store, "order-service", "ApplyDiscount", message_id) is False
 
+    async def test_a_second_inbox_claim_in_the_same_transaction_is_a_duplicate(self, store: Store) -> None:
+        message_id = new_message_id()
+        tx = store.begin()
+        try:
+            async with asyncio.timeout(10):  # a store that waits for itself would hang here
+                assert await store.claim_inbox(tx, "order-service", "ApplyDiscount", message_id) is True
+                assert await store.claim_inbox(tx, "order-service", "ApplyDiscount", message_id) is False
+            await tx.commit()
+        except BaseException:
+            await tx.rollback()
+            raise
+        assert await self.claim_inbox(store, "order-service", "ApplyDiscount", message_id) is False
+
     async def test_inbox_keys_of_other_handlers_subscribers_and_messages_are_independent(
         self, store: Store
     ) -> None:

@@ -49,7 +49,7 @@ class MemoryStore(Store):
         self._outbox: dict[int, OutboxRecord] = {}
         self._created: dict[int, datetime] = {}
         self._inbox: dict[InboxKey, datetime] = {}
-        self._claiming: dict[InboxKey, asyncio.Event] = {}
+        self._claiming: dict[InboxKey, tuple[asyncio.Event, MemoryTransaction]] = {}
         self._letters: dict[int, DeadLetter] = {}
         self._letter_ids = itertools.count(1)
         self._relay_lock = asyncio.Lock()
@@ -99,10 +99,14 @@ class MemoryStore(Store):
         mtx = _memory(tx)
         key = (subscriber, handler, message_id)
         while (pending := self._claiming.get(key)) is not None:
-            await pending.wait()  # another transaction holds this key: wait for its end, like a unique index
+            done, holder = pending
+            if holder is mtx:
+                return False  # this transaction claimed it already, as a second insert would find
+            await done.wait()  # another transaction holds this key: wait for its end, like a unique index
         if key in self._inbox:
             return False
-        done = self._claiming[key] = asyncio.Event()
+        done = asyncio.Event()
+        self._claiming[key] = (done, mtx)
 
         def release() -> None:
             del self._claiming[key]
