@@ -24,6 +24,8 @@ from eventrelay.stores.base import NewDeadLetter
 
 if TYPE_CHECKING:
     from eventrelay.bus import DistributedEventBus
+    from eventrelay.events import DynamicEvent, Event
+    from eventrelay.uow import UnitOfWork
 
 logger = logging.getLogger(__name__)
 
@@ -191,21 +193,7 @@ class Consumer:
                 ):
                     logger.debug("Duplicate %s for %s skipped", message.id, spec.name)
                     return None
-                context = Context(
-                    message.id,
-                    message.name,
-                    self.bus.service,
-                    spec.name,
-                    attempt,
-                    message.headers,
-                    message.key,
-                    uow,
-                )
-                token = current_context.set(context)
-                try:
-                    await spec.invoke(event, context)
-                finally:
-                    current_context.reset(token)
+                await self._invoke(spec, event, message, attempt, uow)
             return None
         except Reject as exc:
             await self.dead_letter(spec.name, message, attempt, f"rejected by handler: {exc.reason}")
@@ -257,18 +245,17 @@ class Consumer:
                 event = decode(message, spec.events[message.name], self.bus.settings.max_message_bytes)
                 if claim and not await store.claim_inbox(tx, self.bus.service, spec.name, message.id):
                     continue
-                context = Context(
-                    message.id,
-                    message.name,
-                    self.bus.service,
-                    spec.name,
-                    1,
-                    message.headers,
-                    message.key,
-                    uow,
-                )
-                token = current_context.set(context)
-                try:
-                    await spec.invoke(event, context)
-                finally:
-                    current_context.reset(token)
+                await self._invoke(spec, event, message, 1, uow)
+
+    async def _invoke(
+        self, spec: HandlerSpec, event: Event | DynamicEvent, message: Message, attempt: int, uow: UnitOfWork
+    ) -> None:
+        """Run a handler with its context, which `publish` reads to stamp correlation and causation."""
+        context = Context(
+            message.id, message.name, self.bus.service, spec.name, attempt, message.headers, message.key, uow
+        )
+        token = current_context.set(context)
+        try:
+            await spec.invoke(event, context)
+        finally:
+            current_context.reset(token)

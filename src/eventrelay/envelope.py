@@ -22,15 +22,11 @@ def new_message_id() -> str:
     return uuid.uuid4().hex
 
 
-@dataclass(frozen=True, slots=True)
-class Message:
-    """One event on the wire. `id` is kept from the outbox to the inbox: it is what deduplicates."""
+class TracingHeaders:
+    """The bus's own headers as properties, for anything with a `headers` mapping."""
 
-    id: str
-    name: str
-    body: bytes
-    headers: Mapping[str, str] = field(default_factory=dict)
-    key: str | None = None
+    __slots__ = ()
+    headers: Mapping[str, str]
 
     @property
     def correlation_id(self) -> str | None:
@@ -43,6 +39,17 @@ class Message:
     @property
     def tenant_id(self) -> str | None:
         return self.headers.get(TENANT_ID)
+
+
+@dataclass(frozen=True, slots=True)
+class Message(TracingHeaders):
+    """One event on the wire. `id` is kept from the outbox to the inbox: it is what deduplicates."""
+
+    id: str
+    name: str
+    body: bytes
+    headers: Mapping[str, str] = field(default_factory=dict)
+    key: str | None = None
 
 
 @dataclass(eq=False, slots=True)

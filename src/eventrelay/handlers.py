@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from datetime import timedelta
 from typing import TYPE_CHECKING, Any, Generic, TypeVar, Union
 
-from eventrelay.envelope import CAUSATION_ID, CORRELATION_ID, TENANT_ID
+from eventrelay.envelope import TracingHeaders
 from eventrelay.errors import ConfigurationError
 from eventrelay.events import DynamicEvent, Event, event_name, validate_event_name
 
@@ -70,7 +70,7 @@ class RetryPolicy:
 
 
 @dataclass(frozen=True)
-class Context:
+class Context(TracingHeaders):
     """What a handler knows about the message it is handling, and the unit of work it runs in."""
 
     message_id: str
@@ -81,18 +81,6 @@ class Context:
     headers: Mapping[str, str]
     key: str | None
     unit_of_work: UnitOfWork
-
-    @property
-    def correlation_id(self) -> str | None:
-        return self.headers.get(CORRELATION_ID)
-
-    @property
-    def causation_id(self) -> str | None:
-        return self.headers.get(CAUSATION_ID)
-
-    @property
-    def tenant_id(self) -> str | None:
-        return self.headers.get(TENANT_ID)
 
     @property
     def session(self) -> AsyncSession:

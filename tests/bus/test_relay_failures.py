@@ -40,7 +40,7 @@ async def test_a_message_the_broker_refuses_is_deferred_and_the_rows_behind_it_g
             await bus.publish(OrderPlaced(order_id=2, note="refuse me"))
             await bus.publish(OrderPlaced(order_id=3))
         await eventually(lambda: len(handled) == 2)
-        assert [e.order_id for e in handled] == [1, 3]
+        assert sorted(e.order_id for e in handled) == [1, 3]  # no key: no order promised
         # The refused row stays in the outbox, its failure counted, due again only after a backoff.
         assert await outbox_size(bus) == 1
         (record,) = await _outbox(bus)
