@@ -81,7 +81,7 @@ class DistributedEventBus:
         self.broker = broker_from_url(broker) if isinstance(broker, str) else broker
         self._owns_store = not isinstance(database, Store)
         self.store = _store(database)
-        if entity_events is not None and database is None:
+        if entity_events is not None and (database is None or isinstance(self.store, MemoryStore)):
             raise ConfigurationError("Entity events come from a database: pass database= with entity_events=")
         self.entity_events = entity_events
         self.relay = Relay(

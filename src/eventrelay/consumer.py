@@ -9,10 +9,11 @@ again when a sibling's failure brings the message back.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import traceback
 from collections import deque
-from collections.abc import Awaitable, Coroutine, Sequence
+from collections.abc import Awaitable, Coroutine, Iterator, Sequence
 from contextvars import ContextVar
 from typing import TYPE_CHECKING, Any, TypeVar
 
@@ -24,7 +25,6 @@ from eventrelay.stores.base import NewDeadLetter
 
 if TYPE_CHECKING:
     from eventrelay.bus import DistributedEventBus
-    from eventrelay.events import DynamicEvent, Event
     from eventrelay.uow import UnitOfWork
 
 logger = logging.getLogger(__name__)
@@ -187,13 +187,16 @@ class Consumer:
             await self.dead_letter(spec.name, message, attempt, f"cannot decode: {exc}")
             return None
         try:
-            async with self.bus.new_unit_of_work() as uow:
-                if not await self.bus.store.claim_inbox(
-                    uow.transaction, self.bus.service, spec.name, message.id
-                ):
-                    logger.debug("Duplicate %s for %s skipped", message.id, spec.name)
-                    return None
-                await self._invoke(spec, event, message, attempt, uow)
+            uow = self.bus.new_unit_of_work()
+            # The context stays set through the commit: entity events made there inherit correlation too.
+            with self._handling(spec, message, attempt, uow) as context:
+                async with uow:
+                    if not await self.bus.store.claim_inbox(
+                        uow.transaction, self.bus.service, spec.name, message.id
+                    ):
+                        logger.debug("Duplicate %s for %s skipped", message.id, spec.name)
+                        return None
+                    await spec.invoke(event, context)
             return None
         except Reject as exc:
             await self.dead_letter(spec.name, message, attempt, f"rejected by handler: {exc.reason}")
@@ -238,24 +241,28 @@ class Consumer:
         handlers claim the message here and skip it if they handled it since.
         """
         store = self.bus.store
-        async with self.bus.new_unit_of_work() as uow:
-            tx = uow.transaction
-            await store.remove_dead_letter(tx, letter_id)
-            for spec in specs:
-                event = decode(message, spec.events[message.name], self.bus.settings.max_message_bytes)
-                if claim and not await store.claim_inbox(tx, self.bus.service, spec.name, message.id):
-                    continue
-                await self._invoke(spec, event, message, 1, uow)
+        uow = self.bus.new_unit_of_work()
+        with self._handling(specs[0], message, 1, uow):
+            async with uow:
+                tx = uow.transaction
+                await store.remove_dead_letter(tx, letter_id)
+                for spec in specs:
+                    event = decode(message, spec.events[message.name], self.bus.settings.max_message_bytes)
+                    if claim and not await store.claim_inbox(tx, self.bus.service, spec.name, message.id):
+                        continue
+                    with self._handling(spec, message, 1, uow) as context:
+                        await spec.invoke(event, context)
 
-    async def _invoke(
-        self, spec: HandlerSpec, event: Event | DynamicEvent, message: Message, attempt: int, uow: UnitOfWork
-    ) -> None:
-        """Run a handler with its context, which `publish` reads to stamp correlation and causation."""
+    @contextlib.contextmanager
+    def _handling(
+        self, spec: HandlerSpec, message: Message, attempt: int, uow: UnitOfWork
+    ) -> Iterator[Context]:
+        """The handler's context, set where `publish` reads it to stamp correlation, causation and tenant."""
         context = Context(
             message.id, message.name, self.bus.service, spec.name, attempt, message.headers, message.key, uow
         )
         token = current_context.set(context)
         try:
-            await spec.invoke(event, context)
+            yield context
         finally:
             current_context.reset(token)

@@ -138,7 +138,7 @@ class EntityEvents:
     def to_event(self, entity: object, change: Change) -> EntityChange:
         """The event for a change of `entity`, with its tenant id and ordering key."""
         model = type(entity)
-        mapping = next((m for cls, m in self._mappings.items() if issubclass(model, cls)), None)
+        mapping = next((self._mappings[cls] for cls in model.__mro__ if cls in self._mappings), None)
         keys = ",".join(str(k) for k in inspect(entity).identity or ())
         if mapping is None:
             payload: Event = EntityEto(
@@ -186,6 +186,7 @@ class EntityChangeTracker:
         self.session = session
         self._changes: dict[int, tuple[object, Change]] = {}
         self._deleted_events: dict[int, EntityChange] = {}
+        event.listen(session, "before_flush", self._before_flush)
         event.listen(session, "after_flush", self._after_flush)
 
     def record(self, entity: object, change: Change) -> None:
@@ -200,8 +201,13 @@ class EntityChangeTracker:
             self._deleted_events.pop(key, None)
             return
         self._changes[key] = (entity, combined)
-        if combined is Change.DELETED:  # map now: after the delete the entity's state may be gone
+        if combined is Change.DELETED and key not in self._deleted_events:  # else mapped before the flush
             self._deleted_events[key] = self.config.to_event(entity, Change.DELETED)
+
+    def _before_flush(self, session: Session, _context: object, _instances: object) -> None:
+        # Map what this flush deletes while its rows exist: expired attributes can still be loaded.
+        for entity in self._selected(session.deleted):
+            self._deleted_events[id(entity)] = self.config.to_event(entity, Change.DELETED)
 
     def _after_flush(self, session: Session, _context: object) -> None:
         # The new/dirty/deleted sets still hold the flushed objects here, and new rows have their keys.
@@ -221,7 +227,10 @@ class EntityChangeTracker:
         await uow.session.flush()
         changes, self._changes = self._changes, {}
         deleted, self._deleted_events = self._deleted_events, {}
-        return [
-            deleted[key] if change is Change.DELETED else self.config.to_event(entity, change)
-            for key, (entity, change) in changes.items()
-        ]
+        # In the session's greenlet: mapping may load attributes the flush expired (an `onupdate` column).
+        return await uow.session.run_sync(
+            lambda _: [
+                deleted[key] if change is Change.DELETED else self.config.to_event(entity, change)
+                for key, (entity, change) in changes.items()
+            ]
+        )

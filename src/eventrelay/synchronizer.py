@@ -31,7 +31,6 @@ E = TypeVar("E", bound=Event)
 M = TypeVar("M")
 
 
-
 class EntitySynchronizer(DistributedEventHandler[Any], Generic[E, M]):
     """Creates, updates and deletes rows of the local model `M` from the entity events of the ETO `E`."""
 
