@@ -40,6 +40,7 @@ from sqlalchemy import (
     String,
     Table,
     Text,
+    bindparam,
     case,
     delete,
     exists,
@@ -109,6 +110,9 @@ class SqlBroker(Broker):
         self.metadata = MetaData()
         self.bindings, self.deliveries = _tables(self.metadata, prefix)
         self._held: dict[int, Delivery] = {}
+        self._unacked: set[int] = set()
+        self._ack_lock = asyncio.Lock()
+        self._delete_by_id = delete(self.deliveries).where(self.deliveries.c.id == bindparam("row_id"))
         self._arrival = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
         self._listener: AsyncConnection | None = None
@@ -216,8 +220,18 @@ class SqlBroker(Broker):
 
     async def ack(self, delivery: Delivery) -> None:
         row_id = self._let_go(delivery)
-        async with self._translate("ack on"), self.engine.begin() as conn:
-            await conn.execute(delete(self.deliveries).where(self.deliveries.c.id == row_id))
+        self._unacked.add(row_id)
+        # Group commit: whoever holds the lock deletes every ack waiting so far, in one transaction.
+        async with self._ack_lock:
+            if row_id not in self._unacked:
+                return  # an earlier holder deleted it with its batch
+            batch, self._unacked = self._unacked, set()
+            try:
+                async with self._translate("ack on"), self.engine.begin() as conn:
+                    await conn.execute(self._delete_by_id, [{"row_id": i} for i in batch])
+            except BaseException:
+                self._unacked |= batch  # the others' acks stay pending; their own calls retry them
+                raise
 
     async def retry(self, delivery: Delivery, delay: float) -> None:
         row_id = self._let_go(delivery)

@@ -192,6 +192,7 @@ class SqlStore(Store):
         self.metadata = MetaData()
         self.tables = define_tables(self.metadata, prefix)
         self._dialect = self.engine.dialect.name
+        self._inbox_insert = _insert_if_absent(self.tables.inbox, self._dialect)  # built once: a hot path
 
     async def create_tables(self) -> None:
         try:
@@ -263,20 +264,13 @@ class SqlStore(Store):
         )
 
     async def claim_inbox(self, tx: Transaction, subscriber: str, handler: str, message_id: str) -> bool:
-        t = self.tables.inbox
         values = {
             "subscriber": subscriber,
             "handler": handler,
             "message_id": message_id,
             "received_at": utcnow(),
         }
-        if self._dialect == "postgresql":
-            stmt: Any = postgresql.insert(t).values(values).on_conflict_do_nothing()
-        elif self._dialect == "sqlite":
-            stmt = sqlite.insert(t).values(values).on_conflict_do_nothing()
-        else:  # MySQL and MariaDB: a duplicate key becomes a warning and 0 rows
-            stmt = insert(t).values(values).prefix_with("IGNORE")
-        result = await tx.session.execute(stmt)
+        result = await tx.session.execute(self._inbox_insert, values)
         return bool(result.rowcount)  # type: ignore[attr-defined]
 
     async def add_dead_letter(self, tx: Transaction, letter: NewDeadLetter) -> None:
@@ -336,6 +330,15 @@ class SqlStore(Store):
     async def _scalar(self, query: Any) -> Any:
         rows = await self._read(query)
         return rows[0][0] if rows else None
+
+
+def _insert_if_absent(table: Table, dialect: str) -> Any:
+    """An INSERT that does nothing (0 rows) when the primary key exists already."""
+    if dialect == "postgresql":
+        return postgresql.insert(table).on_conflict_do_nothing()
+    if dialect == "sqlite":
+        return sqlite.insert(table).on_conflict_do_nothing()
+    return insert(table).prefix_with("IGNORE")  # MySQL and MariaDB: a duplicate key becomes 0 rows
 
 
 def _message(row: Row[Any]) -> Message:
