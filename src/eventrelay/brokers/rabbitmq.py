@@ -1,0 +1,484 @@
+"""`amqp://` and `amqps://`: RabbitMQ through aio-pika, with ABP's topology.
+
+Features: one durable exchange per solution; one durable queue per subscribing service, named after it (ABP's
+ClientName), shared by its instances, which compete; one binding per event name (routing key = event name),
+added by `bind`, removed by `unbind`; persistent messages, published a batch at a time with publisher
+confirms; prefetch; delayed retries without the delayed-message plugin; reconnection; classic or quorum
+queues; TLS.
+
+URL: `amqp://user:pass@host:port/vhost?exchange=eventrelay&exchange_type=direct&queue_type=classic&prefetch=100`
+Options: `exchange` (`eventrelay`; ABP's ExchangeName), `exchange_type` (`direct` or `topic`), `queue_type`
+(`classic` or `quorum`: replicated, and its retry queues dead-letter at-least-once), `prefetch` (100 unacked
+messages per subscriber: also the bound on its in-flight handlers), `retry_delays` (seconds,
+`0.1,0.25,0.5,1,2.5,5,10,25,60,150,300,900,3600`), `publish_timeout` (30 s, for a confirm), `profile`
+(`eventrelay` or `abp`), `single_active_consumer` (`0` or `1`). aio-pika's `heartbeat` (60 s) and `name`
+pass through; another option is an error.
+TLS: `amqps://` (port 5671) with aio-pika's `cafile`, `certfile`, `keyfile` and `no_verify_ssl`.
+
+Mapping: `message_id` = Message.id, `correlation_id` = the `x-correlation-id` header, persistent,
+`application/json`; the other headers go as AMQP headers, the ordering key as `x-eventrelay-key`. The adapter
+adds `x-eventrelay-attempt` (our own count: `x-death` counts are unreliable), `x-eventrelay-name` and
+`x-eventrelay-due` on retries. A message without them (as ABP publishes it) is named by its routing key, takes
+its correlation id from the property and is attempt 1. `docs/wire-format.md` has the ABP profile in full.
+
+A routing key nobody binds: RabbitMQ would drop the message and still confirm it. So the adapter publishes
+with `mandatory` and declares the exchange with the alternate exchange `<exchange>.unrouted` (fanout), whose
+classic queue of that name keeps such messages: publish succeeds, as the broker stored them, and they wait
+there to be inspected, moved or purged (give it a TTL or length policy if that suits you). ABP declares the
+exchange without that argument, and RabbitMQ refuses a declaration whose `alternate-exchange` differs, so
+`profile=abp` declares none: the broker returns the message, publish raises `PublishFailed`, and the outbox
+keeps it and tries again later (ABP drops it). An operator's `alternate-exchange` policy restores the first
+behaviour.
+
+Order: a queue hands messages out in publish order, and the bus keeps the order of a key among what one
+instance fetched; instances that compete share a queue, so across them a key's order does not hold unless
+`single_active_consumer=1`: then one instance consumes and the others stand by until its connection goes.
+
+Leases are unacked messages: when a consumer's connection dies RabbitMQ delivers them again, one attempt
+higher. `release` nacks with requeue, and this adapter does not count that redelivery as an attempt (another
+process would count one). `retry(delay)` publishes a copy, attempt + 1, to `<queue>.retry.<delay>s`, the first
+retry queue whose delay is not shorter, then acks. Each retry queue has one TTL and dead-letters through the
+default exchange back to the service queue, so a short delay never waits behind a long one (per-message
+TTLs expire only at the head). A longer delay than the longest goes round that queue until it is due.
+
+Reconnection: a dropped connection is reopened with exponential backoff (0.1 s to 10 s); the exchange, queues
+and bindings are declared again and consuming resumes. Meanwhile publish raises `BrokerUnavailable` (as does a
+publish whose confirm did not come, so its outbox row stays); fetch waits up to its timeout for the
+connection, then raises it (the bus backs off). Leases of the lost connection come again; acking them raises
+`BrokerUnavailable`. Credentials never appear in errors or logs.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import difflib
+import functools
+import logging
+import time
+from collections import deque
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from yarl import URL
+
+from eventrelay.brokers.base import Broker
+from eventrelay.config import redact_url
+from eventrelay.envelope import CORRELATION_ID, Delivery, Message, new_message_id
+from eventrelay.errors import BrokerUnavailable, ConfigurationError, EventRelayError, PublishFailed
+
+try:
+    import aio_pika
+    from aio_pika.abc import AbstractChannel, AbstractConnection, AbstractIncomingMessage, AbstractQueue
+    from aiormq import exceptions as amqp
+except ImportError as exc:  # pragma: no cover
+    raise ImportError("RabbitMQ support needs an extra: pip install 'eventrelay[rabbitmq]'") from exc
+
+logger = logging.getLogger(__name__)
+
+ATTEMPT, NAME, KEY, DUE = "x-eventrelay-attempt", "x-eventrelay-name", "x-eventrelay-key", "x-eventrelay-due"
+_BROKER_HEADERS = ("x-death", "x-first-death-", "x-last-death-", "x-delivery-count")
+_OPTIONS = {"exchange", "exchange_type", "queue_type", "prefetch", "retry_delays", "publish_timeout"}
+_OPTIONS |= {"profile", "single_active_consumer"}
+_PASS_THROUGH = {"heartbeat", "name", "cafile", "capath", "cadata", "certfile", "keyfile", "no_verify_ssl"}
+DEFAULT_RETRY_DELAYS = "0.1,0.25,0.5,1,2.5,5,10,25,60,150,300,900,3600"
+CONNECT_TIMEOUT = RECONNECT_MAX = 10.0  # seconds
+
+
+@dataclass(eq=False)
+class _Subscriber:
+    """One subscriber's consuming channel, the buffer its consumer fills, and the leases handed out."""
+
+    name: str
+    channel: AbstractChannel | None = None
+    buffer: deque[AbstractIncomingMessage] = field(default_factory=deque)
+    leased: set[_Lease] = field(default_factory=set)
+    arrival: asyncio.Event = field(default_factory=asyncio.Event)
+    lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+
+    def wake(self) -> None:
+        arrival, self.arrival = self.arrival, asyncio.Event()
+        arrival.set()
+
+
+@dataclass(eq=False)
+class _Lease:
+    subscriber: _Subscriber
+    incoming: AbstractIncomingMessage
+
+
+class RabbitMQBroker(Broker):
+    """A broker on a RabbitMQ server (see the module docstring)."""
+
+    def __init__(self, url: str) -> None:
+        parsed = URL(url)
+        query = dict(parsed.query)
+        for unknown in sorted(set(query) - _OPTIONS - _PASS_THROUGH)[:1]:
+            guess = difflib.get_close_matches(unknown, _OPTIONS | _PASS_THROUGH, n=1)
+            hint = f" Did you mean {guess[0]!r}?" if guess else ""
+            raise ConfigurationError(f"Unknown RabbitMQ URL option {unknown!r} in {redact_url(url)!r}.{hint}")
+        self.exchange = query.get("exchange", "eventrelay")
+        self.exchange_type = _choice(query, "exchange_type", ("direct", "topic"))
+        self.queue_type = _choice(query, "queue_type", ("classic", "quorum"))
+        self.profile = _choice(query, "profile", ("eventrelay", "abp"))
+        self.single_active_consumer = _choice(query, "single_active_consumer", ("0", "1")) == "1"
+        self.prefetch = int(_number(query.get("prefetch", "100"), "prefetch"))
+        self.publish_timeout = _number(query.get("publish_timeout", "30"), "publish_timeout")
+        delays = query.get("retry_delays", DEFAULT_RETRY_DELAYS).split(",")
+        self.retry_delays = sorted({_number(d, "retry_delays") for d in delays})
+        self.unrouted = f"{self.exchange}.unrouted"
+        self._url = str(parsed.with_query({k: v for k, v in query.items() if k in _PASS_THROUGH}))
+        self._secret = parsed.password or ""
+        self._conn: AbstractConnection | None = None
+        self._admin: AbstractChannel | None = None
+        self._publisher: AbstractChannel | None = None
+        self._ready, self._lost = asyncio.Event(), asyncio.Event()
+        self._supervisor: asyncio.Task[None] | None = None
+        self._closed = False
+        self._bindings: dict[str, set[str]] = {}
+        self._subscribers: dict[str, _Subscriber] = {}
+        self._declared: set[str] = set()  # subscribers whose retry queues this connection declared
+        self._returned: dict[str, bool] = {}  # ids given back unhandled: their redelivery is no attempt
+
+    def retry_queues(self, subscriber: str) -> list[str]:
+        """The names of `subscriber`'s retry queues, shortest delay first."""
+        return [f"{subscriber}.retry.{delay:g}s" for delay in self.retry_delays]
+
+    # --- the connection ------------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        self._closed = False
+        if self._conn is None:
+            async with self._translate("connect to"):
+                await self._connect()
+        self._supervisor = self._supervisor or asyncio.create_task(self._reconnect(), name="rabbitmq")
+
+    async def close(self) -> None:
+        self._closed, conn = True, self._conn
+        if self._supervisor is not None:
+            self._supervisor.cancel()
+            await asyncio.gather(self._supervisor, return_exceptions=True)
+            self._supervisor = None
+        self._forget()
+        if conn is not None:
+            with contextlib.suppress(Exception):
+                await conn.close()
+
+    async def _connect(self) -> None:
+        """Connect, declare the topology, bind what is bound and consume what was consumed."""
+        conn = await aio_pika.connect(self._url, timeout=CONNECT_TIMEOUT)
+        try:
+            conn.close_callbacks.add(functools.partial(self._on_lost, conn))
+            admin = await conn.channel(publisher_confirms=False)
+            publisher = await conn.channel(publisher_confirms=True, on_return_raises=True)
+            arguments: dict[str, Any] | None = None
+            if self.profile != "abp":
+                await admin.declare_exchange(self.unrouted, "fanout", durable=True)
+                unrouted = await admin.declare_queue(self.unrouted, durable=True)  # classic: shared by all
+                await unrouted.bind(self.unrouted, "")
+                arguments = {"alternate-exchange": self.unrouted}
+            await admin.declare_exchange(self.exchange, self.exchange_type, durable=True, arguments=arguments)
+            self._declared = set()
+            for subscriber, names in self._bindings.items():
+                queue = await self._declare(admin, subscriber)
+                for name in names:
+                    await queue.bind(self.exchange, name)
+            for sub in self._subscribers.values():
+                await self._consume(sub, conn)
+        except BaseException:
+            with contextlib.suppress(Exception):
+                await conn.close()
+            raise
+        self._conn, self._admin, self._publisher = conn, admin, publisher
+        self._ready.set()
+        if not conn.connected.is_set():  # lost while restoring
+            self._on_lost(conn)
+
+    def _on_lost(self, conn: AbstractConnection, *_: object) -> None:
+        if conn is self._conn and not self._closed:
+            self._forget()
+            self._lost.set()
+
+    def _forget(self) -> None:
+        """Drop what belonged to the connection that is gone: its channels, buffers and leases."""
+        self._conn = self._admin = self._publisher = None
+        self._ready.clear()
+        for sub in self._subscribers.values():
+            self._give_back_buffer(sub)
+            sub.leased.clear()
+            sub.channel = None
+            sub.wake()
+
+    async def _reconnect(self) -> None:
+        where = redact_url(self._url)
+        while True:
+            await self._lost.wait()
+            self._lost.clear()
+            pause = 0.1
+            while True:
+                logger.warning("Lost the connection to RabbitMQ at %s; reconnecting in %.1fs", where, pause)
+                await asyncio.sleep(pause)
+                try:
+                    async with self._translate("reconnect to"):
+                        await self._connect()
+                    break
+                except Exception as exc:
+                    logger.warning("Could not reconnect to RabbitMQ at %s: %s", where, self._scrub(exc))
+                    pause = min(pause * 2, RECONNECT_MAX)
+            logger.info("Reconnected to RabbitMQ at %s", where)
+
+    async def _channel(self, which: str) -> AbstractChannel:
+        """The admin or publisher channel, opened again if a channel error closed it."""
+        channel: AbstractChannel | None = getattr(self, which)
+        if self._conn is None:
+            raise BrokerUnavailable(f"Not connected to RabbitMQ at {redact_url(self._url)}")
+        if channel is None or channel.is_closed:
+            confirms = which == "_publisher"
+            channel = await self._conn.channel(publisher_confirms=confirms, on_return_raises=confirms)
+            setattr(self, which, channel)
+        return channel
+
+    # --- topology ------------------------------------------------------------------------------------
+
+    def _args(self) -> dict[str, Any]:
+        return {"x-queue-type": "quorum"} if self.queue_type == "quorum" else {}
+
+    async def _declare(self, channel: AbstractChannel, subscriber: str) -> AbstractQueue:
+        """Declare `subscriber`'s queue, and its retry queues once per connection."""
+        single = {"x-single-active-consumer": True} if self.single_active_consumer else {}
+        queue = await channel.declare_queue(subscriber, durable=True, arguments=self._args() | single)
+        if subscriber not in self._declared:
+            back = {"x-dead-letter-exchange": "", "x-dead-letter-routing-key": subscriber}
+            arguments = self._args() | back
+            if self.queue_type == "quorum":
+                arguments |= {"x-dead-letter-strategy": "at-least-once", "x-overflow": "reject-publish"}
+            for delay, name in zip(self.retry_delays, self.retry_queues(subscriber), strict=True):
+                ttl = {"x-message-ttl": max(1, round(delay * 1000))}
+                await channel.declare_queue(name, durable=True, arguments=arguments | ttl)
+            self._declared.add(subscriber)
+        return queue
+
+    async def bind(self, subscriber: str, name: str) -> None:
+        async with self._translate("bind on"):
+            await (await self._declare(await self._channel("_admin"), subscriber)).bind(self.exchange, name)
+        self._bindings.setdefault(subscriber, set()).add(name)
+
+    async def unbind(self, subscriber: str, name: str) -> None:
+        async with self._translate("unbind on"):
+            await (await self._declare(await self._channel("_admin"), subscriber)).unbind(self.exchange, name)
+        self._bindings.get(subscriber, set()).discard(name)
+
+    # --- publishing ----------------------------------------------------------------------------------
+
+    async def publish(self, messages: Sequence[Message]) -> None:
+        if not messages:
+            return
+        async with self._translate("publish to"):
+            exchange = await (await self._channel("_publisher")).get_exchange(self.exchange, ensure=False)
+            # All at once, so their confirms come back together; the channel keeps them in order.
+            sending = [exchange.publish(_outgoing(m), m.name, timeout=self.publish_timeout) for m in messages]
+            outcomes = await asyncio.gather(*sending, return_exceptions=True)
+        for message, outcome in zip(messages, outcomes, strict=True):
+            if isinstance(outcome, amqp.PublishError):  # mandatory, and returned
+                raise PublishFailed(
+                    f"RabbitMQ returned {message.id}: no queue is bound to {message.name!r} on exchange "
+                    f"{self.exchange!r}, which has no alternate exchange"
+                ) from outcome
+            if isinstance(outcome, BaseException):
+                raise self._error("publish to", outcome) from outcome
+
+    async def _send(self, queue: str, message: aio_pika.Message) -> None:
+        """Publish straight to a queue (through the default exchange), confirmed."""
+        channel = await self._channel("_publisher")
+        await channel.default_exchange.publish(message, queue, timeout=self.publish_timeout)
+
+    # --- consuming -----------------------------------------------------------------------------------
+
+    async def fetch(self, subscriber: str, max_count: int, timeout: float) -> list[Delivery]:
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        sub = self._subscribers.setdefault(subscriber, _Subscriber(subscriber))
+        while True:
+            if self._conn is None and not self._closed:
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._ready.wait(), max(0.0, deadline - loop.time()))
+            if self._conn is None:
+                raise BrokerUnavailable(f"Not connected to RabbitMQ at {redact_url(self._url)}")
+            async with self._translate("consume from"):
+                await self._consume(sub, self._conn)
+            if sub.buffer or (remaining := deadline - loop.time()) <= 0:
+                break
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(sub.arrival.wait(), remaining)
+        batch: list[Delivery] = []
+        while sub.buffer and len(batch) < max_count:
+            incoming = sub.buffer.popleft()
+            message, attempt = _incoming(incoming)
+            if incoming.redelivered and not self._returned.pop(message.id, False):
+                attempt += 1  # delivered before and not given back: its consumer died
+            lease = _Lease(sub, incoming)
+            sub.leased.add(lease)
+            batch.append(Delivery(message, attempt, lease))
+        return batch
+
+    async def _consume(self, sub: _Subscriber, conn: AbstractConnection) -> None:
+        async with sub.lock:
+            if sub.channel is None or sub.channel.is_closed:
+                self._give_back_buffer(sub)  # from a closed channel: they come again
+                channel = sub.channel = await conn.channel(publisher_confirms=False)
+                await channel.set_qos(prefetch_count=self.prefetch)
+                queue = await self._declare(channel, sub.name)
+                await queue.consume(functools.partial(self._on_message, sub, channel))
+
+    async def _on_message(
+        self, sub: _Subscriber, channel: AbstractChannel, msg: AbstractIncomingMessage
+    ) -> None:
+        if sub.channel is not channel:
+            return  # from a channel given up on; it comes again
+        due = (msg.headers or {}).get(DUE)  # epoch milliseconds (AMQP floats are 32-bit)
+        if isinstance(due, int) and due > time.time() * 1000 + 1:  # not due yet: another round
+            message, attempt = _incoming(msg)
+            queue = self._retry_queue(sub.name, due / 1000 - time.time())
+            try:
+                await self._send(queue, _outgoing(message, attempt, due))
+                await msg.ack()
+            except Exception as exc:
+                logger.warning("Could not hold back %s; it comes again: %s", message.id, self._scrub(exc))
+        else:
+            sub.buffer.append(msg)
+            sub.wake()
+
+    def _retry_queue(self, subscriber: str, delay: float) -> str:
+        queues = self.retry_queues(subscriber)
+        return next((q for d, q in zip(self.retry_delays, queues, strict=True) if d >= delay), queues[-1])
+
+    # --- outcomes ------------------------------------------------------------------------------------
+
+    async def ack(self, delivery: Delivery) -> None:
+        async with self._translate("ack on"):
+            await self._let_go(delivery).incoming.ack()
+
+    async def release(self, delivery: Delivery) -> None:
+        incoming = self._let_go(delivery).incoming
+        self._gave_back(incoming)
+        async with self._translate("release on"):
+            await incoming.nack(requeue=True)
+
+    async def retry(self, delivery: Delivery, delay: float) -> None:
+        lease = self._let_go(delivery)
+        queue = self._retry_queue(lease.subscriber.name, delay) if delay > 0 else lease.subscriber.name
+        due = round((time.time() + delay) * 1000) if delay > self.retry_delays[-1] else None
+        async with self._translate("retry on"):
+            _ = lease.incoming.channel  # raises if the lease was lost: then it comes again, without a copy
+            await self._send(queue, _outgoing(delivery.message, delivery.attempt + 1, due))
+            await lease.incoming.ack()
+
+    def _let_go(self, delivery: Delivery) -> _Lease:
+        lease = delivery.token
+        if not isinstance(lease, _Lease):
+            raise ConfigurationError("This delivery did not come from this RabbitMQBroker")
+        lease.subscriber.leased.discard(lease)
+        return lease
+
+    def _gave_back(self, incoming: AbstractIncomingMessage) -> None:
+        if incoming.message_id:
+            self._returned[incoming.message_id] = True
+            if len(self._returned) > 10_000:
+                del self._returned[next(iter(self._returned))]
+
+    def _give_back_buffer(self, sub: _Subscriber) -> None:
+        for incoming in sub.buffer:
+            self._gave_back(incoming)
+        sub.buffer.clear()
+
+    async def pending_count(self, subscriber: str) -> int:
+        """Ready in the retry queues, then in the queue, then held here: the order messages flow in."""
+        total = 0
+        for queue in [*self.retry_queues(subscriber), subscriber]:
+            async with self._translate("count on"):
+                with contextlib.suppress(amqp.ChannelNotFoundEntity):
+                    declared = await (await self._channel("_admin")).declare_queue(queue, passive=True)
+                    total += declared.declaration_result.message_count or 0
+        sub = self._subscribers.get(subscriber)
+        return total + (len(sub.buffer) + len(sub.leased) if sub else 0)
+
+    # --- errors --------------------------------------------------------------------------------------
+
+    @contextlib.asynccontextmanager
+    async def _translate(self, action: str) -> AsyncIterator[None]:
+        try:
+            yield
+        except EventRelayError:
+            raise
+        except asyncio.CancelledError as exc:
+            task = asyncio.current_task()
+            if task is None or task.cancelling():
+                raise  # we are cancelled; otherwise aiormq cancelled a call because its channel closed
+            raise self._error(action, exc) from exc
+        except Exception as exc:
+            raise self._error(action, exc) from exc
+
+    def _error(self, action: str, exc: BaseException) -> Exception:
+        if isinstance(exc, asyncio.CancelledError) and exc.args and isinstance(exc.args[0], Exception):
+            exc = exc.args[0]  # the reason the channel closed
+        text = f"Could not {action} RabbitMQ at {redact_url(self._url)}: {self._scrub(exc)}"
+        if isinstance(exc, amqp.ChannelPreconditionFailed):
+            return ConfigurationError(f"{text} (an exchange or queue exists with other settings)")
+        lost = self._conn is None or isinstance(exc, asyncio.CancelledError | amqp.ChannelInvalidStateError)
+        if lost or isinstance(exc, ConnectionError | OSError | TimeoutError | amqp.AMQPConnectionError):
+            return BrokerUnavailable(text)
+        return PublishFailed(text)
+
+    def _scrub(self, exc: BaseException) -> str:
+        text = f"{type(exc).__name__}: {exc}"
+        return text.replace(self._secret, "***") if self._secret else text
+
+
+def _outgoing(message: Message, attempt: int = 1, due: int | None = None) -> aio_pika.Message:
+    headers: dict[str, Any] = dict(message.headers)
+    if message.key is not None:
+        headers[KEY] = message.key
+    if attempt > 1 or due is not None:
+        headers |= {ATTEMPT: attempt, NAME: message.name} | ({} if due is None else {DUE: due})
+    return aio_pika.Message(
+        message.body,
+        headers=headers,
+        content_type="application/json",
+        delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
+        message_id=message.id,
+        correlation_id=message.correlation_id,
+    )
+
+
+def _incoming(incoming: AbstractIncomingMessage) -> tuple[Message, int]:
+    """The message and its attempt as published (a redelivery not counted yet)."""
+    # Values go as they came: one that is not a string makes the bus dead-letter the message, with the reason.
+    headers = {k: v for k, v in (incoming.headers or {}).items() if not k.startswith(_BROKER_HEADERS)}
+    name, key, attempt = headers.pop(NAME, None), headers.pop(KEY, None), headers.pop(ATTEMPT, 1)
+    headers.pop(DUE, None)
+    if incoming.correlation_id and CORRELATION_ID not in headers:
+        headers[CORRELATION_ID] = incoming.correlation_id
+    message = Message(
+        incoming.message_id or new_message_id(),
+        str(name or incoming.routing_key or ""),
+        incoming.body,
+        headers,  # type: ignore[arg-type]
+        None if key is None else str(key),
+    )
+    return message, attempt if isinstance(attempt, int) and attempt > 1 else 1
+
+
+def _choice(query: dict[str, str], option: str, choices: tuple[str, ...]) -> str:
+    if (value := query.get(option, choices[0])) not in choices:
+        raise ConfigurationError(f"RabbitMQ URL option {option} is one of {', '.join(choices)}: {value!r}")
+    return value
+
+
+def _number(value: str, option: str) -> float:
+    try:
+        if (number := float(value)) > 0:
+            return number
+    except ValueError:
+        pass
+    raise ConfigurationError(f"RabbitMQ URL option {option} takes numbers above 0, not {value!r}")

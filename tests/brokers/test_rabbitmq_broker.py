@@ -1,0 +1,575 @@
+"""The broker contract on RabbitMQ (classic and quorum queues), and what is RabbitMQ-only: unroutable
+messages, retry queues, outages through a fault proxy, the ABP wire profile, two services and two instances.
+
+Every test uses an exchange of its own; the fixture deletes the exchanges and queues it made afterwards.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from decimal import Decimal
+from pathlib import Path
+from uuid import UUID
+
+import aio_pika
+import pytest
+from aiormq import spec
+from pydantic import ConfigDict
+from pydantic.alias_generators import to_camel
+
+from eventrelay import Context, DistributedEventBus, Event, RetryPolicy, Settings
+from eventrelay.brokers import broker_from_url
+from eventrelay.brokers.base import Broker
+from eventrelay.brokers.rabbitmq import RabbitMQBroker
+from eventrelay.envelope import CORRELATION_ID, Delivery, Message, new_message_id
+from eventrelay.errors import BrokerUnavailable, ConfigurationError, PublishFailed
+from eventrelay.testing import wait_until_idle
+from tests.brokers.contract import (
+    PATIENCE,
+    BrokerContract,
+    collect,
+    event_name,
+    message,
+    nothing_for,
+    subscriber_name,
+)
+from tests.faultproxy import FaultProxy
+from tests.servers import require_server
+
+PORT = 5672
+SERVER = f"amqp://guest:guest@127.0.0.1:{PORT}/"
+
+pytestmark = pytest.mark.rabbitmq
+
+
+def exchange_name() -> str:
+    return f"er-test-{uuid.uuid4().hex[:12]}"
+
+
+class TrackedBroker(RabbitMQBroker):
+    """A RabbitMQBroker that remembers the subscribers it declared queues for, so a test can delete them."""
+
+    def __init__(self, url: str) -> None:
+        super().__init__(url)
+        self.subscribers: set[str] = set()
+
+    async def bind(self, subscriber: str, name: str) -> None:
+        self.subscribers.add(subscriber)
+        await super().bind(subscriber, name)
+
+    async def unbind(self, subscriber: str, name: str) -> None:
+        self.subscribers.add(subscriber)
+        await super().unbind(subscriber, name)
+
+    async def fetch(self, subscriber: str, max_count: int, timeout: float) -> list[Delivery]:
+        self.subscribers.add(subscriber)
+        return await super().fetch(subscriber, max_count, timeout)
+
+
+class Topology:
+    """Makes brokers on exchanges of their own and deletes every exchange and queue they made at the end."""
+
+    def __init__(self) -> None:
+        self.brokers: list[TrackedBroker] = []
+        self.queues: set[str] = set()
+        self.exchanges: set[str] = set()
+
+    def broker(self, options: str = "", server: str = SERVER, exchange: str | None = None) -> TrackedBroker:
+        exchange = exchange or exchange_name()
+        broker = TrackedBroker(f"{server}?exchange={exchange}" + (f"&{options}" if options else ""))
+        self.brokers.append(broker)
+        return broker
+
+    async def delete(self) -> None:
+        for broker in self.brokers:
+            self.exchanges |= {broker.exchange, broker.unrouted}
+            self.queues.add(broker.unrouted)
+            for subscriber in broker.subscribers:
+                self.queues |= {subscriber, *broker.retry_queues(subscriber)}
+        async with await aio_pika.connect(SERVER) as connection:
+            channel = await connection.channel()
+            for queue in self.queues:
+                await channel.queue_delete(queue)
+            for exchange in self.exchanges:
+                await channel.exchange_delete(exchange)
+
+
+@pytest.fixture
+async def topology() -> AsyncIterator[Topology]:
+    require_server("RabbitMQ", PORT)
+    topology = Topology()
+    yield topology
+    await topology.delete()
+
+
+class TestRabbitMQBroker(BrokerContract):
+    options = ""
+
+    @pytest.fixture
+    async def broker(self, topology: Topology) -> AsyncIterator[Broker]:
+        async with topology.broker(self.options) as broker:
+            yield broker
+
+
+class TestRabbitMQQuorumBroker(TestRabbitMQBroker):
+    options = "queue_type=quorum&retry_delays=0.2,1"
+
+    async def test_the_queues_are_quorum_queues(self, broker: Broker) -> None:
+        subscriber = subscriber_name()
+        await broker.bind(subscriber, event_name())
+        async with await aio_pika.connect(SERVER) as connection:
+            channel = await connection.channel()
+            with pytest.raises(aio_pika.exceptions.ChannelPreconditionFailed, match="x-queue-type"):
+                await channel.declare_queue(subscriber, durable=True)  # a classic one is refused
+
+
+# --- URLs and errors -------------------------------------------------------------------------------------
+
+
+def test_urls_choose_the_rabbitmq_broker_and_options_are_checked() -> None:
+    broker = broker_from_url("amqps://u:p@rabbit.example:5671/prod?exchange=BookStore&queue_type=quorum")
+    assert isinstance(broker, RabbitMQBroker)
+    assert (broker.exchange, broker.queue_type, broker.exchange_type) == ("BookStore", "quorum", "direct")
+    with pytest.raises(ConfigurationError, match="Did you mean 'prefetch'"):
+        RabbitMQBroker(f"{SERVER}?prefech=10")
+    with pytest.raises(ConfigurationError, match="queue_type is one of classic, quorum"):
+        RabbitMQBroker(f"{SERVER}?queue_type=stream")
+    with pytest.raises(ConfigurationError, match="retry_delays takes numbers above 0"):
+        RabbitMQBroker(f"{SERVER}?retry_delays=1,soon")
+
+
+async def test_an_unreachable_server_is_unavailable_and_the_password_stays_secret() -> None:
+    broker = RabbitMQBroker("amqp://someone:s3cret@127.0.0.1:9/?exchange=x")
+    with pytest.raises(BrokerUnavailable) as caught:
+        await broker.start()
+    assert "s3cret" not in str(caught.value)
+    assert "someone:***@127.0.0.1:9" in str(caught.value)
+    await broker.close()
+
+
+async def test_settings_that_contradict_the_server_are_configuration_errors(topology: Topology) -> None:
+    exchange, subscriber = exchange_name(), subscriber_name()
+    topology.exchanges.add(exchange)
+    topology.queues.add(subscriber)
+    async with await aio_pika.connect(SERVER) as connection:
+        channel = await connection.channel()
+        await channel.declare_exchange(exchange, "topic", durable=True)
+        await channel.declare_queue(subscriber, durable=True)  # classic
+
+    with pytest.raises(ConfigurationError, match="inequivalent arg 'type'"):
+        await topology.broker(exchange=exchange, options="profile=abp").start()  # direct, not topic
+    async with topology.broker(
+        "exchange_type=topic&profile=abp&queue_type=quorum", exchange=exchange
+    ) as broker:
+        with pytest.raises(ConfigurationError, match="x-queue-type"):
+            await broker.bind(subscriber, event_name())
+        other, name = subscriber_name(), event_name()  # and the broker goes on working
+        await broker.bind(other, name)
+        await broker.publish([sent := message(name)])
+        assert [d.message for d in await collect(broker, other, 1)] == [sent]
+
+
+# --- routing keys nobody binds ----------------------------------------------------------------------------
+
+
+async def test_a_message_nobody_binds_is_kept_in_the_unrouted_queue(topology: Topology) -> None:
+    async with topology.broker() as broker:
+        sent = message(event_name())
+        await broker.publish([sent])  # accepted: the broker stored it
+
+        async with await aio_pika.connect(SERVER) as connection:
+            channel = await connection.channel()
+            queue = await channel.declare_queue(broker.unrouted, passive=True)
+            kept = await queue.get(timeout=5)
+            assert kept is not None
+            assert (kept.message_id, kept.routing_key, kept.body) == (sent.id, sent.name, sent.body)
+            await kept.ack()
+
+
+async def test_with_the_abp_profile_a_message_nobody_binds_fails_to_publish(topology: Topology) -> None:
+    async with topology.broker("profile=abp") as broker:
+        name, subscriber = event_name(), subscriber_name()
+        await broker.bind(subscriber, name)
+        bound, unbound = message(name), message(event_name())
+
+        with pytest.raises(PublishFailed, match="no queue is bound"):
+            await broker.publish([bound, unbound])
+
+        # The batch's other message went out; the relay sends rows one by one after a refusal.
+        assert [d.message for d in await collect(broker, subscriber, 1)] == [bound]
+
+
+# --- retry queues -----------------------------------------------------------------------------------------
+
+
+async def test_a_short_retry_delay_is_not_held_up_behind_a_long_one(topology: Topology) -> None:
+    async with topology.broker("retry_delays=0.2,5") as broker:
+        name, subscriber = event_name(), subscriber_name()
+        await broker.bind(subscriber, name)
+        slow, quick = message(name), message(name)
+        await broker.publish([slow, quick])
+        first, second = await collect(broker, subscriber, 2, ack=False)
+
+        await broker.retry(first, 3.0)  # waits in the 5 s retry queue
+        await broker.retry(second, 0.1)  # waits in the 0.2 s one
+
+        [again] = await collect(broker, subscriber, 1)
+        assert (again.message, again.attempt) == (quick, 2)
+        assert await broker.pending_count(subscriber) == 1  # the slow one, in its retry queue
+
+
+async def test_a_retry_longer_than_the_longest_delay_goes_round_until_due(topology: Topology) -> None:
+    async with topology.broker("retry_delays=0.1,0.2") as broker:
+        name, subscriber = event_name(), subscriber_name()
+        await broker.bind(subscriber, name)
+        sent = Message(new_message_id(), name, b"{}", {"x-custom": "kept"}, key="k-1")
+        await broker.publish([sent])
+        [delivery] = await collect(broker, subscriber, 1, ack=False)
+        loop = asyncio.get_running_loop()
+
+        retried_at = loop.time()
+        await broker.retry(delivery, 0.7)
+        [again] = await collect(broker, subscriber, 1)
+
+        assert loop.time() - retried_at >= 0.7 - 0.01
+        assert (again.message, again.attempt) == (sent, 2)
+
+
+async def test_services_with_classic_and_quorum_queues_share_one_exchange(topology: Topology) -> None:
+    exchange, name, replicated, plain = exchange_name(), event_name(), subscriber_name(), subscriber_name()
+    async with (
+        topology.broker("queue_type=quorum", exchange=exchange) as quorum,
+        topology.broker(exchange=exchange) as classic,  # declares the same exchange and unrouted queue
+    ):
+        await quorum.bind(replicated, name)
+        await classic.bind(plain, name)
+        sent = message(name)
+        await classic.publish([sent])
+
+        assert [d.message for d in await collect(quorum, replicated, 1)] == [sent]
+        assert [d.message for d in await collect(classic, plain, 1)] == [sent]
+
+
+# --- order across instances -------------------------------------------------------------------------------
+
+
+async def test_with_a_single_active_consumer_one_instance_gets_a_keys_messages_in_order(
+    topology: Topology,
+) -> None:
+    exchange, name, subscriber = exchange_name(), event_name(), subscriber_name()
+    options = "single_active_consumer=1"
+    async with (
+        topology.broker(options, exchange=exchange) as first,
+        topology.broker(options, exchange=exchange) as second,
+    ):
+        await first.bind(subscriber, name)
+        assert await first.fetch(subscriber, 10, 0.1) == []  # first to consume: the active one
+        assert await second.fetch(subscriber, 10, 0.1) == []  # consuming too, standing by
+        messages = [
+            Message(new_message_id(), name, f'{{"n": {n}}}'.encode(), key="order-7") for n in range(10)
+        ]
+        await first.publish(messages)
+
+        assert [d.message for d in await collect(first, subscriber, 10, max_count=3)] == messages
+        assert await nothing_for(second, subscriber)
+
+        await first.close()  # the active instance goes: the one standing by takes over
+        later = message(name)
+        await second.publish([later])
+        assert [d.message for d in await collect(second, subscriber, 1)] == [later]
+
+
+# --- outages, through a fault proxy ------------------------------------------------------------------------
+
+
+async def receive(broker: Broker, subscriber: str, wanted: set[str]) -> list[Delivery]:
+    """Fetch and ack until every id in `wanted` came (or PATIENCE ran out), riding out an outage as the bus
+    consumer does: back off briefly on BrokerUnavailable."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + PATIENCE
+    got: list[Delivery] = []
+    while not wanted <= {d.message.id for d in got} and loop.time() < deadline:
+        try:
+            batch = await broker.fetch(subscriber, 10, 0.2)
+        except BrokerUnavailable:
+            await asyncio.sleep(0.05)
+            continue
+        for delivery in batch:
+            await broker.ack(delivery)
+        got.extend(batch)
+    return got
+
+
+async def publish_when_back(broker: Broker, messages: Sequence[Message]) -> None:
+    """Publish, trying again on BrokerUnavailable, as the relay does."""
+    async with asyncio.timeout(PATIENCE):
+        while True:
+            try:
+                return await broker.publish(messages)
+            except BrokerUnavailable:
+                await asyncio.sleep(0.05)
+
+
+async def test_after_a_reset_it_reconnects_and_no_confirmed_message_is_lost(topology: Topology) -> None:
+    async with FaultProxy(PORT) as proxy:
+        server = f"amqp://guest:guest@127.0.0.1:{proxy.port}/"
+        async with topology.broker(server=server) as broker:
+            name, subscriber = event_name(), subscriber_name()
+            await broker.bind(subscriber, name)
+            first = message(name)
+            await broker.publish([first])
+            [leased] = await collect(broker, subscriber, 1, ack=False)
+            confirmed = [first]
+
+            async def keep_publishing() -> None:
+                for n in range(40):
+                    batch = [message(name, f'{{"n": {n}, "i": {i}}}'.encode()) for i in range(5)]
+                    with contextlib.suppress(BrokerUnavailable):  # not confirmed: the relay keeps its rows
+                        await broker.publish(batch)
+                        confirmed.extend(batch)
+                    await asyncio.sleep(0.01)
+
+            publishing = asyncio.create_task(keep_publishing())
+            await asyncio.sleep(0.1)
+            proxy.reset()
+            await publishing
+            await publish_when_back(broker, [last := message(name)])
+            confirmed.append(last)
+
+            with pytest.raises(BrokerUnavailable):  # its lease went with the connection
+                await broker.ack(leased)
+            got = await receive(broker, subscriber, {m.id for m in confirmed})
+
+        assert {m.id for m in confirmed} <= {d.message.id for d in got}, "a confirmed message was lost"
+        [again] = [d for d in got if d.message.id == first.id]
+        assert again.attempt == 2, "a lease lost with its connection counts as an attempt"
+        assert proxy.connections >= 2
+
+
+async def test_publish_and_fetch_are_unavailable_while_the_server_is_down_and_work_after(
+    topology: Topology, caplog: pytest.LogCaptureFixture
+) -> None:
+    async with FaultProxy(PORT) as proxy:
+        server = f"amqp://guest:guest@127.0.0.1:{proxy.port}/"
+        async with topology.broker(server=server) as broker:
+            name, subscriber = event_name(), subscriber_name()
+            await broker.bind(subscriber, name)
+            sent = message(name)
+
+            async with proxy.down():
+                with pytest.raises(BrokerUnavailable):
+                    await broker.publish([sent])
+                with pytest.raises(BrokerUnavailable):
+                    await broker.fetch(subscriber, 10, 0.3)
+                with pytest.raises(BrokerUnavailable):
+                    await broker.publish([sent])
+
+            await publish_when_back(broker, [sent])
+            assert [d.message for d in await receive(broker, subscriber, {sent.id})] == [sent]
+
+    assert "Lost the connection to RabbitMQ" in caplog.text
+    assert "guest:guest" not in caplog.text  # the password never reaches a log
+
+
+async def test_consuming_resumes_after_a_stall_longer_than_the_heartbeat(topology: Topology) -> None:
+    async with FaultProxy(PORT) as proxy:
+        server = f"amqp://guest:guest@127.0.0.1:{proxy.port}/"
+        async with topology.broker("heartbeat=1", server=server) as broker:
+            name, subscriber = event_name(), subscriber_name()
+            await broker.bind(subscriber, name)
+            before, after = message(name), message(name)
+            await broker.publish([before])
+            assert [d.message for d in await receive(broker, subscriber, {before.id})] == [before]
+            fetching = asyncio.create_task(receive(broker, subscriber, {after.id}))
+
+            proxy.stall()
+            await asyncio.sleep(3.0)
+            proxy.resume()
+
+            await publish_when_back(broker, [after])
+            got = await fetching
+
+        assert after.id in {d.message.id for d in got}
+        # An ack sent just before the stall may have been lost with the connection: `before` may come again.
+        assert {d.message.id for d in got} <= {before.id, after.id}
+        assert proxy.connections >= 2
+
+
+# --- the ABP wire profile ----------------------------------------------------------------------------------
+
+
+class ProductPriceChangedEto(Event, name="BookStore.Products.ProductPriceChanged"):
+    """The guide's event, with ABP's JSON naming (System.Text.Json web defaults: camelCase)."""
+
+    model_config = ConfigDict(alias_generator=to_camel, validate_by_name=True)
+
+    product_id: UUID
+    product_name: str
+    old_price: Decimal
+    new_price: Decimal
+
+
+async def test_a_python_service_handles_what_an_abp_service_publishes(topology: Topology) -> None:
+    exchange, service = exchange_name(), f"BookStore_OrderService_{uuid.uuid4().hex[:8]}"
+    handled: list[tuple[ProductPriceChangedEto, Context]] = []
+
+    async def apply_discount(event: ProductPriceChangedEto, context: Context) -> None:
+        handled.append((event, context))
+
+    async with (
+        topology.broker("profile=abp", exchange=exchange) as broker,
+        DistributedEventBus(service, broker=broker) as orders,
+        await aio_pika.connect(SERVER) as connection,
+    ):
+        await orders.subscribe(apply_discount)
+        # What RabbitMqDistributedEventBus.PublishAsync sends: the exchange declared durable (after a passive
+        # check), routing key = event name, mandatory false, and exactly three properties.
+        channel = await (await connection.channel()).get_underlay_channel()
+        await channel.exchange_declare(exchange, exchange_type="direct", durable=True)
+        message_id, correlation_id = uuid.uuid4(), uuid.uuid4().hex
+        body = (
+            b'{"productId":"3fa85f64-5717-4562-b3fc-2c963f66afa6","productName":"Dune",'
+            b'"oldPrice":20.00,"newPrice":15.50}'
+        )  # Utf8JsonRabbitMqSerializer: UTF-8 System.Text.Json, camelCase, not indented
+        properties = spec.Basic.Properties(
+            delivery_mode=2, message_id=message_id.hex, correlation_id=correlation_id
+        )
+        await channel.basic_publish(
+            body,
+            exchange=exchange,
+            routing_key="BookStore.Products.ProductPriceChanged",
+            properties=properties,
+            mandatory=False,
+        )
+        await wait_until_idle(orders, timeout=PATIENCE)
+
+    [(event, context)] = handled
+    assert event == ProductPriceChangedEto(
+        product_id=UUID("3fa85f64-5717-4562-b3fc-2c963f66afa6"),
+        product_name="Dune",
+        old_price=Decimal("20.00"),
+        new_price=Decimal("15.50"),
+    )
+    assert (context.message_id, context.correlation_id, context.attempt) == (
+        message_id.hex,
+        correlation_id,
+        1,
+    )
+    assert context.event_name == "BookStore.Products.ProductPriceChanged"
+
+
+async def test_an_abp_service_can_handle_what_a_python_service_publishes(
+    topology: Topology, sqlite_url: str
+) -> None:
+    exchange, abp_queue = exchange_name(), f"BookStore_AbpService_{uuid.uuid4().hex[:8]}"
+    topology.queues.add(abp_queue)
+    product_id = uuid.uuid4()
+
+    async with (
+        topology.broker("profile=abp", exchange=exchange) as broker,
+        DistributedEventBus("BookStore_ProductService", broker=broker, database=sqlite_url) as products,
+        await aio_pika.connect(SERVER) as connection,
+    ):
+        # What RabbitMqMessageConsumer declares: the same exchange (no arguments: an alternate exchange
+        # would make this fail), a durable queue named after its ClientName, bound to the event name.
+        channel = await connection.channel()
+        await channel.declare_exchange(exchange, "direct", durable=True)
+        queue = await channel.declare_queue(abp_queue, durable=True)
+        await queue.bind(exchange, "BookStore.Products.ProductPriceChanged")
+
+        sent_id = await products.publish(  # through the outbox and the relay
+            ProductPriceChangedEto(
+                product_id=product_id,
+                product_name="Dune",
+                old_price=Decimal("20.00"),
+                new_price=Decimal("15.50"),
+            )
+        )
+        await wait_until_idle(products, timeout=PATIENCE)
+        received = await queue.get(timeout=5)
+        assert received is not None
+        await received.ack()
+
+    assert received.routing_key == "BookStore.Products.ProductPriceChanged"  # ABP: the event name
+    assert received.delivery_mode == aio_pika.DeliveryMode.PERSISTENT
+    assert received.message_id == sent_id == UUID(hex=sent_id).hex  # ABP's inbox takes Guid "N"
+    assert received.correlation_id == (received.headers or {})[CORRELATION_ID]
+    assert json.loads(received.body) == {  # property names as System.Text.Json binds them
+        "productId": str(product_id),
+        "productName": "Dune",
+        "oldPrice": "20.00",  # a string: web defaults read numbers from strings
+        "newPrice": "15.50",
+    }
+
+
+# --- the bus on RabbitMQ: fan-out across services, competition between instances --------------------------
+
+
+class OrderPlacedEto(Event, name="BookStore.Orders.OrderPlaced"):
+    number: int
+
+
+FAST = Settings(
+    retry=RetryPolicy(initial_delay=0.01, max_delay=0.05),
+    relay_poll_interval=0.05,
+    fetch_timeout=0.2,
+    shutdown_timeout=10.0,
+)
+
+
+async def test_every_service_gets_each_event_and_instances_of_one_service_share_them(
+    topology: Topology, sqlite_url: str, tmp_path: Path
+) -> None:
+    exchange, suffix = exchange_name(), uuid.uuid4().hex[:8]
+    orders_db = f"sqlite+aiosqlite:///{tmp_path}/orders.db"
+    audit_db = f"sqlite+aiosqlite:///{tmp_path}/audit.db"
+    order_instances: list[list[int]] = [[], []]
+    audited: list[int] = []
+    audit_attempts: dict[int, int] = {}
+
+    async def audit_record(event: OrderPlacedEto, context: Context) -> None:
+        # Fails once on every tenth event (a retry through a retry queue) and always on the last one.
+        audit_attempts[event.number] = context.attempt
+        if event.number == 29 or (event.number % 10 == 0 and context.attempt == 1):
+            raise RuntimeError(f"audit store hiccup on {event.number}")
+        audited.append(event.number)
+
+    def recorder(into: list[int]) -> Callable[[OrderPlacedEto], Awaitable[None]]:
+        async def record(event: OrderPlacedEto) -> None:
+            into.append(event.number)
+            await asyncio.sleep(0.01)
+
+        return record
+
+    async with contextlib.AsyncExitStack() as stack:
+
+        async def bus(service: str, database: str) -> DistributedEventBus:
+            broker = await stack.enter_async_context(topology.broker("prefetch=1", exchange=exchange))
+            return await stack.enter_async_context(
+                DistributedEventBus(service, broker=broker, database=database, settings=FAST)
+            )
+
+        products = await bus(f"ProductService_{suffix}", sqlite_url)
+        orders = [await bus(f"OrderService_{suffix}", orders_db) for _ in order_instances]
+        audit = await bus(f"AuditService_{suffix}", audit_db)
+        for instance, seen in zip(orders, order_instances, strict=True):
+            await instance.subscribe(recorder(seen))
+        await audit.subscribe(audit_record)
+
+        async with products.unit_of_work():
+            for number in range(30):
+                await products.publish(OrderPlacedEto(number=number))
+        await wait_until_idle(products, *orders, audit, timeout=PATIENCE)
+        [letter] = await audit.dead_letters()
+
+    assert sorted(audited) == list(range(29))
+    assert {n: a for n, a in audit_attempts.items() if a > 1} == {0: 2, 10: 2, 20: 2, 29: 5}
+    assert (letter.message.name, letter.attempts) == ("BookStore.Orders.OrderPlaced", 5)
+    assert "audit store hiccup on 29" in letter.reason
+    assert sorted(order_instances[0] + order_instances[1]) == list(range(30)), "lost or handled twice"
+    assert order_instances[0], "the other instance took everything"
+    assert order_instances[1], "the other instance took everything"
