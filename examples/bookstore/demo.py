@@ -34,7 +34,8 @@ from rich.console import Console
 from rich.table import Table
 
 console = Console()
-PATIENCE = 30.0  # seconds an eventual effect may take before the step fails
+# Seconds an eventual effect may take before its step fails (more on a loaded machine: BOOKSTORE_PATIENCE).
+PATIENCE = float(os.environ.get("BOOKSTORE_PATIENCE", "30"))
 
 
 @dataclass

@@ -33,7 +33,13 @@ def run_demo(data: Path, *options: str) -> str:
     result = subprocess.run(
         [sys.executable, "-m", "bookstore.demo", "--data", str(data), *options],
         cwd=EXAMPLES,
-        env={"PYTHONPATH": str(EXAMPLES), "PATH": "/usr/bin:/bin", "COLUMNS": "200"},
+        # A patient story: the suite may run beside other heavy tests on two cores.
+        env={
+            "PYTHONPATH": str(EXAMPLES),
+            "PATH": "/usr/bin:/bin",
+            "COLUMNS": "200",
+            "BOOKSTORE_PATIENCE": "120",
+        },
         capture_output=True,
         text=True,
         timeout=300,
