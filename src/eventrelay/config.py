@@ -35,6 +35,8 @@ class Settings:
     """Create the outbox, inbox and dead-letter tables at start (turn off when migrations own them)."""
     shutdown_timeout: float = 30.0
     """On stop, how long in-flight handlers may take to finish, and the outbox to drain."""
+    handler_timeout: float = 300.0
+    """A handler still running after this many seconds is cancelled: a failed attempt (retried, then dead)."""
 
     @classmethod
     def from_env(cls, prefix: str = "EVENTRELAY_", environ: Mapping[str, str] | None = None) -> Self:
@@ -62,7 +64,7 @@ class Settings:
         for name in ("max_in_flight", "max_message_bytes", "relay_batch_size"):
             if getattr(self, name) < 1:
                 raise ConfigurationError(f"Settings.{name} must be at least 1")
-        for name in ("fetch_timeout", "relay_poll_interval", "shutdown_timeout"):
+        for name in ("fetch_timeout", "relay_poll_interval", "shutdown_timeout", "handler_timeout"):
             if getattr(self, name) <= 0:
                 raise ConfigurationError(f"Settings.{name} must be more than 0 seconds")
         for name in ("inbox_retention", "inbox_cleanup_interval"):  # <= 0 would purge every inbox record

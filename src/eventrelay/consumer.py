@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 from eventrelay.codec import decode
 from eventrelay.envelope import Delivery, Message
-from eventrelay.errors import BrokerUnavailable, DecodeError
+from eventrelay.errors import BrokerUnavailable, DecodeError, HandlerTimeout
 from eventrelay.handlers import Context, HandlerSpec, Reject, Retry
 from eventrelay.stores.base import NewDeadLetter
 
@@ -196,7 +196,7 @@ class Consumer:
                     ):
                         logger.debug("Duplicate %s for %s skipped", message.id, spec.name)
                         return None
-                    await spec.invoke(event, context)
+                    await self._within_time_limit(spec.invoke(event, context))
             return None
         except Reject as exc:
             await self.dead_letter(spec.name, message, attempt, f"rejected by handler: {exc.reason}")
@@ -266,3 +266,14 @@ class Consumer:
             yield context
         finally:
             current_context.reset(token)
+
+    async def _within_time_limit(self, handling: Awaitable[None]) -> None:
+        limit = self.bus.settings.handler_timeout
+        deadline = asyncio.timeout(limit)
+        try:
+            async with deadline:
+                await handling
+        except TimeoutError:
+            if deadline.expired():  # ours, not a TimeoutError the handler raised itself
+                raise HandlerTimeout(f"still running after its time limit of {limit}s; cancelled") from None
+            raise

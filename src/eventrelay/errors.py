@@ -8,7 +8,8 @@ EventRelayError
 │   └── PublishFailed       the broker refused a message (too large, no such destination, ...)
 ├── StoreError              the database behind the outbox, inbox or dead letters failed
 ├── UnitOfWorkError         no unit of work, or no database behind it, where one is needed
-└── DecodeError             a received message cannot become an event (bytes, JSON or validation)
+├── DecodeError             a received message cannot become an event (bytes, JSON or validation)
+└── HandlerTimeout          a handler ran past Settings.handler_timeout (a failed attempt)
 ```
 
 `Retry` and `Reject` in `eventrelay.handlers` are not errors: a handler raises them to steer delivery.
@@ -47,3 +48,7 @@ class UnitOfWorkError(EventRelayError):
 
 class DecodeError(EventRelayError):
     """A received message cannot be turned into an event."""
+
+
+class HandlerTimeout(EventRelayError):
+    """A handler ran past its time limit and was cancelled; the attempt counts as failed."""

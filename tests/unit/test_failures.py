@@ -8,6 +8,7 @@ to the broker.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 from datetime import timedelta
 
 import pytest
@@ -243,6 +244,33 @@ async def test_retry_then_success_is_handled_once(broker: SpyBroker, database: s
     assert attempts == [1, 2]
     assert handled == [4]
     assert broker.retry_delays == [0.01]
+
+
+@keyed
+async def test_a_handler_that_hangs_past_its_time_limit_is_cancelled_then_dead_lettered(
+    broker: SpyBroker, database: str | None, key: str | None
+) -> None:
+    started: list[int] = []
+    handled: list[int] = []
+
+    async def stuck(event: OrderPlacedEto, context: Context) -> None:
+        if event.poison:
+            started.append(context.attempt)
+            await asyncio.Event().wait()  # never set: hangs until the time limit cancels it
+        handled.append(event.order_id)
+
+    settings = dataclasses.replace(FAST, handler_timeout=0.2)
+    async with make_bus(broker, database, settings) as bus:
+        await bus.subscribe(stuck)
+        await bus.publish(OrderPlacedEto(order_id=1, poison=True), key=key)
+        await bus.publish(OrderPlacedEto(order_id=2), key=key)
+        await idle(bus)
+        [letter] = await bus.dead_letters()
+
+    assert started == list(range(1, MAX_ATTEMPTS + 1))  # each attempt was cancelled and tried again
+    assert handled == [2]
+    assert "HandlerTimeout" in letter.reason
+    assert "time limit of 0.2s" in letter.reason
 
 
 @keyed
