@@ -1,0 +1,490 @@
+"""The broker contract on NATS JetStream, and what is NATS-only: subjects, leases, drains, outages, order.
+
+Every test has a stream and subject prefix of its own, deleted afterwards; the shared server is never
+stopped or reconfigured. Outages go through our TCP fault proxy.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import random
+import uuid
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+
+import nats
+import nats.js.errors
+import pytest
+
+from eventrelay import DistributedEventBus, Event, RetryPolicy, Settings
+from eventrelay.brokers import broker_from_url
+from eventrelay.brokers.base import Broker
+from eventrelay.brokers.nats import NatsBroker, durable, subject_token
+from eventrelay.envelope import Delivery, Message, new_message_id
+from eventrelay.errors import BrokerUnavailable, ConfigurationError, PublishFailed
+from eventrelay.testing import wait_until_idle
+from tests.brokers.contract import PATIENCE, BrokerContract, collect, message, nothing_for, subscriber_name
+from tests.faultproxy import FaultProxy
+from tests.servers import require_server
+
+pytestmark = pytest.mark.nats
+
+PORT = 4222
+
+
+@pytest.fixture
+async def nats_url() -> AsyncIterator[str]:
+    """The URL of a stream and subject prefix of this test's own; the stream is deleted afterwards."""
+    require_server("NATS", PORT)
+    stream = f"er_{uuid.uuid4().hex[:12]}"
+    yield f"nats://127.0.0.1:{PORT}?stream={stream}&prefix=t.{stream}"
+    client = await nats.connect(f"nats://127.0.0.1:{PORT}")
+    try:
+        with contextlib.suppress(nats.js.errors.NotFoundError):  # a test that failed early made none
+            await client.jetstream().delete_stream(stream)
+    finally:
+        await client.close()
+
+
+def _with(url: str, **options: object) -> str:
+    return url + "".join(f"&{name}={value}" for name, value in options.items())
+
+
+async def _stream_info(broker: NatsBroker) -> nats.js.api.StreamInfo:
+    """What the server says about the broker's stream, asked on a connection of the test's own."""
+    client = await nats.connect(f"nats://127.0.0.1:{PORT}")
+    try:
+        return await client.jetstream().stream_info(broker.stream)
+    finally:
+        await client.close()
+
+
+class TestNatsBroker(BrokerContract):
+    @pytest.fixture
+    async def broker(self, nats_url: str) -> AsyncIterator[Broker]:
+        async with NatsBroker(nats_url) as broker:
+            yield broker
+
+
+# --- configuration ---------------------------------------------------------------------------------
+
+
+def test_urls_choose_the_nats_broker() -> None:
+    broker = broker_from_url("tls://someone:secret@nats.example:4222?stream=shop&ack_wait=10")
+    assert isinstance(broker, NatsBroker)
+    assert (broker.stream, broker.prefix, broker.options["ack_wait"]) == ("shop", "shop", 10.0)
+    with pytest.raises(ConfigurationError, match="ack_wait must be a number above 0"):
+        NatsBroker("nats://127.0.0.1:4222?ack_wait=soon")
+    with pytest.raises(ConfigurationError, match=r"Unknown NATS broker option\(s\) \['ackwait'\]"):
+        NatsBroker("nats://127.0.0.1:4222?ackwait=3")
+    with pytest.raises(ConfigurationError, match=r"prefix='shop\.\*' a subject"):
+        NatsBroker("nats://127.0.0.1:4222?prefix=shop.*")
+
+
+@pytest.mark.parametrize("credentials", ["someone:secret", "secret"])  # a password, or a token
+async def test_an_unreachable_server_is_unavailable_and_credentials_stay_secret(credentials: str) -> None:
+    broker = NatsBroker(f"nats://{credentials}@127.0.0.1:9?connect_timeout=1")
+    with pytest.raises(BrokerUnavailable) as caught:
+        await broker.start()
+    assert "secret" not in str(caught.value)
+    assert "secret" not in broker.safe_url
+    await broker.close()
+
+
+def test_event_names_map_to_subject_levels_reversibly() -> None:
+    assert subject_token("Orders.OrderPlaced") == "Orders.OrderPlaced"
+    assert subject_token("Prix réduit ✓") == "Prix%20r%C3%A9duit%20%E2%9C%93"
+    assert subject_token("a..b") == "a%2E%2Eb"
+    assert subject_token("a.*.>") == "a.%2A.%3E"
+    assert subject_token("100%") == "100%25"
+    assert durable("svc", "a.b") != durable("svc", "a b")  # same slug, told apart by the digest
+
+
+async def test_a_closed_broker_starts_again(nats_url: str) -> None:
+    broker = NatsBroker(nats_url)
+    async with broker:
+        await broker.bind("svc", "e")
+    async with broker:
+        await broker.publish([sent := message("e")])
+        assert [d.message for d in await collect(broker, "svc", 1)] == [sent]
+
+
+# --- subjects, dedup, retention --------------------------------------------------------------------
+
+NAMES = ["Orders.OrderPlaced", "Order Placed", "a..b", ".lead", "trail.", "*", ">", "a.*.b", "100%", "a%2Eb"]
+NAMES += ["Prix réduit ✓ 🎉", "EntityUpdatedEto[UserEto]", "x" * 200]
+
+
+async def test_event_names_with_dots_spaces_and_unicode_are_routed_apart(nats_url: str) -> None:
+    async with NatsBroker(nats_url) as broker:
+        subscribers = [subscriber_name() for _ in NAMES]
+        for subscriber, name in zip(subscribers, NAMES, strict=True):
+            await broker.bind(subscriber, name)
+        sent = [message(name) for name in NAMES]
+        await broker.publish(sent)
+
+        for subscriber, one in zip(subscribers, sent, strict=True):
+            assert [d.message for d in await collect(broker, subscriber, 1)] == [one]
+        for subscriber in subscribers:
+            assert await broker.pending_count(subscriber) == 0
+        assert (await _stream_info(broker)).state.messages == 0
+
+
+async def test_a_resent_message_id_is_stored_once(nats_url: str) -> None:
+    # The outbox sends a row again when it crashed after the broker confirmed it: JetStream drops the copy.
+    async with NatsBroker(nats_url) as broker:
+        subscriber, sent = subscriber_name(), message("e")
+        await broker.bind(subscriber, "e")
+        await broker.publish([sent])
+        await broker.publish([sent, message("e")])
+
+        got = await collect(broker, subscriber, 2)
+        assert got[0].message.id == sent.id
+        assert len({d.message.id for d in got}) == 2
+        assert await nothing_for(broker, subscriber)
+
+
+async def test_acked_and_unrouted_messages_leave_the_stream(nats_url: str) -> None:
+    async with NatsBroker(nats_url) as broker:
+        orders, audit = subscriber_name(), subscriber_name()
+        await broker.bind(orders, "placed")
+        await broker.bind(audit, "placed")
+        await broker.publish([message("placed"), message("placed"), message("nobody.binds.this")])
+        assert (await _stream_info(broker)).state.messages == 2
+
+        await collect(broker, orders, 2)
+        assert (await _stream_info(broker)).state.messages == 2  # audit has not acked yet
+        await collect(broker, audit, 2)
+        await asyncio.sleep(0.1)  # acks are asynchronous
+        assert (await _stream_info(broker)).state.messages == 0
+        assert await broker.pending_count(orders) == await broker.pending_count(audit) == 0
+
+
+async def test_pending_count_covers_queued_leased_and_retrying(nats_url: str) -> None:
+    async with NatsBroker(nats_url) as broker:
+        subscriber = subscriber_name()
+        await broker.bind(subscriber, "a")
+        await broker.bind(subscriber, "b")
+        await broker.publish([message("a"), message("b"), message("b")])
+        assert await broker.pending_count(subscriber) == 3
+        first, *_ = await collect(broker, subscriber, 1, max_count=1, ack=False)
+        await broker.retry(first, 30.0)
+        assert await broker.pending_count(subscriber) == 3
+        assert len(await collect(broker, subscriber, 2)) == 2
+        assert await broker.pending_count(subscriber) == 1  # the one waiting for its retry
+
+
+async def test_headers_that_nats_would_alter_or_read_survive(nats_url: str) -> None:
+    headers = {
+        "Nats-Expected-Stream": "not-this-one",  # NATS would act on it
+        "Eventrelay-Key": "not the key",  # nor is this the ordering key
+        "Status": "404",
+        " padded name ": "  padded value  ",
+        "lines": "one\r\ntwo\nthree",
+        "percent": "100% %41",
+        "Zürich": "☃",
+        "blank": "",
+    }
+    async with NatsBroker(nats_url) as broker:
+        subscriber = subscriber_name()
+        await broker.bind(subscriber, "e")
+        sent = Message(new_message_id(), "e", b"{}", headers, key=" spaced key ")
+        await broker.publish([sent])
+        [got] = await collect(broker, subscriber, 1)
+    assert got.message == sent
+
+
+async def test_a_message_over_the_servers_limit_is_refused_and_the_batch_can_be_sent_again(
+    nats_url: str,
+) -> None:
+    # What the relay does: a refused batch is sent again one by one; the copies JetStream already has
+    # are dropped by their Nats-Msg-Id.
+    async with NatsBroker(nats_url) as broker:
+        await broker.bind("svc", "e")
+        before, huge, after = (
+            message("e"),
+            Message(new_message_id(), "e", b"x" * (2 * 1024 * 1024)),
+            message("e"),
+        )
+        with pytest.raises(PublishFailed):
+            await broker.publish([before, huge, after])
+        await broker.publish([before])
+        await broker.publish([after])
+        assert [d.message for d in await collect(broker, "svc", 2)] == [before, after]
+        assert await nothing_for(broker, "svc")
+
+
+async def test_an_existing_stream_is_used_when_it_routes_alike(nats_url: str) -> None:
+    async with NatsBroker(_with(nats_url, max_age=60)) as first:
+        await first.bind("svc", "e")
+    async with NatsBroker(_with(nats_url, max_age=600)) as second:  # other limits: the stream is kept
+        assert (await _stream_info(second)).config.max_age == 60
+    other_prefix = nats_url.replace("&prefix=t.", "&prefix=u.")
+    with pytest.raises(ConfigurationError, match="exists with subjects"):
+        async with NatsBroker(other_prefix):
+            pass
+
+
+# --- unbind ----------------------------------------------------------------------------------------
+
+
+async def _consumer_exists(broker: NatsBroker, subscriber: str, name: str) -> bool:
+    client = await nats.connect(f"nats://127.0.0.1:{PORT}")
+    try:
+        await client.jetstream().consumer_info(broker.stream, durable(subscriber, name))
+    except nats.js.errors.NotFoundError:
+        return False
+    finally:
+        await client.close()
+    return True
+
+
+async def test_unbind_deletes_an_empty_consumer_at_once(nats_url: str) -> None:
+    async with NatsBroker(nats_url) as broker:
+        subscriber = subscriber_name()
+        await broker.bind(subscriber, "e")
+        assert await _consumer_exists(broker, subscriber, "e")
+        await broker.unbind(subscriber, "e")
+        assert not await _consumer_exists(broker, subscriber, "e")
+        await broker.publish([message("e")])
+        assert (await _stream_info(broker)).state.messages == 0
+
+
+async def test_a_draining_consumer_is_deleted_once_what_was_queued_is_settled(nats_url: str) -> None:
+    async with NatsBroker(nats_url) as broker:
+        subscriber = subscriber_name()
+        await broker.bind(subscriber, "e")
+        queued = [message("e"), message("e")]
+        await broker.publish(queued)
+        [leased] = await collect(broker, subscriber, 1, max_count=1, ack=False)
+
+        await broker.unbind(subscriber, "e")
+        await broker.publish([message("e")])  # after the unbind: not for this subscriber
+        [rest] = await collect(broker, subscriber, 1)
+        await broker.retry(leased, 0.1)  # a retry of a queued message still comes
+        [again] = await collect(broker, subscriber, 1)
+        assert {leased.message.id, rest.message.id} == {m.id for m in queued}
+        assert (again.message, again.attempt) == (leased.message, 2)
+        assert await _consumer_exists(broker, subscriber, "e")
+
+        async with asyncio.timeout(PATIENCE):  # a fetch that finds nothing more deletes it
+            while await _consumer_exists(broker, subscriber, "e"):
+                assert await nothing_for(broker, subscriber)
+        assert (await _stream_info(broker)).state.messages == 0
+
+
+async def test_binding_again_while_draining_keeps_the_consumer(nats_url: str) -> None:
+    async with NatsBroker(nats_url) as broker:
+        subscriber = subscriber_name()
+        await broker.bind(subscriber, "e")
+        await broker.publish([message("e")])
+        await broker.unbind(subscriber, "e")
+        await broker.bind(subscriber, "e")
+        later = message("e")
+        await broker.publish([later])
+
+        assert len(await collect(broker, subscriber, 2)) == 2
+        assert await nothing_for(broker, subscriber)
+        assert await _consumer_exists(broker, subscriber, "e")
+
+
+# --- leases ----------------------------------------------------------------------------------------
+
+
+async def test_a_lease_that_runs_out_delivers_again_with_the_next_attempt(nats_url: str) -> None:
+    url = _with(nats_url, ack_wait=1)
+    async with NatsBroker(url) as first:
+        await first.bind("svc", "e")
+        await first.publish([message("e")])
+        [taken] = await collect(first, "svc", 1, ack=False)
+        # The consumer "dies": its broker closes without settling what it holds.
+    async with NatsBroker(url) as second:
+        await second.bind("svc", "e")
+        [again] = await collect(second, "svc", 1)
+    assert again.message == taken.message
+    assert again.attempt == 2
+
+
+async def test_a_held_delivery_keeps_its_lease(nats_url: str) -> None:
+    url = _with(nats_url, ack_wait=1)
+    async with NatsBroker(url) as holder, NatsBroker(url) as other:
+        for broker in (holder, other):
+            await broker.bind("svc", "e")
+        await holder.publish([message("e")])
+        [held] = await collect(holder, "svc", 1, ack=False)
+        for _ in range(5):  # 2.5 x ack_wait: renewed all along
+            assert await nothing_for(other, "svc")
+        await holder.ack(held)
+        assert await nothing_for(other, "svc")
+
+
+async def test_release_in_another_process_counts_one_delivery_more(nats_url: str) -> None:
+    # Documented: JetStream counts a NAK as a delivery; only the process that released can take it off.
+    async with NatsBroker(nats_url) as first, NatsBroker(nats_url) as second:
+        for broker in (first, second):
+            await broker.bind("svc", "e")
+        await first.publish([message("e")])
+        [taken] = await collect(first, "svc", 1, ack=False)
+        await first.release(taken)
+        [again] = await collect(second, "svc", 1)
+    assert again.attempt == 2
+
+
+# --- outages ---------------------------------------------------------------------------------------
+
+
+async def _until_published(broker: Broker, messages: list[Message]) -> None:
+    async with asyncio.timeout(PATIENCE):
+        while True:
+            try:
+                await broker.publish(messages)
+                return
+            except BrokerUnavailable:
+                await asyncio.sleep(0.1)
+
+
+async def _until_fetched(broker: Broker, subscriber: str, count: int) -> list[Delivery]:
+    got: list[Delivery] = []
+    async with asyncio.timeout(PATIENCE):
+        while len(got) < count:
+            try:
+                batch = await broker.fetch(subscriber, count - len(got), 1.0)
+            except BrokerUnavailable:
+                continue
+            for delivery in batch:
+                await broker.ack(delivery)
+            got.extend(batch)
+    return got
+
+
+async def test_reconnects_and_resumes_after_a_reset_and_an_outage(nats_url: str) -> None:
+    async with FaultProxy(PORT) as proxy, NatsBroker(nats_url) as direct:
+        broker = NatsBroker(nats_url.replace(f":{PORT}?", f":{proxy.port}?"))
+        async with broker:
+            await broker.bind("svc", "e")
+            first = message("e")
+            await broker.publish([first])
+            assert [d.message for d in await _until_fetched(broker, "svc", 1)] == [first]
+
+            proxy.reset()  # every connection gets a TCP RST
+            after_reset = message("e")
+            await _until_published(broker, [after_reset])
+            assert [d.message for d in await _until_fetched(broker, "svc", 1)] == [after_reset]
+
+            async with proxy.down():  # the server is gone for a few seconds
+                await asyncio.sleep(0.2)
+                with pytest.raises(BrokerUnavailable):
+                    await broker.publish([message("e")])
+                with pytest.raises(BrokerUnavailable):
+                    await broker.fetch("svc", 10, 0.5)
+                during = message("e")
+                await direct.publish([during])  # another service publishes meanwhile
+                await asyncio.sleep(2.0)
+            after = message("e")
+            await _until_published(broker, [after])
+            got = await _until_fetched(broker, "svc", 2)
+            assert [d.message for d in got] == [during, after]
+            assert await nothing_for(broker, "svc")
+        assert proxy.connections >= 3
+
+
+async def test_a_hung_connection_is_noticed_and_replaced(nats_url: str) -> None:
+    async with FaultProxy(PORT) as proxy:
+        url = _with(nats_url.replace(f":{PORT}?", f":{proxy.port}?"), ping_interval=1, publish_timeout=1)
+        async with NatsBroker(url) as broker:
+            await broker.bind("svc", "e")
+            proxy.stall()  # bytes stop flowing; the connection stays open
+            with pytest.raises(BrokerUnavailable):
+                await broker.publish([message("e")])
+            await asyncio.sleep(3.5)  # pings go unanswered: the client drops the connection
+            proxy.resume()
+            proxy.reset()
+            sent = message("e")
+            await _until_published(broker, [sent])
+            assert sent.id in [d.message.id for d in await _until_fetched(broker, "svc", 1)]
+        assert proxy.connections >= 2
+
+
+# --- order -----------------------------------------------------------------------------------------
+
+
+async def test_max_ack_pending_1_keeps_one_names_order_across_instances(nats_url: str) -> None:
+    url = _with(nats_url, max_ack_pending=1)
+    sent = [Message(new_message_id(), "e", f'{{"n": {n}}}'.encode(), key="customer-1") for n in range(20)]
+    handled: list[str] = []
+    running: list[str] = []
+    rng = random.Random(6)
+
+    async def instance(broker: Broker) -> None:
+        while len(handled) < len(sent):
+            for delivery in await broker.fetch("svc", 10, 0.2):
+                assert not running, "two instances handled messages of one name at the same time"
+                running.append(delivery.message.id)
+                await asyncio.sleep(rng.uniform(0, 0.02))
+                if rng.random() < 0.2 and delivery.attempt == 1:
+                    await broker.retry(delivery, 0.05)  # a retry waits in place: order still holds
+                else:
+                    handled.append(delivery.message.id)
+                    await broker.ack(delivery)
+                running.remove(delivery.message.id)
+
+    async with NatsBroker(url) as one, NatsBroker(url) as two:
+        for broker in (one, two):
+            await broker.bind("svc", "e")
+        await one.publish(sent)
+        async with asyncio.timeout(PATIENCE), asyncio.TaskGroup() as group:
+            group.create_task(instance(one))
+            group.create_task(instance(two))
+    assert handled == [m.id for m in sent]
+
+
+# --- the bus on NATS -------------------------------------------------------------------------------
+
+
+class OrderPlaced(Event, name="NatsTests.Order Placed ✓"):
+    order_id: int
+
+
+FAST = Settings(
+    retry=RetryPolicy(initial_delay=0.01, max_delay=0.05),
+    relay_poll_interval=0.05,
+    fetch_timeout=0.2,
+    shutdown_timeout=5.0,
+    max_in_flight=2,
+)
+
+
+async def test_services_fan_out_and_instances_compete_on_nats(
+    nats_url: str, sqlite_url: str, tmp_path: Path
+) -> None:
+    handled: dict[str, list[int]] = {"billing": [], "shipping-1": [], "shipping-2": []}
+
+    def recorder(who: str) -> Callable[[OrderPlaced], object]:
+        async def record(event: OrderPlaced) -> None:
+            handled[who].append(event.order_id)
+            await asyncio.sleep(0.01)
+
+        return record
+
+    def bus(service: str, database: str) -> DistributedEventBus:
+        return DistributedEventBus(service, broker=nats_url, database=database, settings=FAST)
+
+    sales = bus("Sales", sqlite_url)
+    billing = bus("Billing", f"sqlite+aiosqlite:///{tmp_path}/billing.db")
+    shipping = [bus("Shipping", f"sqlite+aiosqlite:///{tmp_path}/shipping.db") for _ in range(2)]
+    await billing.subscribe(recorder("billing"), event=OrderPlaced)
+    for n, instance in enumerate(shipping, 1):
+        await instance.subscribe(recorder(f"shipping-{n}"), event=OrderPlaced)
+
+    async with sales, billing, shipping[0], shipping[1]:
+        async with sales.unit_of_work():
+            for order_id in range(40):
+                await sales.publish(OrderPlaced(order_id=order_id))  # through the SQLite outbox
+        await wait_until_idle(sales, billing, *shipping, timeout=PATIENCE)
+
+    assert sorted(handled["billing"]) == list(range(40))
+    both = handled["shipping-1"] + handled["shipping-2"]
+    assert sorted(both) == list(range(40)), "each order once across the Shipping instances"
+    assert handled["shipping-1"], "the two instances competed"
+    assert handled["shipping-2"], "the two instances competed"
