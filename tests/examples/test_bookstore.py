@@ -83,6 +83,90 @@ def test_the_story_on_postgresql(tmp_path: Path, postgresql_base: str, postgresq
     assert not (tmp_path / "broker.db").exists()
 
 
+SERVICE_NAMES = ["IdentityService", "ProductService", "OrderService", "NotificationService"]
+
+
+@pytest.fixture
+async def rabbitmq_url() -> AsyncIterator[str]:
+    """An exchange of the test's own; the services' queues (named after them, as in ABP) go afterwards."""
+    import aio_pika
+
+    from eventrelay.brokers.rabbitmq import RabbitMQBroker
+    from tests.servers import require_server
+
+    require_server("RabbitMQ", 5672)
+    server = "amqp://guest:guest@127.0.0.1:5672/"
+    url = f"{server}?exchange=bookstore-{uuid.uuid4().hex[:10]}&retry_delays=0.1,1"
+    layout = RabbitMQBroker(url)  # never started: it only names the queues
+    queues = [name for service in SERVICE_NAMES for name in (service, *layout.retry_queues(service))]
+
+    async def delete_all() -> None:
+        async with await aio_pika.connect(server) as connection:
+            channel = await connection.channel()
+            for queue in [*queues, layout.unrouted]:
+                await channel.queue_delete(queue)
+            for exchange in (layout.exchange, layout.unrouted):
+                await channel.exchange_delete(exchange)
+
+    await delete_all()  # queues a crashed earlier run may have left
+    yield url
+    await delete_all()
+
+
+@pytest.fixture
+async def nats_url() -> AsyncIterator[str]:
+    """A stream and subject prefix of the test's own, deleted afterwards."""
+    import nats
+
+    from tests.servers import require_server
+
+    require_server("NATS", 4222)
+    name = f"bookstore{uuid.uuid4().hex[:10]}"
+    yield f"nats://127.0.0.1:4222?stream={name}&prefix={name}"
+    client = await nats.connect("nats://127.0.0.1:4222")
+    try:
+        await client.jetstream().delete_stream(name)
+    finally:
+        await client.close()
+
+
+@pytest.fixture
+async def redis_url() -> AsyncIterator[str]:
+    """A key prefix of the test's own; its keys are deleted afterwards."""
+    import redis.asyncio
+
+    from tests.servers import require_server
+
+    require_server("Redis", 6379)
+    prefix = f"bookstore-{uuid.uuid4().hex[:10]}:"
+    yield f"redis://127.0.0.1:6379/0?prefix={prefix}"
+    client = redis.asyncio.Redis.from_url("redis://127.0.0.1:6379/0")
+    try:
+        keys = [key async for key in client.scan_iter(match=f"{prefix}*")]
+        if keys:
+            await client.delete(*keys)
+    finally:
+        await client.aclose()
+
+
+@pytest.mark.slow
+@pytest.mark.rabbitmq
+def test_the_story_on_rabbitmq(tmp_path: Path, rabbitmq_url: str) -> None:
+    run_demo(tmp_path, "--broker", rabbitmq_url)
+
+
+@pytest.mark.slow
+@pytest.mark.nats
+def test_the_story_on_nats(tmp_path: Path, nats_url: str) -> None:
+    run_demo(tmp_path, "--broker", nats_url)
+
+
+@pytest.mark.slow
+@pytest.mark.redis
+def test_the_story_on_redis(tmp_path: Path, redis_url: str) -> None:
+    run_demo(tmp_path, "--broker", redis_url)
+
+
 def _bookstore_imports(path: Path) -> set[str]:
     """The bookstore packages a file imports (`bookstore.order.app` -> "order")."""
     found = set()
