@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from datetime import UTC, datetime, timedelta
 from types import TracebackType
 from typing import Any, Self
@@ -29,8 +29,9 @@ from eventrelay.errors import ConfigurationError
 from eventrelay.events import DynamicEvent, Event, event_name, validate_event_name
 from eventrelay.handlers import DistributedEventHandler, HandlerSpec, RetryPolicy, resolve_handler
 from eventrelay.outbox import Relay
-from eventrelay.stores.base import DeadLetter, Store, utcnow
+from eventrelay.stores.base import DeadLetter, Store, Transaction, utcnow
 from eventrelay.stores.memory import MemoryStore
+from eventrelay.tracing import Tracing
 from eventrelay.uow import UnitOfWork, current_unit_of_work
 
 logger = logging.getLogger(__name__)
@@ -84,11 +85,13 @@ class DistributedEventBus:
         if entity_events is not None and (database is None or isinstance(self.store, MemoryStore)):
             raise ConfigurationError("Entity events come from a database: pass database= with entity_events=")
         self.entity_events = entity_events
+        self.tracing = Tracing(service, Tracing.system_of(self.broker))
         self.relay = Relay(
             self.store,
             self.broker,
             batch_size=self.settings.relay_batch_size,
             poll_interval=self.settings.relay_poll_interval,
+            tracing=self.tracing,
         )
         self.consumer = Consumer(self)
         self._specs: dict[str, HandlerSpec] = {}
@@ -160,7 +163,7 @@ class DistributedEventBus:
 
     def new_unit_of_work(self) -> UnitOfWork:
         """A unit of work of its own, even inside another."""
-        uow = UnitOfWork(self.store, self, self.broker.publish)
+        uow = UnitOfWork(self.store, self, self._send_now, write=self._write_outbox)
         if self.entity_events is not None:
             tracker = uow.tracker = EntityChangeTracker(self.entity_events, uow.session.sync_session)
 
@@ -207,15 +210,23 @@ class DistributedEventBus:
             uow.add(message, use_outbox=use_outbox, available_at=available_at)
             uow.after_commit(self.relay.wake)
         elif use_outbox and uow is not None:
-            await self.store.add_outbox(uow.transaction, [message], available_at)
+            await self._write_outbox(uow.transaction, [message], available_at)
             uow.after_commit(self.relay.wake)
         elif use_outbox:
             async with self.new_unit_of_work() as own:
                 own.add(message, use_outbox=True, available_at=available_at)
                 own.after_commit(self.relay.wake)
         else:
-            await self.broker.publish([message])
+            await self._send_now([message])
         return message.id
+
+    async def _write_outbox(self, tx: Transaction, messages: Sequence[Message], due: datetime) -> None:
+        with self.tracing.outbox_write(messages):
+            await self.store.add_outbox(tx, messages, due)
+
+    async def _send_now(self, messages: Sequence[Message]) -> None:
+        with self.tracing.send(messages):
+            await self.broker.publish(messages)
 
     def _message(
         self,
@@ -252,7 +263,7 @@ class DistributedEventBus:
         tenant = tenant_id or (parent.tenant_id if parent else None)
         if tenant is not None:
             all_headers[TENANT_ID] = tenant
-        return Message(message_id, name, body, all_headers, key)
+        return self.tracing.created(Message(message_id, name, body, all_headers, key))
 
     # --- subscribing ---------------------------------------------------------------------------------
 

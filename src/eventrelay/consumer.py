@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 import traceback
 from collections import deque
 from collections.abc import Awaitable, Coroutine, Iterator, Sequence
@@ -61,9 +62,11 @@ class Consumer:
                 await self._until_stopped(self._slot_free.wait())
                 continue
             try:
+                started = time.time_ns()
                 batch = await self._until_stopped(
                     self.bus.broker.fetch(self.bus.service, free, settings.fetch_timeout)
                 )
+                self.bus.tracing.received(batch or (), started)
                 failures = 0
             except BrokerUnavailable as exc:
                 failures += 1
@@ -135,7 +138,8 @@ class Consumer:
 
     async def _settle_one(self, delivery: Delivery) -> None:
         try:
-            await self.dispatch(delivery)
+            with self.bus.tracing.process(delivery):
+                await self.dispatch(delivery)
         except Exception:
             logger.exception("Could not settle message %s; it will come again", delivery.message.id)
             try:
@@ -191,8 +195,8 @@ class Consumer:
             # The context stays set through the commit: entity events made there inherit correlation too.
             with self._handling(spec, message, attempt, uow) as context:
                 async with uow:
-                    if not await self.bus.store.claim_inbox(
-                        uow.transaction, self.bus.service, spec.name, message.id
+                    if not await self.bus.tracing.inbox_check(
+                        self.bus.store.claim_inbox(uow.transaction, self.bus.service, spec.name, message.id)
                     ):
                         logger.debug("Duplicate %s for %s skipped", message.id, spec.name)
                         return None
@@ -242,7 +246,8 @@ class Consumer:
         """
         store = self.bus.store
         uow = self.bus.new_unit_of_work()
-        with self._handling(specs[0], message, 1, uow):
+        replaying = self.bus.tracing.process(Delivery(message), replay=True)
+        with replaying, self._handling(specs[0], message, 1, uow):
             async with uow:
                 tx = uow.transaction
                 await store.remove_dead_letter(tx, letter_id)
@@ -263,7 +268,8 @@ class Consumer:
         )
         token = current_context.set(context)
         try:
-            yield context
+            with self.bus.tracing.handle(spec.name, message, attempt):
+                yield context
         finally:
             current_context.reset(token)
 

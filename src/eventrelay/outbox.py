@@ -5,11 +5,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+from collections.abc import Sequence
 from datetime import timedelta
 
 from eventrelay.brokers.base import Broker
+from eventrelay.envelope import Message
 from eventrelay.errors import BrokerUnavailable, PublishFailed
 from eventrelay.stores.base import OutboxRecord, Store, Transaction, utcnow
+from eventrelay.tracing import Tracing
 
 logger = logging.getLogger(__name__)
 
@@ -31,9 +34,11 @@ class Relay:
         batch_size: int = 100,
         poll_interval: float = 1.0,
         max_backoff: float = 30.0,
+        tracing: Tracing | None = None,
     ) -> None:
         self.store = store
         self.broker = broker
+        self.tracing = tracing or Tracing("relay", Tracing.system_of(broker))
         self.batch_size = batch_size
         self.poll_interval = poll_interval
         self.max_backoff = max_backoff
@@ -84,14 +89,14 @@ class Relay:
 
     async def _send(self, tx: Transaction, rows: list[OutboxRecord]) -> list[int]:
         try:
-            await self.broker.publish([row.message for row in rows])
+            await self._publish([row.message for row in rows])
             return [row.seq for row in rows]
         except PublishFailed as exc:
             logger.warning("Broker refused a batch of %d, sending one by one: %s", len(rows), exc)
         sent = []
         for row in rows:  # find the rows the broker refuses; the others go on
             try:
-                await self.broker.publish([row.message])
+                await self._publish([row.message])
                 sent.append(row.seq)
             except PublishFailed as exc:
                 delay = min(self.max_backoff * 10, 2.0 ** (row.attempts + 1))
@@ -100,6 +105,10 @@ class Relay:
                 )
                 await self.store.defer_outbox(tx, row.seq, utcnow() + timedelta(seconds=delay), str(exc))
         return sent
+
+    async def _publish(self, messages: Sequence[Message]) -> None:
+        with self.tracing.send(messages):
+            await self.broker.publish(messages)
 
     async def _sleep(self) -> None:
         timeout = self.poll_interval

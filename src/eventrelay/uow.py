@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from contextvars import ContextVar
 from dataclasses import dataclass
 from datetime import datetime
@@ -41,11 +41,18 @@ class UnitOfWork:
     discards them. Events published with `use_outbox=False` are sent right after the commit.
     """
 
-    def __init__(self, store: Store, owner: object, send: Callable[[list[Message]], Awaitable[None]]) -> None:
+    def __init__(
+        self,
+        store: Store,
+        owner: object,
+        send: Callable[[list[Message]], Awaitable[None]],
+        write: Callable[[Transaction, Sequence[Message], datetime], Awaitable[None]] | None = None,
+    ) -> None:
         self.transaction: Transaction = store.begin()
         self.owner = owner
         self._store = store
         self._send = send
+        self._write = write or store.add_outbox
         self._pending: list[_Pending] = []
         self._before_commit: list[Callable[[], Awaitable[None]]] = []
         self._token: object = None
@@ -92,7 +99,7 @@ class UnitOfWork:
         self._pending.clear()
         try:
             for due, messages in by_due.items():
-                await self._store.add_outbox(self.transaction, messages, due)
+                await self._write(self.transaction, messages, due)
         except BaseException:
             await self.transaction.rollback()
             raise
