@@ -7,9 +7,11 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
 
-from fastapi import FastAPI
+from fastapi import FastAPI, Response
+from fastapi.responses import PlainTextResponse
 from sqlalchemy import MetaData
 
+from eventrelay.metrics import scrape
 from eventrelay.service import Service
 
 DATA = Path(os.environ.get("BOOKSTORE_DATA", ".bookstore"))
@@ -42,5 +44,13 @@ def create_app(service: Service, metadata: MetaData, title: str) -> FastAPI:
     @app.get("/health")
     async def health() -> dict[str, str]:
         return {"service": service.name, "status": "ok"}
+
+    @app.get("/metrics", include_in_schema=False)
+    async def metrics() -> Response:
+        """The bus's Prometheus metrics, when the service runs with {PREFIX}METRICS=true."""
+        if not service.bus.metrics.enabled:
+            return PlainTextResponse(f"Metrics are off in {service.name}: set its METRICS=true", 404)
+        body, content_type = await scrape(service.bus)
+        return Response(body, media_type=content_type)
 
     return app

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 from collections.abc import Callable, Mapping, Sequence
 from datetime import UTC, datetime, timedelta
@@ -19,6 +20,7 @@ from eventrelay.consumer import Consumer, current_context
 from eventrelay.entity_events import EntityChangeTracker, EntityEvents
 from eventrelay.envelope import (
     CAUSATION_ID,
+    COMMITTED_AT,
     CORRELATION_ID,
     RESERVED_HEADERS,
     TENANT_ID,
@@ -28,6 +30,7 @@ from eventrelay.envelope import (
 from eventrelay.errors import ConfigurationError
 from eventrelay.events import DynamicEvent, Event, event_name, validate_event_name
 from eventrelay.handlers import DistributedEventHandler, HandlerSpec, RetryPolicy, resolve_handler
+from eventrelay.metrics import Metrics, NoMetrics, committed_stamp
 from eventrelay.outbox import Relay
 from eventrelay.stores.base import DeadLetter, Store, Transaction, utcnow
 from eventrelay.stores.memory import MemoryStore
@@ -86,12 +89,15 @@ class DistributedEventBus:
             raise ConfigurationError("Entity events come from a database: pass database= with entity_events=")
         self.entity_events = entity_events
         self.tracing = Tracing(service, Tracing.system_of(self.broker))
+        metrics_on = self.settings.metrics or self.settings.metrics_port > 0
+        self.metrics: NoMetrics = Metrics(service) if metrics_on else NoMetrics()
         self.relay = Relay(
             self.store,
             self.broker,
             batch_size=self.settings.relay_batch_size,
             poll_interval=self.settings.relay_poll_interval,
             tracing=self.tracing,
+            metrics=self.metrics,
         )
         self.consumer = Consumer(self)
         self._specs: dict[str, HandlerSpec] = {}
@@ -221,12 +227,16 @@ class DistributedEventBus:
         return message.id
 
     async def _write_outbox(self, tx: Transaction, messages: Sequence[Message], due: datetime) -> None:
+        stamp = committed_stamp()
+        messages = [dataclasses.replace(m, headers={**m.headers, COMMITTED_AT: stamp}) for m in messages]
         with self.tracing.outbox_write(messages):
             await self.store.add_outbox(tx, messages, due)
+        self.metrics.published(messages)
 
     async def _send_now(self, messages: Sequence[Message]) -> None:
         with self.tracing.send(messages):
             await self.broker.publish(messages)
+        self.metrics.published(messages)
 
     def _message(
         self,

@@ -37,6 +37,11 @@ class Settings:
     """On stop, how long in-flight handlers may take to finish, and the outbox to drain."""
     handler_timeout: float = 300.0
     """A handler still running after this many seconds is cancelled: a failed attempt (retried, then dead)."""
+    metrics: bool = False
+    """Count and time messages in Prometheus metrics, `bus.metrics` (needs `eventrelay[metrics]`)."""
+    metrics_port: int = 0
+    """When above 0, metrics are on and `Service.run` serves them at `http://{metrics_host}:{port}/metrics`."""
+    metrics_host: str = "127.0.0.1"
 
     @classmethod
     def from_env(cls, prefix: str = "EVENTRELAY_", environ: Mapping[str, str] | None = None) -> Self:
@@ -67,6 +72,8 @@ class Settings:
         for name in ("fetch_timeout", "relay_poll_interval", "shutdown_timeout", "handler_timeout"):
             if getattr(self, name) <= 0:
                 raise ConfigurationError(f"Settings.{name} must be more than 0 seconds")
+        if not 0 <= self.metrics_port <= 65535:
+            raise ConfigurationError("Settings.metrics_port must be from 0 (off) to 65535")
         for name in ("inbox_retention", "inbox_cleanup_interval"):  # <= 0 would purge every inbox record
             if getattr(self, name) <= timedelta(0):
                 raise ConfigurationError(f"Settings.{name} must be more than 0 seconds")
@@ -93,6 +100,8 @@ def _parse(variable: str, raw: str, default: object) -> Any:
             return float(raw)
         if isinstance(default, timedelta):
             return timedelta(seconds=float(raw))
+        if isinstance(default, str):
+            return raw
     except ValueError:
         kind = type(default).__name__ if not isinstance(default, timedelta) else "number of seconds"
         raise ConfigurationError(f"{variable}={raw!r} is not a valid {kind}") from None

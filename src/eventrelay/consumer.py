@@ -191,6 +191,7 @@ class Consumer:
             await self.dead_letter(spec.name, message, attempt, f"cannot decode: {exc}")
             return None
         try:
+            started = time.perf_counter()
             uow = self.bus.new_unit_of_work()
             # The context stays set through the commit: entity events made there inherit correlation too.
             with self._handling(spec, message, attempt, uow) as context:
@@ -201,12 +202,14 @@ class Consumer:
                         logger.debug("Duplicate %s for %s skipped", message.id, spec.name)
                         return None
                     await self._within_time_limit(spec.invoke(event, context))
+            self.bus.metrics.handled(spec.name, message, started)
             return None
         except Reject as exc:
             await self.dead_letter(spec.name, message, attempt, f"rejected by handler: {exc.reason}")
             return None
         except Retry as exc:
             if attempt < policy.max_attempts:
+                self.bus.metrics.retried(spec.name, message)
                 return exc.after
             await self.dead_letter(
                 spec.name, message, attempt, f"still asking to retry after {attempt} attempts: {exc}"
@@ -215,6 +218,7 @@ class Consumer:
         except Exception as exc:
             if attempt < policy.max_attempts:
                 logger.warning("%s failed on %s (attempt %d): %r", spec.name, message.id, attempt, exc)
+                self.bus.metrics.retried(spec.name, message)
                 return policy.delay(attempt)
             reason = f"failed {attempt} times; last error: {type(exc).__name__}: {exc}"
             await self.dead_letter(spec.name, message, attempt, reason, traceback.format_exc())
@@ -232,6 +236,7 @@ class Consumer:
             await store.add_dead_letter(
                 tx, NewDeadLetter(self.bus.service, handler, message, attempts, reason, error)
             )
+        self.bus.metrics.dead_lettered(handler, message)
         logger.error(
             "Dead letter: %s (%s) for %s: %s", message.id, message.name, handler or self.bus.service, reason
         )

@@ -14,6 +14,7 @@ CORRELATION_ID = "x-correlation-id"
 CAUSATION_ID = "x-causation-id"
 TENANT_ID = "x-tenant-id"
 TRACEPARENT = "traceparent"
+COMMITTED_AT = "x-eventrelay-committed-at"
 RESERVED_HEADERS = frozenset({CORRELATION_ID, CAUSATION_ID, TENANT_ID})
 
 

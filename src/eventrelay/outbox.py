@@ -11,6 +11,7 @@ from datetime import timedelta
 from eventrelay.brokers.base import Broker
 from eventrelay.envelope import Message
 from eventrelay.errors import BrokerUnavailable, PublishFailed
+from eventrelay.metrics import NoMetrics
 from eventrelay.stores.base import OutboxRecord, Store, Transaction, utcnow
 from eventrelay.tracing import Tracing
 
@@ -35,10 +36,12 @@ class Relay:
         poll_interval: float = 1.0,
         max_backoff: float = 30.0,
         tracing: Tracing | None = None,
+        metrics: NoMetrics | None = None,
     ) -> None:
         self.store = store
         self.broker = broker
         self.tracing = tracing or Tracing("relay", Tracing.system_of(broker))
+        self.metrics = metrics or NoMetrics()
         self.batch_size = batch_size
         self.poll_interval = poll_interval
         self.max_backoff = max_backoff
@@ -109,6 +112,7 @@ class Relay:
     async def _publish(self, messages: Sequence[Message]) -> None:
         with self.tracing.send(messages):
             await self.broker.publish(messages)
+        self.metrics.relayed(messages)
 
     async def _sleep(self) -> None:
         timeout = self.poll_interval

@@ -22,7 +22,7 @@ import functools
 import logging
 import os
 import signal
-from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping, Sequence
 from types import TracebackType
 from typing import Any, Self
 
@@ -150,14 +150,17 @@ class Service:
         await self.stop()
 
     async def run(self) -> None:
-        """Run until SIGINT or SIGTERM; then stop fetching, finish in-flight messages, and return."""
+        """Run until SIGINT or SIGTERM; then stop fetching, finish in-flight messages, and return.
+
+        With `Settings.metrics_port`, it serves the bus's metrics at `/metrics` on that port meanwhile.
+        """
         loop = asyncio.get_running_loop()
         stopping = asyncio.Event()
         signals = (signal.SIGINT, signal.SIGTERM)
         for sig in signals:
             loop.add_signal_handler(sig, stopping.set)
         try:
-            async with self:
+            async with self, self._metrics_endpoint():
                 await stopping.wait()
                 logger.info("%s stopping: finishing in-flight messages", self.name)
         finally:
@@ -165,3 +168,18 @@ class Service:
                 with contextlib.suppress(Exception):
                     loop.remove_signal_handler(sig)
         logger.info("%s stopped", self.name)
+
+    @contextlib.asynccontextmanager
+    async def _metrics_endpoint(self) -> AsyncIterator[None]:
+        settings = self.bus.settings
+        if not settings.metrics_port:
+            yield
+            return
+        from eventrelay.metrics import serve_metrics
+
+        server = await serve_metrics(self.bus, settings.metrics_host, settings.metrics_port)
+        try:
+            yield
+        finally:
+            server.close()
+            await server.wait_closed()
