@@ -317,3 +317,39 @@ def dead_letters_purge(target: str, letter_ids: Sequence[int], yes: bool) -> Non
         return len(ids)
 
     click.echo(f"Deleted {_letters(service, purge)} dead letter(s) of {service.name}")
+
+
+@main.command()
+@TARGET
+@click.option("-o", "--output", type=click.Path(dir_okay=False), help="Write to this file, not stdout.")
+@click.option("--version", "api_version", default="1.0.0", show_default=True, help="info.version.")
+def asyncapi(target: str, output: str | None, api_version: str) -> None:
+    """Write the AsyncAPI 3.0 document (JSON) of what a service publishes and handles.
+
+    Example: eventrelay asyncapi orders.app:service -o orders.asyncapi.json
+    """
+    from eventrelay.asyncapi import asyncapi_document
+
+    service = load_service(target)
+    run_async(service.prepare)
+    text = json.dumps(asyncapi_document(service, api_version), indent=2) + "\n"
+    if output is None:
+        click.echo(text, nl=False)
+    else:
+        with open(output, "w", encoding="utf-8") as file:
+            file.write(text)
+        click.echo(f"Wrote the AsyncAPI document of {service.name} to {output}", err=True)
+
+
+@main.command()
+@TARGET
+def schema(target: str) -> None:
+    """Print the JSON Schema of each event a service publishes or handles, by event name (JSON).
+
+    Example: eventrelay schema products.app:service
+    """
+    from eventrelay.asyncapi import event_schemas
+
+    service = load_service(target)
+    run_async(service.prepare)
+    click.echo(json.dumps(event_schemas(service), indent=2))

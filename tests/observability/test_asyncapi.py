@@ -1,0 +1,136 @@
+"""Contracts as documents: `eventrelay asyncapi` writes AsyncAPI 3.0 documents that the official JSON Schema
+accepts (checked in under `asyncapi/`, see its SOURCE.md); `eventrelay schema` prints each ETO's schema."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from decimal import Decimal
+from functools import cache
+from pathlib import Path
+from typing import Any
+
+import jsonschema
+import pytest
+from pydantic import ConfigDict
+from pydantic.alias_generators import to_camel
+
+from eventrelay import DynamicEvent, Event
+from eventrelay.asyncapi import asyncapi_document, event_schemas
+from eventrelay.service import Service
+
+EXAMPLES = Path(__file__).parent.parent.parent / "examples"
+SCHEMA = Path(__file__).parent / "asyncapi" / "asyncapi-3.0.0.json"
+
+
+@cache
+def validator() -> jsonschema.Draft7Validator:
+    return jsonschema.Draft7Validator(json.loads(SCHEMA.read_text()))
+
+
+def errors(document: dict[str, Any]) -> list[str]:
+    return [f"{list(e.absolute_path)}: {e.message[:300]}" for e in validator().iter_errors(document)]
+
+
+def cli(tmp_path: Path, *args: str) -> str:
+    """Run the real `eventrelay` command from examples/, with the sample's data in `tmp_path`."""
+    result = subprocess.run(
+        [sys.executable, "-m", "eventrelay", *args],
+        cwd=EXAMPLES,
+        env={**os.environ, "PYTHONPATH": str(EXAMPLES), "BOOKSTORE_DATA": str(tmp_path)},
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr
+    return result.stdout
+
+
+def test_the_order_service_document_is_valid_asyncapi_3_and_says_what_it_handles(tmp_path: Path) -> None:
+    document = json.loads(cli(tmp_path, "asyncapi", "bookstore.order.app:service"))
+    assert errors(document) == []
+    assert document["asyncapi"] == "3.0.0"
+    assert document["info"]["title"] == "OrderService"
+    assert {op["action"] for op in document["operations"].values()} == {"receive"}  # it publishes nothing
+    price = document["operations"]["receive.BookStore.Product.PriceChanged"]
+    assert price["channel"] == {"$ref": "#/channels/BookStore.Product.PriceChanged"}
+    assert price["x-eventrelay-handlers"] == ["bookstore.order.app.OrderProductPriceChangedHandler"]
+    assert document["channels"]["Volo.Abp.Users.User.Updated"]["address"] == "Volo.Abp.Users.User.Updated"
+    message = document["components"]["messages"]["BookStore.Product.PriceChanged"]
+    assert message["payload"] == {"$ref": "#/components/schemas/ProductPriceChangedEto"}
+    payload = document["components"]["schemas"]["ProductPriceChangedEto"]
+    assert payload["required"] == ["product_id", "name", "old_price", "new_price"]
+    assert payload["properties"]["product_id"]["format"] == "uuid"
+    assert payload["properties"]["new_price"]["type"] == "string"  # a Decimal travels as a string
+
+
+def test_the_product_service_document_sends_its_events_and_its_entity_events(tmp_path: Path) -> None:
+    output = tmp_path / "product.asyncapi.json"
+    cli(tmp_path, "asyncapi", "bookstore.product.app:service", "-o", str(output), "--version", "2.1.0")
+    document = json.loads(output.read_text())
+    assert errors(document) == []
+    assert document["info"]["version"] == "2.1.0"
+    assert sorted(document["operations"]) == [
+        "send.BookStore.Product.Created",
+        "send.BookStore.Product.Deleted",
+        "send.BookStore.Product.PriceChanged",
+        "send.BookStore.Product.Updated",
+    ]
+    updated = document["components"]["messages"]["BookStore.Product.Updated"]
+    entity = document["components"]["schemas"][updated["payload"]["$ref"].rsplit("/", 1)[1]]
+    assert entity["properties"]["entity"] == {"$ref": "#/components/schemas/ProductEto"}
+
+
+def test_eventrelay_schema_prints_each_eto_schema_by_event_name(tmp_path: Path) -> None:
+    schemas = json.loads(cli(tmp_path, "schema", "bookstore.notification.app:service"))
+    assert list(schemas) == ["BookStore.Product.PriceChanged"]
+    assert schemas["BookStore.Product.PriceChanged"]["title"] == "ProductPriceChangedEto"
+    assert jsonschema.Draft202012Validator(schemas["BookStore.Product.PriceChanged"]).is_valid(
+        {
+            "product_id": "3fa85f64-5717-4562-b3fc-2c963f66afa6",
+            "name": "A",
+            "old_price": "2",
+            "new_price": "1",
+        }
+    )
+
+
+class CamelEto(Event, name="AsyncApiTests.Shop/Order Placed"):
+    """An order was placed (camelCase on the wire, as ABP writes it)."""
+
+    model_config = ConfigDict(alias_generator=to_camel, validate_by_name=True)
+    order_id: int
+    total_price: Decimal
+
+
+async def on_anything(event: DynamicEvent) -> None:
+    """A handler of an event known only by name."""
+
+
+async def test_aliases_dynamic_events_and_unusual_names_make_a_valid_document() -> None:
+    service = Service("Shop", broker="memory://", publishes=[CamelEto])
+    service.subscribe(on_anything, event="AsyncApiTests.Legacy")
+    await service.prepare()
+    document = asyncapi_document(service)
+    assert errors(document) == []
+    key = "AsyncApiTests.Shop_Order_Placed"  # a component key allows letters, digits, . _ - only
+    assert document["channels"][key]["address"] == "AsyncApiTests.Shop/Order Placed"
+    assert document["components"]["messages"][key]["summary"].startswith("An order was placed")
+    assert set(document["components"]["schemas"]["CamelEto"]["properties"]) == {"orderId", "totalPrice"}
+    legacy = document["components"]["messages"]["AsyncApiTests.Legacy"]
+    assert legacy["payload"] == {"type": "object"}
+    assert set(event_schemas(service)) == {"AsyncApiTests.Shop/Order Placed"}  # no class, no schema
+
+
+def test_the_official_schema_rejects_a_broken_document() -> None:
+    broken = {
+        "asyncapi": "3.0.0",
+        "info": {"title": "x", "version": "1"},
+        "operations": {"o": {"action": "publish"}},
+    }
+    assert errors(broken)
+    with pytest.raises(jsonschema.ValidationError):
+        validator().validate({"asyncapi": "2.6.0", "info": {"title": "x", "version": "1"}})
