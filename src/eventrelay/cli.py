@@ -353,3 +353,23 @@ def schema(target: str) -> None:
     service = load_service(target)
     run_async(service.prepare)
     click.echo(json.dumps(event_schemas(service), indent=2))
+
+
+@main.command()
+@click.argument("targets", metavar="MODULE:SERVICE...", nargs=-1, required=True)
+@click.option("--host", default="127.0.0.1", show_default=True, help="Interface to listen on.")
+@click.option("--port", default=8090, show_default=True, help="Port to listen on.")
+@click.option(
+    "--token",
+    envvar="EVENTRELAY_DASHBOARD_TOKEN",
+    help="Log-in token (or EVENTRELAY_DASHBOARD_TOKEN); required unless --host is 127.0.0.1 or localhost.",
+)
+def dashboard(targets: Sequence[str], host: str, port: int, token: str | None) -> None:
+    """Serve a web dashboard of services: outbox, inbox, rates, dead letters; replay and discard them.
+
+    Example: eventrelay dashboard orders.app:service products.app:service --port 8090
+    """
+    from eventrelay.dashboard import run_dashboard
+
+    services = [load_service(target) for target in targets]
+    run_async(lambda: run_dashboard(services, host, port, token))

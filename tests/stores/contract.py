@@ -541,6 +541,19 @@ class StoreContract:
         for message_id in new:  # still remembered
             assert await self.claim_inbox(store, "order-service", "ApplyDiscount", message_id) is False
 
+    async def test_inbox_count_counts_a_subscribers_records_since_a_time(self, store: Store) -> None:
+        for message_id in (new_message_id(), new_message_id()):
+            assert await self.claim_inbox(store, "order-service", "ApplyDiscount", message_id)
+        await _tick()
+        cut = utcnow()
+        await _tick()
+        assert await self.claim_inbox(store, "order-service", "NotifyBuyer", new_message_id())
+        assert await self.claim_inbox(store, "other-service", "ApplyDiscount", new_message_id())
+
+        assert await store.inbox_count("order-service") == 3
+        assert await store.inbox_count("order-service", since=cut) == 1
+        assert await store.inbox_count("nobody") == 0
+
     # --- dead letters -------------------------------------------------------------------------------
 
     async def test_dead_letter_is_stored_with_everything(self, store: Store) -> None:

@@ -160,3 +160,7 @@ class Store(ABC):
     @abstractmethod
     async def purge_inbox(self, before: datetime) -> int:
         """Delete inbox records received before `before`; return how many went."""
+
+    async def inbox_count(self, subscriber: str, since: datetime | None = None) -> int:
+        """Inbox records of `subscriber` (received at or after `since`, when given): what it has handled."""
+        raise NotImplementedError(f"{type(self).__name__} cannot count its inbox records")

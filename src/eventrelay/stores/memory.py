@@ -161,6 +161,11 @@ class MemoryStore(Store):
             del self._inbox[key]
         return len(old)
 
+    async def inbox_count(self, subscriber: str, since: datetime | None = None) -> int:
+        return sum(
+            1 for key, at in self._inbox.items() if key[0] == subscriber and (since is None or at >= since)
+        )
+
 
 def _memory(tx: Transaction) -> MemoryTransaction:
     if not isinstance(tx, MemoryTransaction):

@@ -322,6 +322,13 @@ class SqlStore(Store):
             result = await conn.execute(delete(t).where(t.c.received_at < before))
         return int(result.rowcount)
 
+    async def inbox_count(self, subscriber: str, since: datetime | None = None) -> int:
+        t = self.tables.inbox
+        query = select(func.count()).select_from(t).where(t.c.subscriber == subscriber)
+        if since is not None:
+            query = query.where(t.c.received_at >= since)
+        return int(await self._scalar(query) or 0)
+
     async def _read(self, query: Any) -> list[Row[Any]]:
         async with self.engine.connect() as conn:
             conn = await conn.execution_options(**READ_ONLY)
