@@ -11,6 +11,7 @@ from fastapi import FastAPI, Response
 from fastapi.responses import PlainTextResponse
 from sqlalchemy import MetaData
 
+from bookstore import traces
 from eventrelay.metrics import scrape
 from eventrelay.service import Service
 
@@ -30,7 +31,11 @@ def default_broker() -> str:
 
 
 def create_app(service: Service, metadata: MetaData, title: str) -> FastAPI:
-    """A FastAPI app whose lifespan creates the service's tables and runs its bus (consumer and relay)."""
+    """A FastAPI app whose lifespan creates the service's tables and runs its bus (consumer and relay).
+
+    With `BOOKSTORE_TRACES=FILE` it traces its requests and its bus to FILE (`bookstore/traces.py`).
+    """
+    tracing = traces.configure(service.name)
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
@@ -40,6 +45,8 @@ def create_app(service: Service, metadata: MetaData, title: str) -> FastAPI:
             yield
 
     app = FastAPI(title=title, lifespan=lifespan)
+    if tracing:
+        traces.trace_requests(app)
 
     @app.get("/health")
     async def health() -> dict[str, str]:

@@ -252,7 +252,7 @@ class Consumer:
         store = self.bus.store
         uow = self.bus.new_unit_of_work()
         replaying = self.bus.tracing.process(Delivery(message), replay=True)
-        with replaying, self._handling(specs[0], message, 1, uow):
+        with replaying, self._handling(specs[0], message, 1, uow, traced=False):
             async with uow:
                 tx = uow.transaction
                 await store.remove_dead_letter(tx, letter_id)
@@ -265,7 +265,7 @@ class Consumer:
 
     @contextlib.contextmanager
     def _handling(
-        self, spec: HandlerSpec, message: Message, attempt: int, uow: UnitOfWork
+        self, spec: HandlerSpec, message: Message, attempt: int, uow: UnitOfWork, traced: bool = True
     ) -> Iterator[Context]:
         """The handler's context, set where `publish` reads it to stamp correlation, causation and tenant."""
         context = Context(
@@ -273,7 +273,7 @@ class Consumer:
         )
         token = current_context.set(context)
         try:
-            with self.bus.tracing.handle(spec.name, message, attempt):
+            with self.bus.tracing.handle(spec.name, message, attempt) if traced else contextlib.nullcontext():
                 yield context
         finally:
             current_context.reset(token)

@@ -11,6 +11,7 @@ Its handlers:
 
 from __future__ import annotations
 
+import os
 import uuid
 from decimal import Decimal
 
@@ -28,6 +29,8 @@ from eventrelay.service import Service
 from eventrelay.synchronizer import EntitySynchronizer
 
 DISCOUNT_THRESHOLD = Decimal("0.10")  # a price must fall by at least 10% for open orders to get it
+# A broken deployment, for the operations guide (docs/operations.md): discounts fail while this is set.
+BROKEN_PRICING = os.environ.get("ORDER_BROKEN_PRICING") == "1"
 
 
 class Base(DeclarativeBase):
@@ -84,6 +87,10 @@ class OrderProductPriceChangedHandler(DistributedEventHandler[ProductPriceChange
     async def handle_event(self, event: ProductPriceChangedEto) -> None:
         if event.new_price > event.old_price * (1 - DISCOUNT_THRESHOLD):
             return  # not enough of a drop
+        if BROKEN_PRICING:
+            raise RuntimeError(
+                "pricing rules unavailable: this deployment is broken (ORDER_BROKEN_PRICING=1)"
+            )
         session = self.context.session
         orders = await session.scalars(
             select(Order).where(

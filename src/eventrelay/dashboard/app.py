@@ -41,7 +41,7 @@ HEADERS = [
     ),
     ("X-Content-Type-Options", "nosniff"),
     ("X-Frame-Options", "DENY"),
-    ("Referrer-Policy", "no-referrer"),
+    ("Referrer-Policy", "same-origin"),  # "no-referrer" would make browsers send Origin: null
     ("Cache-Control", "no-store"),
 ]
 

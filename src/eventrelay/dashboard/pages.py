@@ -14,6 +14,8 @@ from eventrelay.tracing import trace_id
 STYLE = """
 body { font: 14px/1.45 system-ui, sans-serif; margin: 0; color: #1d2430; background: #f6f7f9; }
 header { background: #1d2430; color: #fff; padding: 10px 24px; display: flex; gap: 24px; }
+header { align-items: center; min-height: 32px; }
+td.time { white-space: nowrap; }
 header a { color: #fff; text-decoration: none; font-weight: 600; }
 header form { margin-left: auto; }
 main { padding: 16px 24px; max-width: 1200px; }
@@ -116,7 +118,7 @@ def _letter_rows(letters: Iterable[DeadLetter], service: str, checkboxes: bool) 
             f'<td><a href="{h(service_url(service, "letters", d.id))}">{h(d.id)}</a></td>'
             f"<td>{h(d.message.name)}</td><td>{h(d.handler or '(none took it)')}</td>"
             f'<td class="num">{h(d.attempts)}</td><td>{h(d.reason)}</td>'
-            f"<td>{h(d.created_at.isoformat(sep=' ', timespec='seconds'))}</td></tr>"
+            f'<td class="time">{h(d.created_at.isoformat(sep=" ", timespec="seconds"))}</td></tr>'
         )
     return "".join(rows)
 
@@ -142,10 +144,14 @@ def service_page(stats: ServiceStats, letters: Sequence[DeadLetter], csrf: str, 
             '<button type="submit" name="action" value="discard-all" class="danger">Discard all</button>'
             f'</div></form><p class="muted">{h(len(letters))} dead letter(s){h(more)}.</p>'
         )
+    outbox = (
+        f"Outbox: {h(stats.outbox)} waiting, the oldest for {_age(stats.oldest_age)}."
+        if stats.outbox
+        else "Outbox: empty."
+    )
     return (
-        f"<h1>{h(name)}</h1>"
-        f"<p>Outbox: {h(stats.outbox)} waiting, the oldest for {_age(stats.oldest_age)}. "
-        f"Inbox: {_count(stats.inbox)} records, {_count(stats.handled_last_minute)} in the last minute.</p>"
+        f"<h1>{h(name)}</h1><p>{outbox} Inbox: {_count(stats.inbox)} records, "
+        f"{_count(stats.handled_last_minute)} in the last minute.</p>"
         f"<h2>Dead letters</h2>{listing}"
     )
 
