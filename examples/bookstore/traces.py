@@ -93,6 +93,7 @@ def print_trace(path: str, trace_id: str) -> int:
         mark = "  ERROR" if status == "ERROR" else ""
         attempt = span["attributes"].get("eventrelay.attempt")
         extra = f"  attempt {attempt}" if attempt is not None else ""
+        extra += "  (replay)" if span["attributes"].get("eventrelay.replay") else ""
         print(f"{'    ' * depth}{span['name']}  [{service}]{extra}{mark}")
         for event in span.get("events", []):
             if event["name"] == "exception":
