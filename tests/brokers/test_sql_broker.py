@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -80,3 +81,19 @@ async def test_an_unreachable_postgresql_broker_is_unavailable() -> None:
         await broker.start()
     assert "secret" not in str(caught.value)
     await broker.close()
+
+
+@pytest.mark.postgresql
+async def test_services_starting_at_once_on_one_postgresql_database_all_start(postgresql_url: str) -> None:
+    # Without turns, PostgreSQL's CREATE TABLE IF NOT EXISTS fails when run twice at once.
+    from eventrelay.stores.sqlalchemy import SqlStore
+
+    brokers = [SqlBroker(postgresql_url) for _ in range(6)]
+    stores = [SqlStore(postgresql_url) for _ in range(6)]
+    try:
+        await asyncio.gather(*(b.start() for b in brokers), *(s.create_tables() for s in stores))
+    finally:
+        for broker in brokers:
+            await broker.close()
+        for store in stores:
+            await store.close()

@@ -677,7 +677,8 @@ async def test_show_needs_an_integer_id(shop: Shop) -> None:
 
 
 def _all_commands() -> list[list[str]]:
-    return [[], ["run"], ["db"], ["db", "init"], ["dead-letters"]] + [list(c) for c in COMMANDS]
+    documents = [["asyncapi"], ["schema"], ["dashboard"]]  # their own tests: tests/observability, tests/dashboard
+    return [[], ["run"], ["db"], ["db", "init"], ["dead-letters"], *documents] + [list(c) for c in COMMANDS]
 
 
 @pytest.mark.parametrize("command", _all_commands(), ids=lambda c: " ".join(c) or "eventrelay")

@@ -59,7 +59,7 @@ from eventrelay.config import redact_url
 from eventrelay.envelope import Delivery, Message
 from eventrelay.errors import BrokerUnavailable, ConfigurationError, PublishFailed
 from eventrelay.stores.base import utcnow
-from eventrelay.stores.sqlalchemy import NO_TRANSACTION, READ_ONLY, TIME, create_engine
+from eventrelay.stores.sqlalchemy import NO_TRANSACTION, READ_ONLY, TIME, create_all, create_engine
 
 logger = logging.getLogger(__name__)
 
@@ -122,9 +122,10 @@ class SqlBroker(Broker):
 
     async def start(self) -> None:
         async with self._translate("connect to"):
-            async with self.engine.begin() as conn:
-                await conn.run_sync(self.metadata.create_all)
-                if self._sqlite:
+            await create_all(self.engine, self.metadata)
+            if self._sqlite:
+                async with self.engine.connect() as conn:
+                    conn = await conn.execution_options(**NO_TRANSACTION)
                     await conn.exec_driver_sql("PRAGMA journal_size_limit = 8388608")
             if not self._sqlite:
                 await self._listen()
@@ -345,6 +346,10 @@ class SqlBroker(Broker):
                 f"Could not {action} the SQL broker at {redact_url(self.url)}: {exc}"
             ) from exc
         except DBAPIError as exc:
+            if exc.connection_invalidated:  # the connection dropped mid-statement (asyncpg): unavailable
+                raise BrokerUnavailable(
+                    f"Could not {action} the SQL broker at {redact_url(self.url)}: {exc.orig}"
+                ) from exc
             raise PublishFailed(f"Could not {action} the SQL broker: {exc.orig}") from exc
 
 

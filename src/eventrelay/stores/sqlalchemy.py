@@ -157,6 +157,18 @@ def configure_sqlite(engine: AsyncEngine, busy_timeout_ms: int = 30_000) -> None
     sync_engine._eventrelay_configured = True  # type: ignore[attr-defined]
 
 
+async def create_all(engine: AsyncEngine, metadata: MetaData) -> None:
+    """Create `metadata`'s tables that do not exist yet, safe when several processes start at once.
+
+    PostgreSQL's `CREATE TABLE IF NOT EXISTS` is not safe against itself: two at once can fail on the
+    catalog's unique index, so the creators take turns behind a transaction-scoped advisory lock.
+    """
+    async with engine.begin() as conn:
+        if conn.dialect.name == "postgresql":
+            await conn.exec_driver_sql("SELECT pg_advisory_xact_lock(7365871024)")  # eventrelay's own key
+        await conn.run_sync(metadata.create_all)
+
+
 class SqlTransaction(Transaction):
     """A transaction on one `AsyncSession`; user code writes through the same session."""
 
@@ -196,8 +208,7 @@ class SqlStore(Store):
 
     async def create_tables(self) -> None:
         try:
-            async with self.engine.begin() as conn:
-                await conn.run_sync(self.metadata.create_all)
+            await create_all(self.engine, self.metadata)
         except (SQLAlchemyError, OSError) as exc:
             where = redact_url(self.engine.url.render_as_string(hide_password=False))
             raise StoreError(f"Could not create the eventrelay tables in {where}: {exc}") from exc
@@ -282,7 +293,9 @@ class SqlStore(Store):
                 message_id=m.id,
                 name=m.name,
                 body=m.body,
-                headers=json.dumps(dict(m.headers)),
+                # default=str: a foreign message's header values that JSON lacks (AMQP's decimals and
+                # timestamps) must not keep its dead letter from being stored
+                headers=json.dumps(dict(m.headers), default=str),
                 ordering_key=m.key,
                 attempts=letter.attempts,
                 reason=letter.reason,
