@@ -20,6 +20,7 @@ BROKERS: dict[str, tuple[str, str | None]] = {
     "tls": ("eventrelay.brokers.nats:NatsBroker", "nats"),
     "redis": ("eventrelay.brokers.redis:RedisBroker", "redis"),
     "rediss": ("eventrelay.brokers.redis:RedisBroker", "redis"),
+    "kafka": ("eventrelay.brokers.kafka:KafkaBroker", "kafka"),
 }
 
 

