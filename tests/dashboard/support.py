@@ -94,10 +94,15 @@ class Client:
         self.cookie: str | None = None
 
     async def request(
-        self, method: str, path: str, form: list[tuple[str, str]] | None = None, origin: str | None = None
+        self,
+        method: str,
+        path: str,
+        form: list[tuple[str, str]] | None = None,
+        origin: str | None = None,
+        host: str | None = None,
     ) -> Reply:
         body = urlencode(form or []).encode()
-        lines = [f"{method} {path} HTTP/1.1", f"Host: 127.0.0.1:{self.port}"]
+        lines = [f"{method} {path} HTTP/1.1", f"Host: {host or f'127.0.0.1:{self.port}'}"]
         if self.cookie:
             lines.append(f"Cookie: {self.cookie}")
         if origin:

@@ -173,6 +173,14 @@ async def test_the_dashboard_needs_a_token_unless_it_listens_on_loopback(databas
         await run_dashboard([service(database, Shop())], "0.0.0.0", 0, None)
 
 
+async def test_without_a_token_only_a_loopback_host_name_is_answered(database: str) -> None:
+    async with dashboard([service(database, Shop())]) as client:
+        rebound = await client.request("GET", "/", host="attacker.example:8090")  # DNS rebinding
+        assert rebound.status == 403
+        assert client.cookie is None  # no session was made for it
+        assert (await client.request("GET", "/", host=f"localhost:{client.port}")).status == 200
+
+
 async def test_unknown_pages_and_letters_are_not_found(database: str) -> None:
     async with dashboard([service(database, Shop())]) as client:
         assert (await client.get("/services/Nobody")).status == 404

@@ -2,7 +2,8 @@
 
 Security, in one place:
 - A token protects every page when given; `eventrelay dashboard` requires one unless it listens on the
-  loopback interface only. Logging in compares it in constant time and starts a new session.
+  loopback interface only. Logging in compares it in constant time and starts a new session. Without a
+  token, a request must name a loopback host (`Host: 127.0.0.1:8090`), so DNS rebinding finds nothing.
 - Every POST carries the session's CSRF token in its form, compared in constant time; a request whose
   `Origin` is another site is refused too. The session cookie is `HttpOnly` and `SameSite=Strict`.
 - Every value on a page is HTML-escaped (`pages.h`); a Content-Security-Policy allows no script at all.
@@ -101,6 +102,11 @@ class Dashboard:
         """Answer one request."""
         if request.path == "/style.css":
             return Response(200, pages.STYLE, "text/css; charset=utf-8", [("Cache-Control", "max-age=300")])
+        if self.token is None and not is_loopback(
+            urlsplit(f"//{request.headers.get('host', '')}").hostname or ""
+        ):
+            # Without a token only this machine may ask, by a loopback name: no DNS rebinding.
+            return text(403, "Without a token the dashboard answers only to http://127.0.0.1 or localhost")
         sid, session, new = self._session(request)
         if request.method == "POST" and not self._same_origin(request, session):
             response = text(403, "CSRF check failed: reload the page and try again")
