@@ -27,7 +27,7 @@ import logging
 import time
 from collections.abc import Sequence
 from datetime import UTC, datetime
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from eventrelay.envelope import COMMITTED_AT, Message
 from eventrelay.errors import ConfigurationError
@@ -118,22 +118,46 @@ class Metrics(NoMetrics):
         self.consumer_lag = prom.Gauge(
             "eventrelay_consumer_lag", "Messages the broker still owes the service.", ["service"], registry=r
         )
+        self._event_children: dict[str, tuple[Any, Any]] = {}
+        self._handler_children: dict[tuple[str, str], tuple[Any, Any, Any]] = {}
 
     def published(self, messages: Sequence[Message]) -> None:
         for message in messages:
-            self.published_total.labels(self.service, message.name).inc()
+            self._by_event(message.name)[0].inc()
 
     def relayed(self, messages: Sequence[Message]) -> None:
         for message in messages:
-            self.relayed_total.labels(self.service, message.name).inc()
+            self._by_event(message.name)[1].inc()
 
     def handled(self, handler: str, message: Message, started: float) -> None:
-        labels = (self.service, message.name, handler)
-        self.handled_total.labels(*labels).inc()
-        self.handler_duration.labels(*labels).observe(time.perf_counter() - started)
+        total, duration, latency = self._by_handler(message.name, handler)
+        total.inc()
+        duration.observe(time.perf_counter() - started)
         committed = committed_at(message)
         if committed is not None:
-            self.commit_to_handle.labels(*labels).observe(max(0.0, (utcnow() - committed).total_seconds()))
+            latency.observe(max(0.0, (utcnow() - committed).total_seconds()))
+
+    def _by_event(self, event: str) -> tuple[Any, Any]:
+        """The published and relayed counters of one event (looked up once: `labels()` takes a lock)."""
+        found = self._event_children.get(event)
+        if found is None:
+            labels = (self.service, event)
+            found = self._event_children[event] = (
+                self.published_total.labels(*labels),
+                self.relayed_total.labels(*labels),
+            )
+        return found
+
+    def _by_handler(self, event: str, handler: str) -> tuple[Any, Any, Any]:
+        found = self._handler_children.get((event, handler))
+        if found is None:
+            labels = (self.service, event, handler)
+            found = self._handler_children[(event, handler)] = (
+                self.handled_total.labels(*labels),
+                self.handler_duration.labels(*labels),
+                self.commit_to_handle.labels(*labels),
+            )
+        return found
 
     def retried(self, handler: str, message: Message) -> None:
         self.retried_total.labels(self.service, message.name, handler).inc()

@@ -24,7 +24,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 from collections.abc import Awaitable, Iterator, Mapping, Sequence
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 from eventrelay.envelope import Delivery, Message
 
@@ -40,6 +40,7 @@ if TYPE_CHECKING:
     from opentelemetry.trace import Tracer, TracerProvider
 
 _OFF = contextlib.nullcontext()
+_UNKNOWN = object()
 
 
 class Tracing:
@@ -53,6 +54,8 @@ class Tracing:
         self.system = system
         self.provider = provider
         self._cached: tuple[object, Tracer] | None = None
+        if INSTALLED:
+            trace.get_tracer_provider()  # lets the API load a provider its environment names, once
 
     @staticmethod
     def system_of(broker: object) -> str:
@@ -63,7 +66,9 @@ class Tracing:
         """The tracer, or None when no SDK is configured (the no-op fast path)."""
         if not INSTALLED:
             return None
-        provider = self.provider or trace.get_tracer_provider()
+        provider = self.provider or _global_provider()
+        if provider is None:
+            return None
         cached = self._cached
         if cached is not None and cached[0] is provider:
             return cached[1]
@@ -210,6 +215,15 @@ class Tracing:
                 "messaging.consumer.group.name": self.service,
             },
         )
+
+
+def _global_provider() -> TracerProvider | None:
+    """OpenTelemetry's global provider, None while none is set: one attribute read, where the API's own
+    `get_tracer_provider()` looks at `os.environ` on every call until a provider is set."""
+    provider = getattr(trace, "_TRACER_PROVIDER", _UNKNOWN)
+    if provider is _UNKNOWN:  # another version of the API: ask it
+        return trace.get_tracer_provider()
+    return cast("TracerProvider | None", provider)
 
 
 def _span_context(message: Message) -> Any:

@@ -677,7 +677,7 @@ async def test_show_needs_an_integer_id(shop: Shop) -> None:
 
 
 def _all_commands() -> list[list[str]]:
-    documents = [["asyncapi"], ["schema"], ["dashboard"]]  # their own tests: tests/observability, tests/dashboard
+    documents = [["asyncapi"], ["schema"], ["dashboard"]]  # tested in tests/observability, tests/dashboard
     return [[], ["run"], ["db"], ["db", "init"], ["dead-letters"], *documents] + [list(c) for c in COMMANDS]
 
 
