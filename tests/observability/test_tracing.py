@@ -239,3 +239,44 @@ asyncio.run(main())
     )
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "ok"
+
+
+def test_a_global_provider_set_after_the_bus_was_made_is_used() -> None:
+    """In a process of its own: OpenTelemetry's global provider can be set once per process."""
+    code = """
+import asyncio
+from opentelemetry import trace
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+from eventrelay import DistributedEventBus, Event
+from eventrelay.testing import RecordingBroker, wait_until_idle
+
+class Ping(Event, name="TracingTests.GlobalPing"):
+    n: int
+
+async def main() -> None:
+    broker = RecordingBroker()
+    async with DistributedEventBus("S", broker=broker) as bus:
+        async def on_ping(event: Ping) -> None:
+            pass
+        await bus.subscribe(on_ping)
+        await bus.publish(Ping(n=1))  # no provider yet: no span, no header
+        exporter = InMemorySpanExporter()
+        provider = TracerProvider()
+        provider.add_span_processor(SimpleSpanProcessor(exporter))
+        trace.set_tracer_provider(provider)
+        await bus.publish(Ping(n=2))
+        await wait_until_idle(bus)
+    assert ["traceparent" in m.headers for m in broker.published] == [False, True]
+    names = {s.name for s in exporter.get_finished_spans()}
+    assert {"create TracingTests.GlobalPing", "process TracingTests.GlobalPing"} <= names, names
+    print("ok")
+
+asyncio.run(main())
+"""
+    result = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=False
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "ok"
