@@ -579,7 +579,7 @@ BAD_MODULES = {
     "badbroker": """
         from eventrelay.service import Service
 
-        service = Service("Bad", broker="kafka://admin:hunter2hunter2@127.0.0.1/x")
+        service = Service("Bad", broker="pulsar://admin:hunter2hunter2@127.0.0.1/x")
     """,
     "baddatabase": """
         from eventrelay.service import Service
@@ -643,7 +643,7 @@ async def test_module_that_does_not_exist(command: tuple[str, ...], app_folder: 
 @pytest.mark.parametrize(
     ("module", "expected"),
     [
-        ("badbroker", "No broker for URL scheme 'kafka'"),
+        ("badbroker", "No broker for URL scheme 'pulsar'"),
         ("baddatabase", "Not a usable database URL"),
         ("brokenimport", "No module named 'eventrelay_no_such_dependency'"),
         ("badsyntax", "was never closed"),
@@ -726,7 +726,7 @@ def _eventrelay(cwd: Path, *args: str) -> subprocess.CompletedProcess[str]:
 @pytest.mark.parametrize(
     ("args", "expected"),
     [
-        (("run", "badbroker_{suffix}:service"), "No broker for URL scheme 'kafka'"),
+        (("run", "badbroker_{suffix}:service"), "No broker for URL scheme 'pulsar'"),
         (("events", "no_such_shop_module:service"), "Cannot import 'no_such_shop_module'"),
         (("db", "init", "postgresql+asyncpg://shop:Sup3r-s3cret@127.0.0.1:{port}/x"), "shop:***@"),
     ],

@@ -210,8 +210,8 @@ def test_service_with_a_bad_variable_fails_at_construction() -> None:
 
 
 def test_service_with_an_unknown_broker_scheme_from_the_environment() -> None:
-    with pytest.raises(ConfigurationError, match="No broker for URL scheme 'kafka'"):
-        Service("Orders", env_prefix="ORDER_", environ={"ORDER_BROKER_URL": "kafka://127.0.0.1"})
+    with pytest.raises(ConfigurationError, match="No broker for URL scheme 'pulsar'"):
+        Service("Orders", env_prefix="ORDER_", environ={"ORDER_BROKER_URL": "pulsar://127.0.0.1"})
 
 
 # --- Service: lifecycle inside an asyncio application ------------------------------------------------
