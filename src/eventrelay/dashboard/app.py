@@ -33,6 +33,7 @@ COOKIE = "eventrelay_session"
 MAX_SESSIONS = 10_000
 SESSION_SECONDS = 12 * 3600
 LIST_LIMIT = 500
+COUNT_LIMIT = 10_000
 MINUTE = timedelta(minutes=1)
 LOOPBACK = frozenset({"127.0.0.1", "localhost", "::1"})
 HEADERS = [
@@ -218,15 +219,16 @@ class Dashboard:
             recent: int | None = await store.inbox_count(service.name, since=minute_ago)
         except NotImplementedError:
             inbox = recent = None
-        letters = await store.dead_letters(service.name, 1_000_000)
+        letters = await store.dead_letters(service.name, COUNT_LIMIT + 1)  # every 5 s: bounded
+        capped = len(letters) > COUNT_LIMIT
         return pages.ServiceStats(
             service.name,
             count,
             (now - oldest).total_seconds() if oldest is not None else None,
             inbox,
             recent,
-            len(letters),
-            sum(1 for d in letters if d.created_at >= minute_ago),
+            f"{COUNT_LIMIT}+" if capped else str(len(letters)),
+            None if capped else sum(1 for d in letters if d.created_at >= minute_ago),
         )
 
 
