@@ -76,6 +76,12 @@ class Consumer:
                 )
                 await self._until_stopped(asyncio.sleep(pause))
                 continue
+            except Exception:  # any other failure must not end consuming for good: log it, back off
+                failures += 1
+                pause = min(30.0, 0.1 * 2**failures)
+                logger.exception("Fetching for %s failed, fetching again in %.1fs", self.bus.service, pause)
+                await self._until_stopped(asyncio.sleep(pause))
+                continue
             for delivery in batch or ():
                 self._schedule(delivery)
         if self._tasks:

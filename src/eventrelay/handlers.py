@@ -65,7 +65,10 @@ class RetryPolicy:
 
     def delay(self, failed_attempts: int) -> float:
         """Seconds to wait after `failed_attempts` failures."""
-        base = min(self.max_delay, self.initial_delay * self.multiplier ** max(0, failed_attempts - 1))
+        try:
+            base = min(self.max_delay, self.initial_delay * self.multiplier ** max(0, failed_attempts - 1))
+        except OverflowError:  # an absurd attempt count (from a foreign header): the longest delay
+            base = self.max_delay
         return base * (1.0 - self.jitter * random.random())
 
 
