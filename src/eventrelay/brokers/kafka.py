@@ -37,7 +37,8 @@ what is still out comes again to the new owner (the inbox drops the duplicate) a
 
 Options: `topic_prefix` (`eventrelay.`), `single_topic`, `session_timeout` (45 s: how long a dead instance
 keeps its partitions), `partitions` (6) and `replication_factor` (-1: the broker's) of topics created here,
-`timeout` (10 s: publish acknowledgement, admin calls). Options with a dot go to librdkafka as they are.
+`timeout` (10 s: publish acknowledgement, admin calls). Options with a dot go to librdkafka as they are;
+a consumer prefetches at most 4 MiB (`queued.max.messages.kbytes=4096`, librdkafka's default is 64 MiB).
 
 Why confluent-kafka (librdkafka): its idempotent producer, which lets `acks=all` retry without duplicates or
 reordering, works against Kafka and Tansu alike; aiokafka's idempotent producer and transactions fail at
@@ -439,6 +440,9 @@ class KafkaBroker(Broker):
     def consumer_config(self, group_id: str, subscriber: str) -> dict[str, Any]:
         session_ms = int(self.session_timeout * 1000)
         return {
+            # librdkafka prefetches up to 64 MiB per consumer by default, whatever `max_in_flight` says: a
+            # backlog would sit in memory. 4 MiB keeps the fetches large and the memory bounded.
+            "queued.max.messages.kbytes": 4096,
             **self.config,
             "group.id": group_id,
             "client.id": f"eventrelay-{subscriber}",
