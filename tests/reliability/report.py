@@ -1,0 +1,73 @@
+"""Render the reliability suite's figures (the JSON file it writes) as the table of `docs/reliability.md`.
+
+    python -m tests.reliability.report                      # print the table of the last run
+    python -m tests.reliability.report --write docs/reliability.md   # and put it in the document
+                                                     # (the CI-size or the full-size table, as the run was)
+
+The suite prints the same table (the same function renders both) at the end of its run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+MARKERS = "<!-- figures:{run}:begin -->", "<!-- figures:{run}:end -->"  # run: "ci" or "full"
+COLUMNS = ("scenario", "broker", "sent", "delivered", "duplicates", "dead letters", "recovery (s)", "notes")
+
+
+def _cell(row: dict[str, Any], column: str) -> str:
+    if column == "dead letters":
+        return str(row["dead_letters"])
+    if column == "recovery (s)":
+        return "-" if row["recovery_s"] is None else f"{row['recovery_s']:.2f}"
+    return str(row[column])
+
+
+def render(data: dict[str, Any]) -> str:
+    """The figures as a Markdown table, preceded by the sizes they were measured at."""
+    sizes = ", ".join(f"{name}={value}" for name, value in data["sizes"].items())
+    lines = [
+        f"Run: {'full sizes (make reliability)' if data['full'] else 'CI sizes (make test)'}; {sizes}",
+        "",
+        "| " + " | ".join(COLUMNS) + " |",
+        "|" + "|".join(" --- " for _ in COLUMNS) + "|",
+    ]
+    for row in data["rows"]:
+        lines.append("| " + " | ".join(_cell(row, column) for column in COLUMNS) + " |")
+    return "\n".join(lines)
+
+
+def write(document: Path, table: str, run: str) -> None:
+    """Replace what stands between the figure markers of `run` ("ci" or "full") in `document` with `table`."""
+    begin, end = (marker.format(run=run) for marker in MARKERS)
+    text = document.read_text()
+    head, found_begin, rest = text.partition(begin)
+    _, found_end, tail = rest.partition(end)
+    if not found_begin or not found_end:
+        raise SystemExit(f"{document} has no {begin} ... {end} section")
+    document.write_text(f"{head}{begin}\n{table}\n{end}{tail}")
+
+
+def main(argv: list[str] | None = None) -> None:
+    from tests.reliability.harness import report_path
+
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    parser.add_argument("figures", nargs="?", type=Path, default=report_path(), help="the suite's JSON file")
+    parser.add_argument("--write", type=Path, metavar="DOCUMENT", help="put the table into DOCUMENT")
+    args = parser.parse_args(argv)
+    if not args.figures.exists():
+        sys.exit(f"No figures at {args.figures}: run the suite first (make reliability)")
+    data = json.loads(args.figures.read_text())
+    table = render(data)
+    print(table)
+    if args.write:
+        write(args.write, table, "full" if data["full"] else "ci")
+        print(f"\nwritten to {args.write}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,141 @@
+"""Outages through the fault proxy (`tests/faultproxy.py`) between both services and the broker: a connection
+reset, a stall longer than the heartbeat, the broker gone for a while and back. The publisher keeps
+committing events through its outbox all along; afterwards everything catches up, and the consumers resume by
+themselves (no process is restarted). The SQLite broker is a local file, with no network to cut: it has no
+outage scenario.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from pathlib import Path
+
+import pytest
+
+from eventrelay import DistributedEventBus, Settings
+from eventrelay.testing import wait_until_idle
+from tests.conftest import POSTGRESQL_PORT
+from tests.faultproxy import FaultProxy
+from tests.reliability.harness import SIZES, BrokerUnderTest, Report, Scenario, subscribe_ahead
+
+pytestmark = pytest.mark.reliability
+
+LEAD = 0.5  # seconds of traffic before the fault
+TAIL = 0.5  # seconds of traffic after it
+SQLITE_RELAY_LOCK = (
+    "Known issue: on SQLite the relay holds the database's write lock while it waits for the broker (claim, "
+    "publish, delete in one transaction), so while a broker hangs every unit of work of the service waits "
+    "too, up to the 30 s busy timeout, then fails with 'database is locked'"
+)
+HUNG = 3.0  # seconds a unit of work may wait while the broker hangs (a commit takes milliseconds)
+
+
+@pytest.mark.parametrize(
+    ("fault", "seconds"),
+    [("reset", 0.0), ("stall", SIZES.stall), ("down", SIZES.outage)],
+    ids=["reset", "stall", "down"],
+)
+async def test_an_outage_loses_nothing_and_everything_catches_up(
+    fault: str,
+    seconds: float,
+    network_broker: BrokerUnderTest,
+    tmp_path_factory: pytest.TempPathFactory,
+    report: Report,
+) -> None:
+    broker = network_broker
+    events = int(SIZES.rate * (LEAD + seconds + TAIL))
+    # A 1 s heartbeat (RabbitMQ) and ping interval (NATS), so that the stall outlasts it and the client drops
+    # the connection. PostgreSQL and Redis have none: their connections wait out the stall.
+    options = {"rabbitmq": {"heartbeat": 1}, "nats": {"ping_interval": 1}}.get(broker.kind, {})
+    async with FaultProxy(broker.server_port or 0) as proxy:
+        run = Scenario(
+            tmp_path_factory.mktemp("outage"),
+            broker,
+            broker_url=broker.url(proxy.port, **options),
+            env={"RELIABILITY_RATE": str(SIZES.rate)},
+        )
+        try:
+            await subscribe_ahead(broker.url(), broker.subscriber)
+            run.subscriber()
+            run.publisher(events)
+
+            async def flowing() -> bool:
+                return (await run.count()).delivered >= SIZES.rate * LEAD
+
+            await run.supervise(flowing, timeout=60, what="events flowing before the fault")
+            before = await run.count()
+            connections = proxy.connections
+            if fault == "reset":
+                proxy.reset()
+            elif fault == "stall":
+                proxy.stall()
+                await asyncio.sleep(seconds)
+                proxy.resume()
+            else:
+                async with proxy.down():
+                    await asyncio.sleep(seconds)
+            fault_end = time.time()
+            during = await run.count()
+            await run.all_delivered(events)
+            codes = await run.stop()
+            counts = await run.count()
+            recovery = await run.recovery(fault_end)
+        finally:
+            await run.close()
+
+    assert codes == [0, 0], run.logs()[-3000:]
+    assert all(not child.restarts for child in run.children), "a process had to be restarted"
+    if fault == "down":
+        assert during.sent > before.sent, "publishing through the outbox stopped during the outage"
+        assert during.outbox > 0, "events waited in the outbox"
+    # (During a stall the publisher's units of work wait: see the known issue below.)
+    assert not broker.leaks(run.logs()), "a password reached a log"
+    if fault != "stall":  # a stall shorter than a client's timeouts is waited out on the same connection
+        assert proxy.connections > connections, "the services never reconnected"
+    assert (counts.sent, counts.delivered) == (events, events), "an event was lost"
+    assert counts.duplicates == 0, "an event took effect twice"
+    assert counts.dead_letters == 0
+    committed = during.sent - before.sent
+    report.counted(
+        f"outage: {fault}" + (f" {seconds:g} s" if seconds else ""),
+        broker.kind,
+        counts,
+        recovery,
+        f"{committed} committed during the fault; {proxy.connections - connections} new connections",
+    )
+
+
+@pytest.mark.postgresql
+@pytest.mark.parametrize(
+    "database",
+    [
+        pytest.param(
+            "sqlite",
+            marks=pytest.mark.xfail(
+                strict=True,
+                reason=SQLITE_RELAY_LOCK,
+            ),
+        ),
+        "postgresql",
+    ],
+)
+async def test_units_of_work_commit_while_the_broker_hangs(
+    database: str, postgresql_url: str, tmp_path: Path
+) -> None:
+    """A stalled broker (a hung network: no reset, no refusal) must not hold up the service's own writes."""
+    store = postgresql_url if database == "postgresql" else f"sqlite+aiosqlite:///{tmp_path}/service.db"
+    async with FaultProxy(POSTGRESQL_PORT) as proxy:
+        broker = postgresql_url.replace(f":{POSTGRESQL_PORT}/", f":{proxy.port}/")
+        bus = DistributedEventBus("Hung", broker=broker, database=store, settings=Settings(fetch_timeout=0.2))
+        async with bus:
+            await bus.publish("Reliability.Ping", {"n": 0})  # the broker's connection is open and used
+            await wait_until_idle(bus, timeout=30)
+            proxy.stall()
+            await bus.publish("Reliability.Ping", {"n": 1})  # the relay takes it and hangs in the broker
+            await asyncio.sleep(0.5)
+            writing = asyncio.create_task(bus.publish("Reliability.Ping", {"n": 2}))  # a unit of work
+            done, _ = await asyncio.wait({writing}, timeout=HUNG)
+            proxy.resume()
+            await writing
+    assert done, f"a unit of work waited more than {HUNG}s for a broker that hangs"

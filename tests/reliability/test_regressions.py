@@ -1,0 +1,85 @@
+"""Faults the reliability suite found in the library, each pinned by a small test of its own (two more are in
+`tests/unit/test_consumer_resilience.py`: the consumer stopped for good when a fetch raised anything but
+`BrokerUnavailable`, and a retry delay for an absurd attempt count overflowed):
+
+- the SQL broker called a connection dropped mid-statement a refusal (`PublishFailed`), not an outage, so the
+  relay sent the batch row by row and deferred rows with a growing delay;
+- a foreign AMQP message with header values JSON lacks (decimals, timestamps) could not be stored as a dead
+  letter, and came round again and again (found by the fuzz).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from datetime import datetime
+from decimal import Decimal
+from pathlib import Path
+
+import pytest
+
+from eventrelay import Context, DistributedEventBus, Event
+from eventrelay.brokers.sql import SqlBroker
+from eventrelay.envelope import Message, new_message_id
+from eventrelay.errors import BrokerUnavailable
+from tests.conftest import POSTGRESQL_PORT
+from tests.faultproxy import FaultProxy
+from tests.reliability.harness import BrokerUnderTest
+
+pytestmark = pytest.mark.reliability
+
+
+class Pinged(Event, name="Regressions.Pinged"):
+    n: int
+
+
+@pytest.mark.postgresql
+@pytest.mark.parametrize("operation", ["publish", "fetch"])
+async def test_a_sql_broker_connection_dropped_mid_statement_is_an_outage(
+    operation: str, postgresql_url: str
+) -> None:
+    async with FaultProxy(POSTGRESQL_PORT) as proxy:
+        url = postgresql_url.replace(f":{POSTGRESQL_PORT}/", f":{proxy.port}/")
+        async with SqlBroker(url) as broker:
+            await broker.bind("Regressions", "Regressions.Pinged")
+            # A first publish leaves a connection in the pool, which the next call uses.
+            await broker.publish([Message(new_message_id(), "Regressions.Pinged", b"{}")])
+            proxy.stall()
+            running: asyncio.Future[object] = asyncio.ensure_future(
+                broker.publish([Message(new_message_id(), "Regressions.Pinged", b"{}")])
+                if operation == "publish"
+                else broker.fetch("Regressions", 10, 5.0)
+            )
+            await asyncio.sleep(0.3)  # the statement is on its way, its answer held by the stall
+            proxy.reset()
+            proxy.resume()
+            with pytest.raises(BrokerUnavailable):
+                await running
+
+
+@pytest.mark.rabbitmq
+async def test_a_foreign_amqp_message_with_decimal_and_timestamp_headers_becomes_a_dead_letter(
+    rabbitmq_broker: BrokerUnderTest, tmp_path: Path
+) -> None:
+    async def record(event: Pinged, context: Context) -> None:
+        raise AssertionError("its headers are not strings: it must not be handled")
+
+    database = f"sqlite+aiosqlite:///{tmp_path}/foreign.db"
+    bus = DistributedEventBus(rabbitmq_broker.subscriber, broker=rabbitmq_broker.url(), database=database)
+    await bus.subscribe(record)
+    headers: dict[str, object] = {
+        "x-price": Decimal("9.99"),
+        "x-sent-at": datetime(2024, 5, 1, 12, 0),
+        "x-eventrelay-attempt": 10**15,  # an absurd attempt count, as a foreign publisher may send
+    }
+    async with bus:
+        sent = Message(new_message_id(), "Regressions.Pinged", b'{"n": 1}', headers)  # type: ignore[arg-type]
+        await bus.broker.publish([sent])
+        async with asyncio.timeout(20):
+            while True:
+                if letters := await bus.dead_letters():
+                    break
+                await asyncio.sleep(0.05)
+    [letter] = letters
+    assert letter.message.id == sent.id
+    assert letter.reason.startswith("cannot decode: headers must be strings; these are not:")
+    assert letter.message.headers["x-price"] == "9.99"  # kept, as text
