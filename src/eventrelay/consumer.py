@@ -82,8 +82,7 @@ class Consumer:
                 logger.exception("Fetching for %s failed, fetching again in %.1fs", self.bus.service, pause)
                 await self._until_stopped(asyncio.sleep(pause))
                 continue
-            for delivery in batch or ():
-                self._schedule(delivery)
+            self._schedule_all(batch or [])
         if self._tasks:
             await asyncio.wait(self._tasks, timeout=settings.shutdown_timeout)
 
@@ -105,6 +104,30 @@ class Consumer:
         except asyncio.CancelledError:
             return None
         return task.result()  # it finished before the cancel landed: keep what it fetched
+
+    def _schedule_all(self, deliveries: list[Delivery]) -> None:
+        """Deliveries whose handlers all take batches go to one unit of work; the others one by one."""
+        together: list[Delivery] = []
+        keys: set[str] = set()
+        for delivery in deliveries:
+            key = delivery.message.key
+            if self._batchable(delivery) and (key is None or key in keys or key not in self._lanes):
+                together.append(delivery)
+                if key is not None and key not in keys:
+                    keys.add(key)
+                    self._lanes[key] = deque()  # the key's later deliveries wait behind the batch
+            else:
+                self._schedule(delivery)
+        if together:
+            self.in_flight += len(together)
+            self._spawn(self._settle_batch(together, keys))
+
+    def _batchable(self, delivery: Delivery) -> bool:
+        # Entity events are stamped from the handler's context at commit: one message per commit there.
+        if self.bus.entity_events is not None:
+            return False
+        specs = self.bus.handlers_for(delivery.message.name)
+        return bool(specs) and all(spec.batch for spec in specs)
 
     def _schedule(self, delivery: Delivery) -> None:
         self.in_flight += 1
@@ -133,6 +156,77 @@ class Consumer:
                     await self._settle_one(lane.popleft())
         finally:
             del self._lanes[key]
+
+    async def _settle_batch(self, deliveries: list[Delivery], keys: set[str]) -> None:
+        """Handle `deliveries` in one unit of work, or, if any handler fails, one by one as usual."""
+        left = deliveries
+        try:
+            left = await self._handle_together(deliveries)
+        except Exception:  # the one-by-one path below runs it again and logs it as usual
+            logger.debug("A batch of %d failed; handling it one by one", len(deliveries), exc_info=True)
+        for delivery in left:
+            key = delivery.message.key
+            if key is not None:
+                self._lanes[key].append(delivery)
+            elif self._stopping.is_set():
+                await self._give_back(delivery)  # not started: back to the broker
+            else:
+                self._spawn(self._settle_one(delivery))
+        for key in keys:
+            lane = self._lanes[key]
+            if lane:  # its own leftovers first (appended in fetch order), then those fetched since
+                lane.rotate(sum(1 for d in left if d.message.key == key))
+                self._spawn(self._run_lane(key))
+            else:
+                del self._lanes[key]
+
+    async def _handle_together(self, deliveries: list[Delivery]) -> list[Delivery]:
+        """Run the handlers of `deliveries` in fetch order in one unit of work, commit, ack them all.
+
+        Return the deliveries left to handle one by one (in fetch order): those that cannot be decoded, and
+        those behind them with the same key. A handler failing rolls back the whole batch and raises: the
+        caller then handles each delivery one by one.
+        """
+        bus, limit = self.bus, self.bus.settings.max_message_bytes
+        jobs: list[tuple[Delivery, list[tuple[HandlerSpec, Any]]]] = []
+        undecoded: set[str | None] = set()
+        for delivery in deliveries:
+            message = delivery.message
+            try:
+                if message.key is not None and message.key in undecoded:
+                    raise DecodeError("behind an undecodable message of its key")
+                specs = bus.handlers_for(message.name)
+                jobs.append((delivery, [(s, decode(message, s.events[message.name], limit)) for s in specs]))
+            except DecodeError:
+                undecoded.add(message.key)  # dead-lettered on the usual path, in order
+        started = time.perf_counter()
+        done: list[Delivery] = []
+        ran: list[tuple[str, Message]] = []
+        if jobs:
+            async with bus.new_unit_of_work() as uow:
+                claims = [(spec.name, d.message.id) for d, handlers in jobs for spec, _ in handlers]
+                fresh = iter(await bus.store.claim_inbox_many(uow.transaction, bus.service, claims))
+                for delivery, handlers in jobs:  # all of them even when stopping: their claims are made
+                    message = delivery.message
+                    with bus.tracing.process(delivery):
+                        for spec, event in handlers:
+                            if not next(fresh):
+                                logger.debug("Duplicate %s for %s skipped", message.id, spec.name)
+                                continue
+                            with self._handling(spec, message, delivery.attempt, uow) as context:
+                                await self._within_time_limit(spec.invoke(event, context))
+                            ran.append((spec.name, message))
+                    done.append(delivery)
+        for handler, message in ran:
+            bus.metrics.handled(handler, message, started)
+        try:
+            await bus.broker.ack_many(done)
+        except Exception:
+            logger.exception("Could not ack %d handled message(s); they come again as duplicates", len(done))
+        for _ in done:
+            self._finished()
+        finished = {id(d) for d in done}
+        return [d for d in deliveries if id(d) not in finished]
 
     async def _give_back(self, delivery: Delivery) -> None:
         try:

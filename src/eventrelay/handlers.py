@@ -123,6 +123,7 @@ class HandlerSpec:
     invoke: Invoke
     retry: RetryPolicy | None
     target: object
+    batch: bool = False  # may share one unit of work with other messages of a fetched batch
 
 
 def resolve_handler(
@@ -132,6 +133,7 @@ def resolve_handler(
     factory: Callable[[], DistributedEventHandler[Any]] | None = None,
     name: str | None = None,
     retry: RetryPolicy | None = None,
+    batch: bool = False,
 ) -> HandlerSpec:
     """Turn what `bus.subscribe` was given into a `HandlerSpec`, or raise `ConfigurationError`."""
     if isinstance(target, type) and issubclass(target, DistributedEventHandler):
@@ -164,7 +166,7 @@ def resolve_handler(
             f"Cannot subscribe {target!r}: pass a DistributedEventHandler subclass or an async function"
         )
     events = _event_map(types_, event, target)
-    return HandlerSpec(name or _qualified(target), events, invoke, retry, target)
+    return HandlerSpec(name or _qualified(target), events, invoke, retry, target, batch)
 
 
 def _event_map(

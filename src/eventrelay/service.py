@@ -88,6 +88,7 @@ class Service:
         factory: Callable[[], DistributedEventHandler[Any]] | None = None,
         name: str | None = None,
         retry: RetryPolicy | None = None,
+        batch: bool = False,
     ) -> None:
         """Add a handler before the service starts (see `DistributedEventBus.subscribe`)."""
         if self._prepared:
@@ -96,7 +97,13 @@ class Service:
             )
         self._pending.append(
             functools.partial(
-                self.bus.subscribe, handler, event=event, factory=factory, name=name, retry=retry
+                self.bus.subscribe,
+                handler,
+                event=event,
+                factory=factory,
+                name=name,
+                retry=retry,
+                batch=batch,
             )
         )
 

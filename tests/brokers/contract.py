@@ -244,6 +244,22 @@ class BrokerContract:
         assert await nothing_for(broker, subscriber)
         assert await nothing_for(broker, subscriber)
 
+    async def test_ack_many_acks_each_and_leaves_the_others(self, broker: Broker) -> None:
+        name, subscriber = event_name(), subscriber_name()
+        await broker.bind(subscriber, name)
+        messages = [message(name, f'{{"n": {n}}}'.encode()) for n in range(5)]
+        await broker.publish(messages)
+        got = await collect(broker, subscriber, len(messages), ack=False)
+
+        await broker.ack_many([got[0], got[2], got[4]])
+        await broker.ack_many([])
+        for delivery in (got[1], got[3]):
+            await broker.release(delivery)
+
+        again = await collect(broker, subscriber, 2)
+        assert {d.message.id for d in again} == {messages[1].id, messages[3].id}
+        assert await nothing_for(broker, subscriber)
+
     async def test_retry_redelivers_after_the_delay_with_the_next_attempt(self, broker: Broker) -> None:
         name, subscriber = event_name(), subscriber_name()
         await broker.bind(subscriber, name)

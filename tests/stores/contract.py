@@ -497,6 +497,33 @@ class StoreContract:
         assert await self.claim_inbox(store, "order-service", "NotifyCustomer", message_id) is False
         assert await self.claim_inbox(store, "audit-service", "ApplyDiscount", message_id) is False
 
+    async def test_claim_inbox_many_is_claim_inbox_for_each_key_in_order(self, store: Store) -> None:
+        old, new, again = new_message_id(), new_message_id(), new_message_id()
+        assert await self.claim_inbox(store, "order-service", "ApplyDiscount", old) is True
+        claims = [
+            ("ApplyDiscount", new),
+            ("ApplyDiscount", old),  # claimed before
+            ("NotifyCustomer", new),
+            ("ApplyDiscount", new),  # repeated in this call
+            ("ApplyDiscount", again),
+        ]
+
+        async with transaction(store) as tx:
+            assert await store.claim_inbox_many(tx, "order-service", claims) == [
+                True,
+                False,
+                True,
+                False,
+                True,
+            ]
+            assert await store.claim_inbox_many(tx, "order-service", []) == []
+        async with transaction(store, commit=False) as tx:
+            assert await store.claim_inbox_many(tx, "order-service", claims[:3]) == [False, False, False]
+            assert await store.claim_inbox_many(tx, "audit-service", claims[:2]) == [True, True]
+
+        assert await self.claim_inbox(store, "audit-service", "ApplyDiscount", new) is True  # rolled back
+        assert await self.claim_inbox(store, "order-service", "ApplyDiscount", again) is False
+
     async def test_a_rolled_back_inbox_claim_frees_the_key(self, store: Store) -> None:
         message_id = new_message_id()
         async with transaction(store, commit=False) as tx:

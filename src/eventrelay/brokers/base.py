@@ -63,6 +63,11 @@ class Broker(ABC):
     async def ack(self, delivery: Delivery) -> None:
         """The delivery is done with: never deliver it again."""
 
+    async def ack_many(self, deliveries: Sequence[Delivery]) -> None:
+        """`ack` each delivery; the default acks one by one, a broker may do it in one round trip."""
+        for delivery in deliveries:
+            await self.ack(delivery)
+
     @abstractmethod
     async def retry(self, delivery: Delivery, delay: float) -> None:
         """Deliver it again, no sooner than `delay` seconds from now, with `attempt + 1`."""

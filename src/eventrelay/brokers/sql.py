@@ -220,12 +220,15 @@ class SqlBroker(Broker):
             pause = self.poll_min if arrival.is_set() else min(pause * 2, self.poll_max)
 
     async def ack(self, delivery: Delivery) -> None:
-        row_id = self._let_go(delivery)
-        self._unacked.add(row_id)
+        await self.ack_many([delivery])
+
+    async def ack_many(self, deliveries: Sequence[Delivery]) -> None:
+        row_ids = {self._let_go(delivery) for delivery in deliveries}
+        self._unacked |= row_ids
         # Group commit: whoever holds the lock deletes every ack waiting so far, in one transaction.
         async with self._ack_lock:
-            if row_id not in self._unacked:
-                return  # an earlier holder deleted it with its batch
+            if not row_ids & self._unacked:
+                return  # an earlier holder deleted them with its batch
             batch, self._unacked = self._unacked, set()
             try:
                 async with self._translate("ack on"), self.engine.begin() as conn:

@@ -131,6 +131,15 @@ class Store(ABC):
         A concurrent claim of the same key waits for the first transaction to end.
         """
 
+    async def claim_inbox_many(
+        self, tx: Transaction, subscriber: str, claims: Sequence[tuple[str, str]]
+    ) -> list[bool]:
+        """`claim_inbox` for each `(handler, message_id)` in order; a key repeated in `claims` is a duplicate.
+
+        The default claims one by one; a store may do it in one statement.
+        """
+        return [await self.claim_inbox(tx, subscriber, handler, message_id) for handler, message_id in claims]
+
     @abstractmethod
     async def add_dead_letter(self, tx: Transaction, letter: NewDeadLetter) -> None:
         """Store a dead letter."""

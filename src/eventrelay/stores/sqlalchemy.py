@@ -6,11 +6,16 @@ Three tables, named with a prefix (default `eventrelay_`); `define_tables(metada
 SQLite engines made by `create_engine` run in WAL mode with a busy timeout, and every transaction starts
 with `BEGIN IMMEDIATE`: it takes the write lock up front, so a read-then-write never fails with
 "database is locked" when another process wrote in between.
+
+PostgreSQL over TLS: `postgresql+asyncpg://...?ssl=verify-full&sslrootcert=/ca.pem` (`sslcert`, `sslkey` for a
+client certificate; `sslmode` for `ssl`). asyncpg takes no certificate files through SQLAlchemy, so
+`create_engine` turns them into an `ssl.SSLContext` connect argument (`docs/stores.md`).
 """
 
 from __future__ import annotations
 
 import json
+import ssl
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
@@ -37,7 +42,7 @@ from sqlalchemy import (
     update,
 )
 from sqlalchemy.dialects import mysql, postgresql, sqlite
-from sqlalchemy.engine import Connection, Row
+from sqlalchemy.engine import URL, Connection, Row, make_url
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, create_async_engine
 from sqlalchemy.pool import StaticPool
@@ -119,7 +124,12 @@ def create_engine(url: str, **options: Any) -> AsyncEngine:
     if url.startswith("sqlite") and url.rstrip("/").endswith((":memory:", "sqlite+aiosqlite:")):
         options.setdefault("poolclass", StaticPool)  # one shared in-memory database, not one per connection
     try:
-        engine = create_async_engine(url, **options)
+        parsed = make_url(url)
+        if parsed.drivername == "postgresql+asyncpg":
+            parsed, context = _asyncpg_tls(parsed)
+            if context is not None:
+                options["connect_args"] = {**options.get("connect_args", {}), "ssl": context}
+        engine = create_async_engine(parsed, **options)
     except (ImportError, ModuleNotFoundError) as exc:
         raise ConfigurationError(
             f"No driver for {redact_url(url)!r} ({exc}). eventrelay is async: use sqlite+aiosqlite://, "
@@ -131,6 +141,39 @@ def create_engine(url: str, **options: Any) -> AsyncEngine:
     if engine.dialect.name == "sqlite":
         configure_sqlite(engine)
     return engine
+
+
+def _asyncpg_tls(url: URL) -> tuple[URL, ssl.SSLContext | None]:
+    """libpq's `sslmode`, `sslrootcert`, `sslcert` and `sslkey` for asyncpg, which takes none of them from
+    SQLAlchemy: the URL without them, and the TLS context they make (None when they are not there)."""
+    query = dict(url.query)
+    if "sslmode" in query:  # libpq's name; asyncpg's is ssl
+        query["ssl"] = query.pop("sslmode")
+    files = {name: query.pop(name) for name in ("sslrootcert", "sslcert", "sslkey") if name in query}
+    url = url.set(query=query)
+    if not files:
+        return url, None
+    mode = query.pop("ssl", "verify-full")
+    if not isinstance(mode, str) or mode not in ("require", "verify-ca", "verify-full"):
+        raise ConfigurationError(
+            f"sslrootcert, sslcert and sslkey need ssl=verify-full, verify-ca or require, not {mode!r}"
+        )
+    rootcert, cert, key = (files.get(name) for name in ("sslrootcert", "sslcert", "sslkey"))
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)  # verifies the chain, and the host name if told to
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    context.check_hostname = mode == "verify-full"
+    try:
+        if isinstance(rootcert, str):  # as libpq: with a root certificate, even `require` checks the chain
+            context.load_verify_locations(cafile=rootcert)
+        elif mode == "require":
+            context.verify_mode = ssl.CERT_NONE
+        else:
+            context.load_default_certs()
+        if isinstance(cert, str):
+            context.load_cert_chain(cert, key if isinstance(key, str) else None)
+    except (OSError, ValueError) as exc:  # ssl.SSLError is an OSError
+        raise ConfigurationError(f"Cannot load the TLS files of {url.render_as_string()!r}: {exc}") from exc
+    return url.set(query=query), context
 
 
 def configure_sqlite(engine: AsyncEngine, busy_timeout_ms: int = 30_000) -> None:
@@ -283,6 +326,27 @@ class SqlStore(Store):
         }
         result = await tx.session.execute(self._inbox_insert, values)
         return bool(result.rowcount)  # type: ignore[attr-defined]
+
+    async def claim_inbox_many(
+        self, tx: Transaction, subscriber: str, claims: Sequence[tuple[str, str]]
+    ) -> list[bool]:
+        if self._dialect not in ("sqlite", "postgresql") or len(claims) < 2:  # MariaDB: no INSERT RETURNING
+            return await super().claim_inbox_many(tx, subscriber, claims)
+        t, now = self.tables.inbox, utcnow()
+        rows = [
+            {"subscriber": subscriber, "handler": handler, "message_id": message_id, "received_at": now}
+            for handler, message_id in dict.fromkeys(claims)
+        ]
+        # One statement: the rows it inserted come back; the others were claimed before.
+        result = await tx.session.execute(
+            self._inbox_insert.values(rows).returning(t.c.handler, t.c.message_id)
+        )
+        new = {(row.handler, row.message_id) for row in result}
+        claimed = []
+        for key in claims:
+            claimed.append(key in new)
+            new.discard(key)  # a repeated key is a duplicate of the first
+        return claimed
 
     async def add_dead_letter(self, tx: Transaction, letter: NewDeadLetter) -> None:
         m = letter.message
