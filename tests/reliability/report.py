@@ -3,6 +3,7 @@
     python -m tests.reliability.report                      # print the table of the last run
     python -m tests.reliability.report --write docs/reliability.md   # and put it in the document
                                                      # (the CI-size or the full-size table, as the run was)
+    python -m tests.reliability.report a.json b.json   # one table of several runs (parts of the suite)
 
 The suite prints the same table (the same function renders both) at the end of its run.
 """
@@ -41,6 +42,14 @@ def render(data: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def merge(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """One run's figures out of several runs of parts of the suite, all at the same sizes."""
+    first = runs[0]
+    if any(run["full"] != first["full"] or run["sizes"] != first["sizes"] for run in runs):
+        raise SystemExit("These runs were measured at different sizes: render them one by one")
+    return {**first, "rows": [row for run in runs for row in run["rows"]]}
+
+
 def write(document: Path, table: str, run: str) -> None:
     """Replace what stands between the figure markers of `run` ("ci" or "full") in `document` with `table`."""
     begin, end = (marker.format(run=run) for marker in MARKERS)
@@ -56,12 +65,13 @@ def main(argv: list[str] | None = None) -> None:
     from tests.reliability.harness import report_path
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    parser.add_argument("figures", nargs="?", type=Path, default=report_path(), help="the suite's JSON file")
+    parser.add_argument("figures", nargs="*", type=Path, help="JSON files of runs (default: the last run)")
     parser.add_argument("--write", type=Path, metavar="DOCUMENT", help="put the table into DOCUMENT")
     args = parser.parse_args(argv)
-    if not args.figures.exists():
-        sys.exit(f"No figures at {args.figures}: run the suite first (make reliability)")
-    data = json.loads(args.figures.read_text())
+    files: list[Path] = args.figures or [report_path()]
+    if missing := [str(path) for path in files if not path.exists()]:
+        sys.exit(f"No figures at {', '.join(missing)}: run the suite first (make reliability)")
+    data = merge([json.loads(path.read_text()) for path in files])
     table = render(data)
     print(table)
     if args.write:

@@ -85,7 +85,8 @@ FOREIGN_BINDING_UNREAD = {
         "Known issue (Kafka adapter): a process subscribes its group only to the topics of the names it "
         "bound itself, so the topic of an event name the service no longer handles (bound by an earlier "
         "deployment) is never read; its messages wait unseen (until the topic's retention) instead of "
-        "becoming dead letters"
+        "becoming dead letters. Kafka keeps no record of a binding apart from the group's offsets, which an "
+        "unbind leaves too, so the adapter cannot tell such a topic from one it unbound on purpose"
     ),
 }
 
