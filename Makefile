@@ -5,7 +5,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: all venv test lint fmt demo clean reliability
+.PHONY: all venv test lint fmt demo clean reliability bench
 
 all: test
 
@@ -18,8 +18,8 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 test: $(STAMP)
-	$(VENV)/bin/ruff check src tests examples
-	$(VENV)/bin/ruff format --check src tests examples
+	$(VENV)/bin/ruff check src tests examples bench
+	$(VENV)/bin/ruff format --check src tests examples bench
 	$(VENV)/bin/mypy
 	$(VENV)/bin/mypy -p bookstore
 	$(VENV)/bin/pytest
@@ -30,15 +30,27 @@ reliability: $(STAMP)
 	EVENTRELAY_RELIABILITY_FULL=1 $(VENV)/bin/pytest tests/reliability -m reliability; status=$$?; \
 	$(PY) -m tests.reliability.report; exit $$status
 
+# The benchmark of issue 9 (bench/, docs/benchmarks.md): every scenario and its baselines, 3 rounds each, about
+# 20 minutes on 2 cores; writes the figures and the plot into docs/. `$(PY) -m bench --quick` takes 2 minutes.
+BENCH_STAMP := $(VENV)/.bench-installed
+
+$(BENCH_STAMP): $(STAMP)
+	$(PY) -m pip install --disable-pip-version-check -q -e '.[dev,bench]'
+	touch $(BENCH_STAMP)
+
+bench: $(BENCH_STAMP)
+	$(VENV)/bin/mypy --strict bench
+	$(PY) -m bench --write-docs $(BENCH_ARGS)
+
 lint: $(STAMP)
-	$(VENV)/bin/ruff check src tests examples
-	$(VENV)/bin/ruff format --check src tests examples
+	$(VENV)/bin/ruff check src tests examples bench
+	$(VENV)/bin/ruff format --check src tests examples bench
 	$(VENV)/bin/mypy
 	$(VENV)/bin/mypy -p bookstore
 
 fmt: $(STAMP)
-	$(VENV)/bin/ruff format src tests examples
-	$(VENV)/bin/ruff check --fix src tests examples
+	$(VENV)/bin/ruff format src tests examples bench
+	$(VENV)/bin/ruff check --fix src tests examples bench
 
 # make demo [BROKER=amqp://guest:guest@127.0.0.1:5672/] [DATABASE=postgresql+asyncpg://postgres@127.0.0.1/bookstore]
 demo: $(STAMP)

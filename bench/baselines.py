@@ -1,0 +1,96 @@
+"""The baselines, end to end on RabbitMQ: raw aio-pika, and FastStream's RabbitMQ broker.
+
+Both publish the benchmark's JSON bytes as persistent messages with publisher confirms, `job.window` awaiting
+their confirm at once, straight to a durable queue; both consume with a prefetch of 1000 and ack each message
+after its handler ran. FastStream's per-message logging is off (`logger=None`), which only helps it.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from multiprocessing.connection import Connection
+from typing import Any
+
+import aio_pika
+from aio_pika.abc import AbstractIncomingMessage
+
+from bench.child import Job, Tally, serve_consumer, serve_publisher
+from bench.payload import body, stamp_of
+
+PREFETCH = 1000
+
+
+async def raw_consume(job: Job, conn: Connection) -> None:
+    """aio-pika: consume the queue with manual acks."""
+    tally = Tally(job)
+    connection = await aio_pika.connect(job.url)
+    channel = await connection.channel()
+    await channel.set_qos(prefetch_count=PREFETCH)
+    queue = await channel.declare_queue(job.destination, durable=True)
+
+    async def on_message(message: AbstractIncomingMessage) -> None:
+        tally.record(*stamp_of(message.body))
+        await message.ack()
+
+    tag = await queue.consume(on_message)
+
+    async def close() -> None:
+        await queue.cancel(tag)
+        await connection.close()
+
+    await serve_consumer(job, conn, tally, close)
+
+
+async def raw_publish(job: Job, conn: Connection) -> None:
+    """aio-pika: persistent messages, confirmed, to the queue through the default exchange."""
+    connection = await aio_pika.connect(job.url)
+    channel = await connection.channel(publisher_confirms=True)
+    exchange = channel.default_exchange
+
+    async def send(seq: int) -> None:
+        message = aio_pika.Message(
+            body(seq, time.time_ns()),
+            delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
+            content_type="application/json",
+            message_id=uuid.uuid4().hex,
+        )
+        await exchange.publish(message, routing_key=job.destination)
+
+    await serve_publisher(job, conn, send, connection.close)
+
+
+async def faststream_consume(job: Job, conn: Connection) -> None:
+    """FastStream: a subscriber on the queue, acking after the handler (`AckPolicy.ACK`)."""
+    from faststream import AckPolicy
+    from faststream.rabbit import Channel, RabbitBroker, RabbitQueue
+
+    tally = Tally(job)
+    broker = RabbitBroker(job.url, logger=None)
+
+    @broker.subscriber(
+        RabbitQueue(job.destination, durable=True),
+        channel=Channel(prefetch_count=PREFETCH),
+        ack_policy=AckPolicy.ACK,
+    )
+    async def on_price_changed(message: dict[str, Any]) -> None:
+        tally.record(int(message["seq"]), int(message["sent_ns"]))
+
+    await broker.start()
+    await serve_consumer(job, conn, tally, broker.stop)
+
+
+async def faststream_publish(job: Job, conn: Connection) -> None:
+    """FastStream: a publisher on the queue, persistent, with the broker's publisher confirms."""
+    from faststream.rabbit import RabbitBroker, RabbitQueue
+
+    broker = RabbitBroker(job.url, logger=None)
+    publisher = broker.publisher(RabbitQueue(job.destination, durable=True), persist=True)
+    await broker.start()
+
+    async def send(seq: int) -> None:
+        await publisher.publish(
+            body(seq, time.time_ns()), content_type="application/json", message_id=uuid.uuid4().hex
+        )
+
+    await serve_publisher(job, conn, send, broker.stop)

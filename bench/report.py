@@ -1,0 +1,239 @@
+"""From rounds to figures: medians with their spread, the issue's targets as measured ratios, a rich table,
+and the Markdown and SVG that go into docs/benchmarks.md."""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from rich.table import Table
+
+from bench.plot import bar_chart
+from bench.run import RoundResult
+from bench.scenarios import EVENTRELAY, FASTSTREAM, RAW, SYSTEMS, Scenario
+from bench.stats import Spread
+
+BEGIN, END = "<!-- bench:begin -->", "<!-- bench:end -->"
+
+
+@dataclass(frozen=True)
+class Row:
+    """One scenario's figures over its rounds."""
+
+    scenario: Scenario
+    rounds: int
+    failed: int
+    throughput: Spread
+    p50_ms: Spread
+    p99_ms: Spread
+    peak_mib: Spread
+    duplicates: int
+
+
+@dataclass(frozen=True)
+class Target:
+    """One target of the issue: what was measured, and whether it is met (None: not measured)."""
+
+    name: str
+    measured: str
+    met: bool | None
+
+
+def summarize(scenarios: Sequence[Scenario], results: Sequence[RoundResult]) -> list[Row]:
+    """A row per scenario, from its successful rounds (failed rounds are counted, not averaged)."""
+    rows = []
+    for scenario in scenarios:
+        mine = [r for r in results if r.key == scenario.key and r.system == scenario.system]
+        good = [r for r in mine if r.ok]
+        rows.append(
+            Row(
+                scenario,
+                rounds=len(mine),
+                failed=len(mine) - len(good),
+                throughput=Spread.of([r.throughput for r in good]),
+                p50_ms=Spread.of([r.p50_ms for r in good]),
+                p99_ms=Spread.of([r.p99_ms for r in good]),
+                peak_mib=Spread.of([r.peak_mib for r in good]),
+                duplicates=sum(r.duplicates for r in good),
+            )
+        )
+    return rows
+
+
+def _find(rows: Sequence[Row], key: str, system: str = EVENTRELAY) -> Row | None:
+    return next((r for r in rows if r.scenario.key == key and r.scenario.system == system), None)
+
+
+def _check(value: float, ok: bool) -> bool | None:
+    return None if math.isnan(value) else ok
+
+
+def targets(rows: Sequence[Row]) -> list[Target]:
+    """The issue's targets, each as its measured ratio or figure."""
+    found: list[Target] = []
+    raw_t, fs_t, er_t = (_find(rows, "e1.rabbitmq.throughput", s) for s in (RAW, FASTSTREAM, EVENTRELAY))
+    if raw_t and er_t:
+        r = er_t.throughput.ratio(raw_t.throughput)
+        found.append(Target("E1 throughput >= 1.0x raw aio-pika", f"{r:.2f}x", _check(r, r >= 1.0)))
+    if fs_t and er_t:
+        r = er_t.throughput.ratio(fs_t.throughput)
+        found.append(Target("E1 throughput >= 1.3x FastStream", f"{r:.2f}x", _check(r, r >= 1.3)))
+    raw_l, er_l = _find(rows, "e1.rabbitmq.latency", RAW), _find(rows, "e1.rabbitmq.latency")
+    if raw_l and er_l:
+        d = er_l.p50_ms.median - raw_l.p50_ms.median
+        found.append(
+            Target(
+                "E1 latency p50 within 1 ms of raw",
+                f"{d:+.2f} ms ({er_l.p50_ms.median:.2f} vs {raw_l.p50_ms.median:.2f})",
+                _check(d, d <= 1.0),
+            )
+        )
+    for key, what in (("e2.rabbitmq.uow1", "1 event/UoW"), ("e2.rabbitmq.uow100", "100 events/UoW")):
+        e2 = _find(rows, key)
+        if raw_t and e2:
+            r = e2.throughput.ratio(raw_t.throughput)
+            found.append(
+                Target(f"E2 throughput ({what}) >= 0.7x raw aio-pika", f"{r:.2f}x", _check(r, r >= 0.7))
+            )
+    e2l = _find(rows, "e2.rabbitmq.latency")
+    if e2l:
+        p50, p99 = e2l.p50_ms.median, e2l.p99_ms.median
+        found.append(
+            Target("E2 commit to handler p50 < 5 ms at 500/s", f"{p50:.2f} ms", _check(p50, p50 < 5))
+        )
+        found.append(
+            Target("E2 commit to handler p99 < 25 ms at 500/s", f"{p99:.2f} ms", _check(p99, p99 < 25))
+        )
+    for key, what in (("e3.sqlite.uow1", "1 event/UoW"), ("e3.sqlite.uow100", "100 events/UoW")):
+        e3 = _find(rows, key)
+        if e3:
+            t = e3.throughput.median
+            found.append(Target(f"E3 >= 5,000 events/s ({what})", f"{t:,.0f}/s", _check(t, t >= 5000)))
+    e3l = _find(rows, "e3.sqlite.latency")
+    if e3l:
+        p50 = e3l.p50_ms.median
+        found.append(Target("E3 p50 < 5 ms at 1,000/s", f"{p50:.2f} ms", _check(p50, p50 < 5)))
+    backlog = _find(rows, "backlog.rabbitmq")
+    if backlog:
+        peak = backlog.peak_mib.high
+        drained = backlog.failed == 0 and backlog.rounds > 0
+        found.append(
+            Target(
+                f"Backlog of {backlog.scenario.n:,} drained, consumer peak < 200 MB",
+                f"{'drained' if drained else 'NOT drained'}, peak {peak:.0f} MiB",
+                _check(peak, drained and peak < 200),
+            )
+        )
+    return found
+
+
+def _fmt(spread: Spread, digits: int = 0) -> str:
+    if math.isnan(spread.median):
+        return ""
+    return f"{spread.median:,.{digits}f} ({spread.low:,.{digits}f}-{spread.high:,.{digits}f})"
+
+
+def _ratios(row: Row, rows: Sequence[Row]) -> tuple[str, str]:
+    """Throughput against raw aio-pika's and FastStream's E1 throughput in the same run."""
+    if row.scenario.measure != "throughput" or row.scenario.system != EVENTRELAY:
+        return "", ""
+    out = []
+    for system in (RAW, FASTSTREAM):
+        base = _find(rows, "e1.rabbitmq.throughput", system)
+        r = row.throughput.ratio(base.throughput) if base else math.nan
+        out.append("" if math.isnan(r) else f"{r:.2f}x")
+    return out[0], out[1]
+
+
+HEADERS = (
+    "scenario",
+    "broker",
+    "system",
+    "events",
+    "rounds",
+    "events/s",
+    "p50 ms",
+    "p99 ms",
+    "peak MiB",
+    "vs raw",
+    "vs FastStream",
+)
+
+
+def cells(row: Row, rows: Sequence[Row]) -> list[str]:
+    """The row as table cells: medians with (min-max) over the successful rounds."""
+    s = row.scenario
+    rounds = f"{row.rounds - row.failed}/{row.rounds}" + (f", {row.duplicates} dup" if row.duplicates else "")
+    return [
+        s.title,
+        s.broker,
+        s.system,
+        f"{s.n:,}",
+        rounds,
+        _fmt(row.throughput),
+        _fmt(row.p50_ms, 2),
+        _fmt(row.p99_ms, 2),
+        _fmt(row.peak_mib),
+        *_ratios(row, rows),
+    ]
+
+
+def rich_table(rows: Sequence[Row]) -> Table:
+    """The figures for the terminal."""
+    table = Table(title="eventrelay benchmark: medians (min-max)")
+    for header in HEADERS:
+        table.add_column(header, justify="left" if header in ("scenario", "broker", "system") else "right")
+    for row in rows:
+        table.add_row(*cells(row, rows), style="red" if row.failed else None)
+    return table
+
+
+def targets_table(found: Sequence[Target]) -> Table:
+    table = Table(title="Targets of issue 9")
+    for header in ("target", "measured", "met"):
+        table.add_column(header)
+    for t in found:
+        table.add_row(t.name, t.measured, _verdict(t.met))
+    return table
+
+
+def _verdict(met: bool | None) -> str:
+    return "not measured" if met is None else ("yes" if met else "**no**")
+
+
+def markdown(rows: Sequence[Row], found: Sequence[Target], context: Sequence[str], plot_name: str) -> str:
+    """The figures section of docs/benchmarks.md."""
+    lines = [*context, "", "| " + " | ".join(HEADERS) + " |", "|" + "---|" * len(HEADERS)]
+    lines += ["| " + " | ".join(cells(row, rows)) + " |" for row in rows]
+    lines += ["", "| target | measured | met |", "|---|---|---|"]
+    lines += [f"| {t.name} | {t.measured} | {_verdict(t.met)} |" for t in found]
+    lines += ["", f"![Throughput per scenario and system, medians with min-max whiskers]({plot_name})"]
+    return "\n".join(lines)
+
+
+def throughput_plot(rows: Sequence[Row]) -> str:
+    """The SVG: throughput per scenario (grouped by title and broker), one bar per system."""
+    groups: list[str] = []
+    values: dict[tuple[str, str], Spread] = {}
+    for row in rows:
+        if row.scenario.measure == "latency" or math.isnan(row.throughput.median):
+            continue
+        group = f"{row.scenario.title.split(',')[0]} {row.scenario.broker}"
+        if row.scenario.per_unit > 1:
+            group += " (100/UoW)"
+        if group not in groups:
+            groups.append(group)
+        values[(group, row.scenario.system)] = row.throughput
+    return bar_chart("Throughput, events/s (higher is better)", "events/s", groups, list(SYSTEMS), values)
+
+
+def write_docs(path: Path, section: str) -> None:
+    """Replace what lies between the markers of `path` with `section` (the markers stay)."""
+    text = path.read_text()
+    if BEGIN not in text or END not in text:
+        raise ValueError(f"{path} lacks the markers {BEGIN} and {END}")
+    pattern = re.compile(re.escape(BEGIN) + ".*?" + re.escape(END), re.DOTALL)
+    path.write_text(pattern.sub(lambda _: f"{BEGIN}\n{section}\n{END}", text, count=1))

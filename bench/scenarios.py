@@ -1,0 +1,256 @@
+"""The scenarios of issue 9, their sizes, and what one round of each needs on the servers."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+from bench import servers
+from bench.child import Job
+from eventrelay.brokers.rabbitmq import RabbitMQBroker
+
+RAW, FASTSTREAM, EVENTRELAY = "raw aio-pika", "FastStream", "eventrelay"
+SYSTEMS = (RAW, FASTSTREAM, EVENTRELAY)
+E1_RATE = 500.0
+"""Events/s of the E1 latency runs: well under every system's throughput here, so latency is not queueing."""
+
+
+@dataclass(frozen=True)
+class Scenario:
+    """One row of the table: a system measured one way on one broker, `n` events a round."""
+
+    key: str
+    """Stable id, e.g. `e2.rabbitmq.uow1` (select with `--only`)."""
+    title: str
+    """What the row measures, e.g. `E2 durable, 1 event/UoW, 8 publishers`."""
+    measure: str
+    """`throughput` (events/s end to end), `latency` (p50/p99 at a fixed rate) or `backlog` (drain rate)."""
+    system: str
+    broker: str
+    """`rabbitmq`, `nats`, `redis`, `kafka` or `sqlite` (eventrelay's SQL broker on a SQLite file)."""
+    n: int
+    durable: bool = False
+    per_unit: int = 1
+    window: int = 500
+    rate: float | None = None
+    batch: bool = False
+    """The consumer subscribes with `batch=True`: the messages of one fetch share one unit of work."""
+
+    @property
+    def timeout(self) -> float:
+        """How long a round may wait for its events: generous, but bounded."""
+        return 60.0 + self.n / 250
+
+    def scaled(self, factor: float) -> Scenario:
+        """The same scenario with `factor` times the events (whole units of work, at least one per window)."""
+        units = max(self.window, round(self.n * factor / self.per_unit))
+        return replace(self, n=units * self.per_unit)
+
+
+def _rabbitmq_direct() -> list[Scenario]:
+    throughput = [
+        Scenario("e1.rabbitmq.throughput", "E1 direct, throughput", "throughput", s, "rabbitmq", 20_000)
+        for s in SYSTEMS
+    ]
+    latency = [
+        Scenario(
+            "e1.rabbitmq.latency",
+            f"E1 direct, latency at {E1_RATE:,.0f}/s",
+            "latency",
+            s,
+            "rabbitmq",
+            int(6 * E1_RATE),
+            window=100,
+            rate=E1_RATE,
+        )
+        for s in SYSTEMS
+    ]
+    return throughput + latency
+
+
+def _durable(broker: str, label: str, n: int, latency_rate: float, batched: bool = False) -> list[Scenario]:
+    """E2 (or E3) on `broker`; with `batched`, each again with the consumer's `batch=True`."""
+    plain = [
+        Scenario(
+            f"{label}.{broker}.uow1",
+            f"{label.upper()} durable, 1 event/UoW, 8 publishers",
+            "throughput",
+            EVENTRELAY,
+            broker,
+            n,
+            durable=True,
+            window=8,
+        ),
+        Scenario(
+            f"{label}.{broker}.uow100",
+            f"{label.upper()} durable, 100 events/UoW, 2 publishers",
+            "throughput",
+            EVENTRELAY,
+            broker,
+            3 * n,
+            durable=True,
+            per_unit=100,
+            window=2,
+        ),
+        Scenario(
+            f"{label}.{broker}.latency",
+            f"{label.upper()} durable, commit to handler at {latency_rate:,.0f}/s",
+            "latency",
+            EVENTRELAY,
+            broker,
+            int(3 * latency_rate),
+            durable=True,
+            window=64,
+            rate=latency_rate,
+        ),
+    ]
+    if not batched:
+        return plain
+    return plain + [
+        replace(s, key=f"{s.key}.batch", title=f"{s.title}, batch=True", batch=True) for s in plain
+    ]
+
+
+def _direct(broker: str) -> list[Scenario]:
+    return [
+        # A window of 64: eventrelay's Redis adapter fails past 100 publishes at once (redis-py's pool limit).
+        Scenario(
+            f"e1.{broker}.throughput",
+            "E1 direct, throughput",
+            "throughput",
+            EVENTRELAY,
+            broker,
+            10_000,
+            window=64,
+        ),
+        Scenario(
+            f"e1.{broker}.latency",
+            f"E1 direct, latency at {E1_RATE:,.0f}/s",
+            "latency",
+            EVENTRELAY,
+            broker,
+            int(6 * E1_RATE),
+            window=100,
+            rate=E1_RATE,
+        ),
+    ]
+
+
+def all_scenarios(backlog: int) -> list[Scenario]:
+    """Every scenario at its default size, in the order the table shows them."""
+    found = (
+        _rabbitmq_direct()
+        + _durable("rabbitmq", "e2", 2_000, 500.0, batched=True)
+        + _durable("sqlite", "e3", 2_000, 1000.0, batched=True)
+    )
+    for broker in ("nats", "redis", "kafka"):
+        found += _direct(broker) + _durable(broker, "e2", 1_500, 500.0)
+    found.append(
+        Scenario(
+            "backlog.rabbitmq",
+            f"Backlog of {backlog:,} drained",
+            "backlog",
+            EVENTRELAY,
+            "rabbitmq",
+            backlog,
+            window=1000,
+        )
+    )
+    return found
+
+
+@dataclass
+class Setup:
+    """The jobs of one round, and what to delete after it."""
+
+    consumer: Job
+    publisher: Job
+    databases: list[str]
+    queues: list[str]
+    exchanges: list[str]
+    stream: str | None = None
+    redis_prefix: str | None = None
+
+
+def setup(scenario: Scenario, suffix: str, folder: Path, kafka: str | None) -> Setup:
+    """Fresh names for one round of `scenario` (`suffix` is unique to the round)."""
+    databases: list[str] = []
+    queues: list[str] = []
+    exchanges: list[str] = []
+    stream = redis_prefix = None
+    service = f"Bench.Order.{suffix}"
+    if scenario.system != EVENTRELAY:
+        url, destination = servers.AMQP, f"bench.{scenario.system.split()[0].lower()}.{suffix}"
+        queues.append(destination)
+    else:
+        destination = service
+        if scenario.broker == "rabbitmq":
+            exchange = f"bench.{suffix}"
+            url = f"{servers.AMQP}?exchange={exchange}&prefetch=1000"
+            queues += [service, f"{exchange}.unrouted", *RabbitMQBroker(url).retry_queues(service)]
+            exchanges += [exchange, f"{exchange}.unrouted"]
+        elif scenario.broker == "nats":
+            stream = f"BENCH_{suffix}"
+            url = f"{servers.NATS}?stream={stream}&prefix=bench{suffix}"
+        elif scenario.broker == "redis":
+            redis_prefix = f"bench:{suffix}:"
+            url = f"{servers.REDIS}?prefix={redis_prefix}"
+        elif scenario.broker == "kafka":
+            if kafka is None:
+                raise RuntimeError("Kafka scenarios need Tansu running")
+            # A 2 s session, as the tests use on Tansu: a new group waits a whole session to settle.
+            url = f"kafka://{kafka}?topic_prefix=bench.{suffix}.&session_timeout=2"
+        else:
+            url = f"sqlite+aiosqlite:///{folder}/broker.db"
+    consumer_db = publisher_db = None
+    if scenario.durable and scenario.broker == "sqlite":
+        consumer_db, publisher_db = (
+            f"sqlite+aiosqlite:///{folder}/order.db",
+            f"sqlite+aiosqlite:///{folder}/product.db",
+        )
+    elif scenario.durable:
+        databases = [f"bench_{suffix}_order", f"bench_{suffix}_product"]
+        consumer_db, publisher_db = servers.postgres_url(databases[0]), servers.postgres_url(databases[1])
+    common = Job(
+        batch=scenario.batch,
+        n=scenario.n,
+        url=url,
+        destination=destination,
+        timeout=scenario.timeout,
+        latencies=scenario.measure == "latency",
+    )
+    return Setup(
+        consumer=replace(common, database=consumer_db),
+        publisher=replace(
+            common,
+            publisher_database=publisher_db,
+            per_unit=scenario.per_unit,
+            window=scenario.window,
+            rate=scenario.rate,
+        ),
+        databases=databases,
+        queues=queues,
+        exchanges=exchanges,
+        stream=stream,
+        redis_prefix=redis_prefix,
+    )
+
+
+@contextlib.asynccontextmanager
+async def provisioned(plan: Setup) -> AsyncIterator[Setup]:
+    """Create what a round needs on the servers, and delete all of it afterwards."""
+    if plan.databases:
+        await servers.create_databases(*plan.databases)
+    try:
+        yield plan
+    finally:
+        if plan.databases:
+            await servers.drop_databases(*plan.databases)
+        if plan.queues or plan.exchanges:
+            await servers.delete_rabbitmq(plan.queues, plan.exchanges)
+        if plan.stream:
+            await servers.delete_nats_stream(plan.stream)
+        if plan.redis_prefix:
+            await servers.delete_redis_keys(plan.redis_prefix)
