@@ -1,0 +1,103 @@
+"""The benchmark harness (bench/): its statistics, report and plot, and one tiny round end to end.
+
+No figure is asserted here: a benchmark is never a timed test. The smoke round checks what the harness
+checks, that every event arrived and every row was written.
+"""
+
+from __future__ import annotations
+
+import math
+import xml.etree.ElementTree as ET
+from pathlib import Path
+
+from bench.payload import SIZE, body, event, stamp_of
+from bench.plot import bar_chart, nice_top
+from bench.run import run_round
+from bench.scenarios import EVENTRELAY, FASTSTREAM, RAW, Scenario, all_scenarios
+from bench.stats import Spread, percentile
+
+from bench import report
+from eventrelay.codec import encode_body
+
+SVG = "{http://www.w3.org/2000/svg}"
+
+
+def test_percentile_is_the_nearest_rank() -> None:
+    values = [float(v) for v in range(1, 101)]
+    assert percentile(values, 50) == 50.0
+    assert percentile(values, 99) == 99.0
+    assert percentile([3.0], 99) == 3.0
+    assert math.isnan(percentile([], 50))
+
+
+def test_spread_is_the_median_with_the_lowest_and_highest_round() -> None:
+    assert Spread.of([3.0, 1.0, 2.0, math.nan]) == Spread(2.0, 1.0, 3.0)
+    assert Spread(300.0, 0, 0).ratio(Spread(200.0, 0, 0)) == 1.5
+    assert math.isnan(Spread.of([]).median)
+
+
+def test_the_baselines_send_the_bytes_eventrelay_sends() -> None:
+    assert body(7, 123) == encode_body(event(7, 123))
+    assert abs(len(body(7, 123)) - SIZE) <= 16
+    assert stamp_of(body(7, 123)) == (7, 123)
+
+
+def _row(
+    key: str, system: str, measure: str, throughput: float = math.nan, p50: float = math.nan
+) -> report.Row:
+    scenario = Scenario(key, key, measure, system, "rabbitmq", 100)
+    nan = Spread.of([])
+    return report.Row(scenario, 3, 0, Spread.of([throughput]), Spread.of([p50]), Spread.of([p50 * 4]), nan, 0)
+
+
+def test_targets_are_ratios_to_the_baselines_of_the_same_run() -> None:
+    rows = [
+        _row("e1.rabbitmq.throughput", RAW, "throughput", throughput=1000),
+        _row("e1.rabbitmq.throughput", FASTSTREAM, "throughput", throughput=800),
+        _row("e1.rabbitmq.throughput", EVENTRELAY, "throughput", throughput=1100),
+        _row("e1.rabbitmq.latency", RAW, "latency", p50=1.0),
+        _row("e1.rabbitmq.latency", EVENTRELAY, "latency", p50=2.5),
+    ]
+    found = {t.name: t for t in report.targets(rows)}
+    assert found["E1 throughput >= 1.0x raw aio-pika"].measured == "1.10x"
+    assert found["E1 throughput >= 1.0x raw aio-pika"].met is True
+    assert found["E1 throughput >= 1.3x FastStream"].met is True  # 1.375x
+    assert found["E1 latency p50 within 1 ms of raw"].met is False  # +1.5 ms
+    assert report.cells(rows[2], rows)[-2:] == ["1.10x", "1.38x"]
+
+
+def test_the_plot_is_an_svg_with_a_bar_per_figure() -> None:
+    values = {("E1", RAW): Spread(900, 800, 1000), ("E1", EVENTRELAY): Spread(1200, 1100, 1300)}
+    svg = ET.fromstring(bar_chart("t", "events/s", ["E1", "E2"], [RAW, EVENTRELAY], values))
+    bars = [r for r in svg.iter(f"{SVG}rect") if r.find(f"{SVG}title") is not None]
+    assert [b.findtext(f"{SVG}title") for b in bars] == [
+        "raw aio-pika: 900 events/s",
+        "eventrelay: 1,200 events/s",
+    ]
+    assert nice_top(1300) == 2000
+    assert nice_top(0.3) == 0.5
+
+
+def test_the_figures_replace_what_lies_between_the_markers(tmp_path: Path) -> None:
+    doc = tmp_path / "benchmarks.md"
+    doc.write_text(f"intro\n{report.BEGIN}\nold figures\n{report.END}\nnote\n")
+    report.write_docs(doc, "new figures")
+    assert doc.read_text() == f"intro\n{report.BEGIN}\nnew figures\n{report.END}\nnote\n"
+
+
+def test_default_scenarios_are_bounded_and_cover_the_issue() -> None:
+    scenarios = all_scenarios(backlog=100_000)
+    keys = {s.key for s in scenarios}
+    assert {"e1.rabbitmq.throughput", "e2.rabbitmq.uow100", "e3.sqlite.latency", "backlog.rabbitmq"} <= keys
+    assert {f"e1.{b}.throughput" for b in ("nats", "redis", "kafka")} <= keys
+    assert all(s.n % s.per_unit == 0 and s.timeout < 600 for s in scenarios)
+
+
+def test_a_tiny_embedded_round_delivers_every_event_and_writes_every_row() -> None:
+    scenario = Scenario(
+        "e3.sqlite.uow1", "smoke", "throughput", EVENTRELAY, "sqlite", 40, durable=True, window=4
+    )
+    result = run_round(scenario, kafka=None)
+    assert result.ok, result.problem  # every event arrived, and the handler's table holds a row for each
+    assert result.duplicates == 0
+    assert result.throughput > 0
