@@ -89,7 +89,7 @@ def _durable(broker: str, label: str, n: int, latency_rate: float, batched: bool
             "throughput",
             EVENTRELAY,
             broker,
-            3 * n,
+            2 * n,
             durable=True,
             per_unit=100,
             window=2,
@@ -132,7 +132,7 @@ def _direct(broker: str) -> list[Scenario]:
             EVENTRELAY,
             broker,
             int(6 * E1_RATE),
-            window=100,
+            window=64,  # as above
             rate=E1_RATE,
         ),
     ]
