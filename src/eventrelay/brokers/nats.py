@@ -36,6 +36,10 @@ disconnected, `publish` raises `BrokerUnavailable`, and so does a `fetch` not re
 Options: `stream` (eventrelay), `prefix` (the stream name), `ack_wait` (30 s), `max_age` (7 days, 0 = none),
 `duplicate_window` (120 s, at most `max_age`), `max_ack_pending` (1000 per consumer), `publish_timeout`
 (5 s), `connect_timeout` (5 s), `ping_interval` (10 s; three unanswered pings drop a hung connection).
+TLS: `tls://` with `tls_ca` (a CA file; the system's CAs without it), `tls_cert` and `tls_key` (a client
+certificate) and `tls_handshake_first=1` (for a server with `handshake_first`: TLS before its INFO). A
+`tls://` URL (or a `tls_*` option) to a server whose INFO does not ask for TLS is refused: nats-py would go on
+in plaintext (after sending CONNECT; only `tls_handshake_first` keeps that from an impostor).
 
 Limits: per-key order across the instances of a service only with `max_ack_pending=1`, which delivers one
 event name in stream order, one message at a time (retries included), never across event names. A message
@@ -51,6 +55,7 @@ import hashlib
 import json
 import logging
 import re
+import ssl
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -76,6 +81,7 @@ logger = logging.getLogger(__name__)
 KEY_HEADER = "Eventrelay-Key"
 OPTIONS = {"ack_wait": 30.0, "max_age": 7 * 86400.0, "duplicate_window": 120.0, "max_ack_pending": 1000.0}
 OPTIONS |= {"publish_timeout": 5.0, "connect_timeout": 5.0, "ping_interval": 10.0}
+TLS_OPTIONS = ("tls_ca", "tls_cert", "tls_key", "tls_handshake_first")
 _LINGER = 1.0  # the longest a pull request stays open; close() lets the open ones end
 _ABANDONED = 300.0  # the inactive_threshold of a draining consumer, so that the server reaps an abandoned one
 _VALUE_SAFE = "".join(chr(c) for c in range(32, 127) if chr(c) != "%")  # printable ASCII stays readable
@@ -113,8 +119,12 @@ class NatsBroker(Broker):
         query = dict(parse_qsl(parts.query))
         self.stream = query.pop("stream", "eventrelay")
         self.prefix = query.pop("prefix", self.stream)
+        self._tls = {name: query.pop(name) for name in TLS_OPTIONS if name in query}
+        if self._tls.get("tls_handshake_first", "0") not in ("0", "1"):
+            raise ConfigurationError("NATS broker option tls_handshake_first is 0 or 1")
         if unknown := sorted(set(query) - set(OPTIONS)):
-            raise ConfigurationError(f"Unknown NATS broker option(s) {unknown}; known: {sorted(OPTIONS)}")
+            known = sorted([*OPTIONS, *TLS_OPTIONS])
+            raise ConfigurationError(f"Unknown NATS broker option(s) {unknown}; known: {known}")
         self.options = {name: _number(query.get(name), default, name) for name, default in OPTIONS.items()}
         if not re.fullmatch(r"[\w-]+", self.stream) or not re.fullmatch(r"[\w-]+(\.[\w-]+)*", self.prefix):
             raise ConfigurationError(
@@ -123,6 +133,8 @@ class NatsBroker(Broker):
         self.url = parts._replace(query="").geturl()
         token = parts.username is not None and parts.password is None  # nats://<token>@host
         self.safe_url = redact_url(self.url.replace(f"{parts.username}@", "***@", 1) if token else self.url)
+        self._context = self._tls_context()
+        self._wants_tls = parts.scheme == "tls" or bool(self._tls)
         self._nc = Client()
         self._js = self._nc.jetstream()
         self._inbox: Subscription | None = None  # where the answers to all our pull requests come
@@ -156,6 +168,7 @@ class NatsBroker(Broker):
         for consumer in self._consumers.values():
             consumer.request = None
         whole = {name: int(max(1, self.options[name])) for name in ("ping_interval", "connect_timeout")}
+        handshake_first = self._tls.get("tls_handshake_first", "0") == "1"
         connecting = self._nc.connect(
             self.url,
             name="eventrelay",
@@ -167,16 +180,37 @@ class NatsBroker(Broker):
             disconnected_cb=disconnected,
             reconnected_cb=reconnected,
             error_cb=error,
+            tls=self._context,
+            tls_handshake_first=handshake_first,
         )
         try:
             async with self._translate("connect to"):
-                await asyncio.wait_for(connecting, self.options["connect_timeout"])
+                try:
+                    await asyncio.wait_for(connecting, self.options["connect_timeout"])
+                except TimeoutError as exc:  # nats-py tries again until then: say what went wrong
+                    if (last := self._nc.last_error) is None:
+                        raise
+                    raise nats.errors.Error(f"timed out; the last error was {last!r}") from exc
+                if self._wants_tls and not (handshake_first or self._nc._server_info.get("tls_required")):
+                    raise nats.errors.Error("the server did not ask for TLS")  # nats-py went on in plaintext
                 await self._declare()
                 self._inbox = await self._nc.subscribe(f"{self._nc.new_inbox()}.*", cb=self._receive)
         except BaseException:
             await self._nc.close()
             raise
         self._spawn(self._renew_leases())
+
+    def _tls_context(self) -> ssl.SSLContext | None:
+        """The TLS context of `tls_ca`, `tls_cert` and `tls_key`; None (nats-py's default) without them."""
+        if not {"tls_ca", "tls_cert", "tls_key"} & set(self._tls):
+            return None
+        try:
+            context = ssl.create_default_context(cafile=self._tls.get("tls_ca"))
+            if "tls_cert" in self._tls:
+                context.load_cert_chain(self._tls["tls_cert"], self._tls.get("tls_key"))
+        except (OSError, ValueError) as exc:  # ssl.SSLError is an OSError
+            raise ConfigurationError(f"NATS broker URL: cannot load its TLS files: {exc}") from exc
+        return context
 
     async def close(self) -> None:
         with contextlib.suppress(TimeoutError):  # let open pull requests end: withdrawn, one could still

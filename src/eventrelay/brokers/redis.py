@@ -28,7 +28,8 @@ its delivery counter set back so that no attempt is counted.
 
 Options (query string): `prefix` (`eventrelay:`), `visibility_timeout` (30 s), `poll` (1 s: the longest a
 fetch blocks before it looks for due retries and reclaimable entries again), `maxlen` (0: no cap; n: each
-queue is capped with `XADD MAXLEN ~ n`). Other options go to redis-py (e.g. `socket_timeout`).
+queue is capped with `XADD MAXLEN ~ n`). Other options go to redis-py (e.g. `socket_timeout`), TLS's too:
+`rediss://host:6380/0?ssl_ca_certs=/ca.pem` (and `ssl_certfile`, `ssl_keyfile` for a client certificate).
 
 Limits:
 - `maxlen` is off by default: trimming drops a lagging subscriber's oldest entries although nobody acked
