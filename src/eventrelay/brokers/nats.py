@@ -18,6 +18,9 @@ releases it made itself, so a release fetched again in the same process keeps it
 by another process counts one more (so does prefetched work NAKed at close). The lease is `ack_wait`,
 renewed (`in_progress`) every `ack_wait / 3` for what the adapter holds; a dead consumer's messages come back.
 
+A process also fetches from the subscriber's consumers that it did not bind (an earlier deployment's, for a
+name no handler takes now; looked up at its first fetch): the bus dead-letters their messages.
+
 Unbind deletes a consumer with nothing queued. Otherwise it marks it draining (description, and a 5 minute
 `inactive_threshold` so that the server reaps a drain nobody finishes): what was queued before the unbind
 is still delivered (the bus dead-letters it when no handler is left, so nothing vanishes), what comes
@@ -139,6 +142,7 @@ class NatsBroker(Broker):
         self._js = self._nc.jetstream()
         self._inbox: Subscription | None = None  # where the answers to all our pull requests come
         self._consumers: dict[str, _Consumer] = {}  # by durable name
+        self._adopted: set[str] = set()  # subscribers whose consumers on the server were looked up
         self._requests: dict[str, _Request] = {}  # open pull requests, by inbox token
         self._buffer: dict[str, list[Pulled]] = {}  # pulled, not handed out yet, by subscriber
         self._held: dict[Delivery, Pulled] = {}
@@ -306,6 +310,8 @@ class NatsBroker(Broker):
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout
         async with self._translate("fetch from"):
+            if subscriber not in self._adopted:
+                await self._adopt(subscriber)
             while not (batch := await self._take(subscriber, max_count)):
                 remaining, connected = deadline - loop.time(), self._nc.is_connected
                 if remaining <= 0 and not connected:
@@ -352,6 +358,26 @@ class NatsBroker(Broker):
         return total
 
     # --- internals -----------------------------------------------------------------------------------
+
+    async def _adopt(self, subscriber: str) -> None:
+        """Fetch from the subscriber's consumers that are on the server but not bound by this process.
+
+        An earlier deployment may have bound an event name that this one no longer handles: the consumer
+        stays (bindings outlive processes, as RabbitMQ's do), and its messages must reach the bus, which
+        dead-letters them, rather than wait unseen until `max_age`. A draining consumer is left to its drain.
+        """
+        prefix, offset = f"{self.prefix}.", 0
+        while page := await self._js.consumers_info(self.stream, offset):
+            offset += len(page)
+            for config in (info.config for info in page):
+                subject, found = config.filter_subject or "", config.durable_name or ""
+                if not subject.startswith(prefix) or found in self._consumers:
+                    continue
+                name = unquote(subject.removeprefix(prefix))
+                draining = (config.description or "").startswith("draining")
+                if found == durable(subscriber, name) and not draining:
+                    self._consumers[found] = _Consumer(subscriber, name)
+        self._adopted.add(subscriber)
 
     def _config(self, consumer: _Consumer) -> api.ConsumerConfig:
         draining = consumer.cutoff is not None
