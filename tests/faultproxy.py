@@ -54,6 +54,11 @@ class FaultProxy:
         await asyncio.gather(*self._tasks, return_exceptions=True)
         await self._server.wait_closed()
 
+    @property
+    def idle(self) -> bool:
+        """True when no connection through the proxy is open."""
+        return not self._writers
+
     def reset(self) -> None:
         """Abort every open connection with a TCP RST, both towards the client and the server."""
         for writer in list(self._writers):

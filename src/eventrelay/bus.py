@@ -113,10 +113,14 @@ class DistributedEventBus:
             return
         if self._owns_broker:
             await self.broker.start()
-        if self.settings.create_tables:
-            await self.store.create_tables()
-        for name in self._by_event:
-            await self.broker.bind(self.service, name)
+        try:
+            if self.settings.create_tables:
+                await self.store.create_tables()
+            for name in self._by_event:
+                await self.broker.bind(self.service, name)
+        except BaseException:  # a half-started bus holds no connection: the caller never calls stop()
+            await self._close_owned()
+            raise
         self._tasks = [
             asyncio.create_task(self.consumer.run(), name=f"{self.service}-consumer"),
             asyncio.create_task(self.relay.run(), name=f"{self.service}-relay"),
@@ -139,11 +143,15 @@ class DistributedEventBus:
         with contextlib.suppress(Exception):  # best effort: rows left behind are sent at the next start
             await asyncio.wait_for(self._drain_outbox(), self.settings.shutdown_timeout)
         self.consumer = Consumer(self)
+        await self._close_owned()
+        logger.info("Bus of %s stopped", self.service)
+
+    async def _close_owned(self) -> None:
+        """Close the broker and the store the bus made from URLs (those passed in belong to the caller)."""
         if self._owns_broker:
             await self.broker.close()
         if self._owns_store:
             await self.store.close()
-        logger.info("Bus of %s stopped", self.service)
 
     async def _drain_outbox(self) -> None:
         while await self.relay.run_once():

@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import asyncio
 
+import pytest
 from sqlalchemy import insert
 
-from eventrelay import Context, MemoryBroker
+from eventrelay import Context, DistributedEventBus, DynamicEvent, MemoryBroker, StoreError
 from eventrelay.testing import wait_until_idle
 from tests.bus.helpers import OrderPlaced, business_table, count_rows, create_table, eventually, make_bus
+from tests.conftest import POSTGRESQL_PORT
+from tests.faultproxy import FaultProxy
 
 
 async def test_unsubscribe_stops_a_handler_and_resubscribe_brings_it_back(database: str | None) -> None:
@@ -144,3 +147,21 @@ async def test_stop_lets_running_handlers_finish_and_gives_back_the_rest(databas
     assert handled == [("first", 0), *(("second", n) for n in range(1, 5))]  # each once, in key order
     if database is not None:
         assert await count_rows(database, table) == 5
+
+
+@pytest.mark.postgresql
+async def test_a_bus_whose_database_fails_at_start_closes_its_broker_connections(postgresql_url: str) -> None:
+    """`start()` raised, so the caller never calls `stop()`: the connections the bus opened must not leak."""
+
+    async def ignore(event: DynamicEvent) -> None:
+        raise AssertionError("never started, never handled")
+
+    async with FaultProxy(POSTGRESQL_PORT) as proxy:
+        broker = postgresql_url.replace(f":{POSTGRESQL_PORT}/", f":{proxy.port}/")
+        unreachable = "postgresql+asyncpg://postgres@127.0.0.1:1/none"
+        bus = DistributedEventBus("HalfStarted", broker=broker, database=unreachable)
+        await bus.subscribe(ignore, event="Lifecycle.Any")
+        with pytest.raises(StoreError):
+            await bus.start()
+        assert proxy.connections >= 1, "the broker was connected before the database failed"
+        await eventually(lambda: proxy.idle, timeout=10)  # TimeoutError: a broker connection stayed open
