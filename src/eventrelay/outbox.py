@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Sequence
 from datetime import timedelta
 
 from eventrelay.brokers.base import Broker
@@ -21,10 +21,12 @@ logger = logging.getLogger(__name__)
 class Relay:
     """Moves the outbox to the broker. Wakes at once on `wake()` (after a local commit); polls as a fallback.
 
-    A batch is claimed in one transaction (`FOR UPDATE SKIP LOCKED` on PostgreSQL and MariaDB, the write
-    lock on SQLite), published, and deleted in that same transaction, so a crash at any point leaves the
-    rows in the outbox to be sent again (the inbox drops the duplicates) and two relays never hold one row.
-    A row the broker refuses is deferred with backoff, and the rows behind it go on.
+    A batch is claimed with a lease in one short transaction, published outside any transaction, and its
+    rows deleted in a second short one: no lock is held while the broker confirms, so a hung broker does not
+    hold up the service's units of work (on SQLite the lock is the whole database's). A claim skips leased
+    rows and a publish is given up when its lease runs out, so two relays never send a row at the same time.
+    A relay that dies leaves its rows to be sent again once their lease ran out (the inbox drops the
+    duplicates). A row the broker refuses is deferred with backoff, and the rows behind it go on.
     """
 
     def __init__(
@@ -35,6 +37,7 @@ class Relay:
         batch_size: int = 100,
         poll_interval: float = 1.0,
         max_backoff: float = 30.0,
+        lease: float = 30.0,
         tracing: Tracing | None = None,
         metrics: NoMetrics | None = None,
     ) -> None:
@@ -45,6 +48,7 @@ class Relay:
         self.batch_size = batch_size
         self.poll_interval = poll_interval
         self.max_backoff = max_backoff
+        self.lease = lease
         self._wakeup = asyncio.Event()
         self.sent = 0
 
@@ -76,38 +80,60 @@ class Relay:
             await self._sleep()
 
     async def run_once(self) -> int:
-        """Send one batch of due rows; return how many rows were sent."""
-        tx = self.store.begin()
+        """Send one batch of due rows; return how many rows were claimed."""
+        deadline = asyncio.get_running_loop().time() + self.lease
+        now = utcnow()
+        lease_until = now + timedelta(seconds=self.lease)
+        async with self._transaction() as tx:
+            rows = await self.store.claim_outbox(tx, self.batch_size, now, lease_until)
+        if not rows:
+            return 0
         try:
-            rows = await self.store.claim_outbox(tx, self.batch_size, utcnow())
-            if rows:
-                sent = await self._send(tx, rows)
-                await self.store.delete_outbox(tx, sent)
-            await tx.commit()
-        except BaseException:
-            await tx.rollback()
+            async with asyncio.timeout_at(deadline):
+                sent, refused = await self._send(rows)
+        except BaseException as exc:
+            with contextlib.suppress(Exception):  # else they wait until the lease runs out
+                async with self._transaction() as tx:
+                    await self.store.release_outbox(tx, [row.seq for row in rows], lease_until)
+            if isinstance(exc, TimeoutError):
+                raise BrokerUnavailable(f"The broker did not confirm within the {self.lease}s lease") from exc
             raise
-        self.sent += len(sent) if rows else 0
+        async with self._transaction() as tx:
+            await self.store.delete_outbox(tx, sent)
+            for row, error in refused:
+                delay = min(self.max_backoff * 10, 2.0 ** (row.attempts + 1))
+                await self.store.defer_outbox(tx, row.seq, utcnow() + timedelta(seconds=delay), error)
+        self.sent += len(sent)
         return len(rows)
 
-    async def _send(self, tx: Transaction, rows: list[OutboxRecord]) -> list[int]:
+    async def _send(self, rows: list[OutboxRecord]) -> tuple[list[int], list[tuple[OutboxRecord, str]]]:
+        """Publish `rows`; return the seqs sent and the rows the broker refused, with why."""
         try:
             await self._publish([row.message for row in rows])
-            return [row.seq for row in rows]
+            return [row.seq for row in rows], []
         except PublishFailed as exc:
             logger.warning("Broker refused a batch of %d, sending one by one: %s", len(rows), exc)
-        sent = []
+        sent, refused = [], []
         for row in rows:  # find the rows the broker refuses; the others go on
             try:
                 await self._publish([row.message])
                 sent.append(row.seq)
             except PublishFailed as exc:
-                delay = min(self.max_backoff * 10, 2.0 ** (row.attempts + 1))
                 logger.error(
                     "Broker refused outbox message %s (%s): %s", row.message.id, row.message.name, exc
                 )
-                await self.store.defer_outbox(tx, row.seq, utcnow() + timedelta(seconds=delay), str(exc))
-        return sent
+                refused.append((row, str(exc)))
+        return sent, refused
+
+    @contextlib.asynccontextmanager
+    async def _transaction(self) -> AsyncIterator[Transaction]:
+        tx = self.store.begin()
+        try:
+            yield tx
+        except BaseException:
+            await tx.rollback()
+            raise
+        await tx.commit()
 
     async def _publish(self, messages: Sequence[Message]) -> None:
         with self.tracing.send(messages):

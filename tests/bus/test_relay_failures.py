@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Sequence
-from datetime import timedelta
+from datetime import datetime, timedelta
 
 from eventrelay import BrokerUnavailable, DistributedEventBus, Message, PublishFailed
 from eventrelay.stores.base import OutboxRecord, utcnow
@@ -42,6 +43,7 @@ async def test_a_message_the_broker_refuses_is_deferred_and_the_rows_behind_it_g
         await eventually(lambda: len(handled) == 2)
         assert sorted(e.order_id for e in handled) == [1, 3]  # no key: no order promised
         # The refused row stays in the outbox, its failure counted, due again only after a backoff.
+        await eventually(lambda: bus.relay.sent == 2)  # (the rows sent are deleted once confirmed)
         assert await outbox_size(bus) == 1
         (record,) = await _outbox(bus)
         assert record.attempts >= 1
@@ -102,3 +104,54 @@ async def test_a_duplicate_within_the_retention_is_dropped_and_one_after_it_is_n
         await broker.publish([message])
         await wait_until_idle(bus)
         assert len(handled) == 2
+
+
+class HangingBroker(RecordingBroker):
+    """Its publish waits until `resume` is set, as a broker behind a hung network does; notes when it sent."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.hanging = asyncio.Event()
+        self.resume = asyncio.Event()
+        self.sent_at: list[datetime] = []
+
+    async def publish(self, messages: Sequence[Message]) -> None:
+        self.hanging.set()
+        await self.resume.wait()
+        self.sent_at.append(utcnow())
+        await super().publish(messages)
+
+
+async def test_units_of_work_commit_while_the_relay_waits_for_a_hung_broker(database: str | None) -> None:
+    broker = HangingBroker()
+    async with make_bus("Shop", broker, database) as bus:
+        await bus.publish(OrderPlaced(order_id=1))
+        async with asyncio.timeout(10):
+            await broker.hanging.wait()  # the relay has claimed the row and waits for the broker
+        async with asyncio.timeout(10):  # (SQLite's busy timeout is 30 s: a held lock would fail this)
+            async with bus.unit_of_work():
+                await bus.publish(OrderPlaced(order_id=2))
+            assert await outbox_size(bus) == 2
+        broker.resume.set()
+        await eventually(lambda: len(broker.published) == 2, timeout=10)
+        await eventually(lambda: bus.relay.sent == 2, timeout=10)
+        assert await outbox_size(bus) == 0
+
+
+async def test_rows_a_crashed_relay_claimed_are_sent_once_its_lease_ran_out(database: str | None) -> None:
+    broker = HangingBroker()
+    broker.resume.set()
+    bus = make_bus("Shop", broker, database)
+    await bus.store.create_tables()
+    async with bus.unit_of_work():
+        published = [await bus.publish(OrderPlaced(order_id=n)) for n in range(3)]
+    now = utcnow()
+    lease_until = now + timedelta(seconds=0.5)
+    tx = bus.store.begin()  # a relay that claims the rows and dies before it sends them
+    assert len(await bus.store.claim_outbox(tx, 100, now, lease_until)) == 3
+    await tx.commit()
+    async with bus:
+        await eventually(lambda: bus.relay.sent == 3, timeout=10)
+        assert await outbox_size(bus) == 0
+    assert [m.id for m in broker.published] == published
+    assert min(broker.sent_at) >= lease_until

@@ -23,11 +23,6 @@ pytestmark = pytest.mark.reliability
 
 LEAD = 0.5  # seconds of traffic before the fault
 TAIL = 0.5  # seconds of traffic after it
-SQLITE_RELAY_LOCK = (
-    "Known issue: on SQLite the relay holds the database's write lock while it waits for the broker (claim, "
-    "publish, delete in one transaction), so while a broker hangs every unit of work of the service waits "
-    "too, up to the 30 s busy timeout, then fails with 'database is locked'"
-)
 HUNG = 3.0  # seconds a unit of work may wait while the broker hangs (a commit takes milliseconds)
 
 
@@ -109,16 +104,7 @@ async def test_an_outage_loses_nothing_and_everything_catches_up(
 @pytest.mark.postgresql
 @pytest.mark.parametrize(
     "database",
-    [
-        pytest.param(
-            "sqlite",
-            marks=pytest.mark.xfail(
-                strict=True,
-                reason=SQLITE_RELAY_LOCK,
-            ),
-        ),
-        "postgresql",
-    ],
+    ["sqlite", "postgresql"],
 )
 async def test_units_of_work_commit_while_the_broker_hangs(
     database: str, postgresql_url: str, tmp_path: Path

@@ -427,6 +427,62 @@ class StoreContract:
 
         assert [r.message for r in await self.peek(store)] == [*held, new]
 
+    # --- outbox: leases -----------------------------------------------------------------------------
+
+    async def test_a_leased_row_is_skipped_until_its_lease_runs_out(self, store: Store) -> None:
+        now = utcnow()
+        messages = [message() for _ in range(3)]
+        await self.write(store, messages, now)
+        until = now + timedelta(seconds=30)
+
+        async with transaction(store) as tx:  # a relay that claims two rows, then dies
+            leased = await store.claim_outbox(tx, 2, now, until)
+
+        assert [r.message for r in leased] == messages[:2]
+        assert [r.message for r in await self.peek(store, now)] == messages[2:]
+        assert [r.message for r in await self.peek(store, until - timedelta(microseconds=1))] == messages[2:]
+        assert [r.message for r in await self.peek(store, until)] == messages
+        assert (await store.outbox_backlog())[0] == 3
+
+    async def test_a_released_lease_frees_the_rows_but_not_a_newer_lease(self, store: Store) -> None:
+        now = utcnow()
+        messages = [message() for _ in range(2)]
+        await self.write(store, messages, now)
+        first, second = now + timedelta(seconds=1), now + timedelta(seconds=31)
+        async with transaction(store) as tx:
+            await store.claim_outbox(tx, 1, now, first)
+        async with transaction(store) as tx:  # the first lease ran out: another relay took the row
+            [taken] = await store.claim_outbox(tx, 1, first, second)
+            assert taken.message == messages[0]
+
+        async with transaction(store) as tx:
+            await store.release_outbox(tx, [taken.seq], first)  # the late first relay lets go: no effect
+        assert [r.message for r in await self.peek(store, first)] == messages[1:]
+        async with transaction(store) as tx:
+            await store.release_outbox(tx, [taken.seq], second)
+        assert [r.message for r in await self.peek(store, first)] == messages
+
+    async def test_a_lease_rolled_back_never_held_the_rows(self, store: Store) -> None:
+        now = utcnow()
+        messages = [message() for _ in range(2)]
+        await self.write(store, messages, now)
+
+        async with transaction(store, commit=False) as tx:
+            await store.claim_outbox(tx, 10, now, now + timedelta(seconds=30))
+
+        assert [r.message for r in await self.peek(store, now)] == messages
+
+    async def test_a_deferred_row_loses_its_lease(self, store: Store) -> None:
+        now = utcnow()
+        await self.write(store, [message()], now)
+        async with transaction(store) as tx:
+            [row] = await store.claim_outbox(tx, 1, now, now + timedelta(hours=1))
+        async with transaction(store) as tx:
+            await store.defer_outbox(tx, row.seq, now + timedelta(seconds=1), "refused")
+
+        [again] = await self.peek(store, now + timedelta(seconds=1))
+        assert (again.seq, again.attempts) == (row.seq, 1)
+
     # --- outbox: reads on their own -----------------------------------------------------------------
 
     async def test_backlog_counts_rows_and_gives_when_the_oldest_was_written(self, store: Store) -> None:

@@ -113,8 +113,18 @@ class Store(ABC):
         """Write messages to the outbox, due at `available_at`."""
 
     @abstractmethod
-    async def claim_outbox(self, tx: Transaction, limit: int, now: datetime) -> list[OutboxRecord]:
-        """Lock and return up to `limit` due rows in `seq` order, skipping rows another relay holds."""
+    async def claim_outbox(
+        self, tx: Transaction, limit: int, now: datetime, lease_until: datetime | None = None
+    ) -> list[OutboxRecord]:
+        """Lock and return up to `limit` due rows in `seq` order, skipping rows another relay holds.
+
+        A relay holds a row while its claiming transaction is open and, when the claim gave `lease_until`,
+        after its commit until `now` passes `lease_until` (or the row is released, deleted or deferred).
+        """
+
+    @abstractmethod
+    async def release_outbox(self, tx: Transaction, seqs: Sequence[int], lease_until: datetime) -> None:
+        """End the lease of rows claimed with `lease_until` (not a newer lease: another relay's)."""
 
     @abstractmethod
     async def delete_outbox(self, tx: Transaction, seqs: Sequence[int]) -> None:
@@ -122,7 +132,7 @@ class Store(ABC):
 
     @abstractmethod
     async def defer_outbox(self, tx: Transaction, seq: int, until: datetime, error: str) -> None:
-        """Count a failed send of one row and make it due again at `until`."""
+        """Count a failed send of one row and make it due again at `until` (ending its lease)."""
 
     @abstractmethod
     async def claim_inbox(self, tx: Transaction, subscriber: str, handler: str, message_id: str) -> bool:

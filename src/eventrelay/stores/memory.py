@@ -48,6 +48,7 @@ class MemoryStore(Store):
         self._seq = itertools.count(1)
         self._outbox: dict[int, OutboxRecord] = {}
         self._created: dict[int, datetime] = {}
+        self._leases: dict[int, datetime] = {}  # outbox seq -> until when a relay holds it
         self._inbox: dict[InboxKey, datetime] = {}
         self._claiming: dict[InboxKey, tuple[asyncio.Event, MemoryTransaction]] = {}
         self._letters: dict[int, DeadLetter] = {}
@@ -70,19 +71,41 @@ class MemoryStore(Store):
 
         mtx.writes.append(write)
 
-    async def claim_outbox(self, tx: Transaction, limit: int, now: datetime) -> list[OutboxRecord]:
+    async def claim_outbox(
+        self, tx: Transaction, limit: int, now: datetime, lease_until: datetime | None = None
+    ) -> list[OutboxRecord]:
         mtx = _memory(tx)
         # One relay at a time, as SKIP LOCKED gives on a database; held until the transaction ends.
         await self._relay_lock.acquire()
         self._relay_owner = mtx
-        due = [r for r in self._outbox.values() if r.available_at <= now]
-        return sorted(due, key=lambda r: r.seq)[:limit]
+        due = [
+            r for r in self._outbox.values() if r.available_at <= now and self._leases.get(r.seq, now) <= now
+        ]
+        claimed = sorted(due, key=lambda r: r.seq)[:limit]
+        if lease_until is not None:
+
+            def write() -> None:
+                for record in claimed:
+                    if record.seq in self._outbox:
+                        self._leases[record.seq] = lease_until
+
+            mtx.writes.append(write)
+        return claimed
+
+    async def release_outbox(self, tx: Transaction, seqs: Sequence[int], lease_until: datetime) -> None:
+        def write() -> None:
+            for seq in seqs:
+                if self._leases.get(seq) == lease_until:
+                    del self._leases[seq]
+
+        _memory(tx).writes.append(write)
 
     async def delete_outbox(self, tx: Transaction, seqs: Sequence[int]) -> None:
         def write() -> None:
             for seq in seqs:
                 self._outbox.pop(seq, None)
                 self._created.pop(seq, None)
+                self._leases.pop(seq, None)
 
         _memory(tx).writes.append(write)
 
@@ -92,6 +115,7 @@ class MemoryStore(Store):
             self._outbox[seq] = replace(
                 record, available_at=until, attempts=record.attempts + 1, last_error=error
             )
+            self._leases.pop(seq, None)
 
         _memory(tx).writes.append(write)
 

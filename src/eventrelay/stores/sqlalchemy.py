@@ -38,6 +38,7 @@ from sqlalchemy import (
     event,
     func,
     insert,
+    or_,
     select,
     update,
 )
@@ -85,6 +86,7 @@ def define_tables(metadata: MetaData, prefix: str = "eventrelay_") -> Tables:
         Column("available_at", TIME, nullable=False),
         Column("attempts", Integer, nullable=False, default=0),
         Column("last_error", Text),
+        Column("leased_until", TIME),  # a relay publishes the row until then; NULL: nobody holds it
         Index(f"ix_{prefix}outbox_due", "available_at", "seq"),
         sqlite_autoincrement=True,
     )
@@ -248,6 +250,14 @@ class SqlStore(Store):
         self.tables = define_tables(self.metadata, prefix)
         self._dialect = self.engine.dialect.name
         self._inbox_insert = _insert_if_absent(self.tables.inbox, self._dialect)  # built once: a hot path
+        outbox, by_seq = self.tables.outbox, self.tables.outbox.c.seq == bindparam("b_seq")
+        self._lease = update(outbox).where(by_seq).values(leased_until=bindparam("b_until"))
+        self._release = (
+            update(outbox)
+            .where(by_seq, outbox.c.leased_until == bindparam("b_until"))
+            .values(leased_until=None)
+        )
+        self._delete = delete(outbox).where(by_seq)
 
     async def create_tables(self) -> None:
         try:
@@ -282,11 +292,13 @@ class SqlStore(Store):
         ]
         await tx.session.execute(insert(self.tables.outbox), rows)
 
-    async def claim_outbox(self, tx: Transaction, limit: int, now: datetime) -> list[OutboxRecord]:
+    async def claim_outbox(
+        self, tx: Transaction, limit: int, now: datetime, lease_until: datetime | None = None
+    ) -> list[OutboxRecord]:
         t = self.tables.outbox
         query = (
             select(t)
-            .where(t.c.available_at <= now)
+            .where(t.c.available_at <= now, or_(t.c.leased_until.is_(None), t.c.leased_until <= now))
             .order_by(t.c.seq)
             .limit(limit)
             .with_for_update(skip_locked=True)
@@ -297,24 +309,32 @@ class SqlStore(Store):
         if self._dialect in ("mysql", "mariadb") and not tx.session.in_transaction():
             # READ COMMITTED takes no gap locks, so new outbox rows need not wait for this relay.
             await tx.session.connection(execution_options={"isolation_level": "READ COMMITTED"})
-        result = await tx.session.execute(query)
+        rows = list(await tx.session.execute(query))
+        if rows and lease_until is not None:
+            await self._by_seq(tx, self._lease, [row.seq for row in rows], b_until=lease_until)
         return [
             OutboxRecord(row.seq, _message(row), row.available_at, row.attempts, row.last_error)
-            for row in result
+            for row in rows
         ]
 
+    async def release_outbox(self, tx: Transaction, seqs: Sequence[int], lease_until: datetime) -> None:
+        await self._by_seq(tx, self._release, seqs, b_until=lease_until)
+
     async def delete_outbox(self, tx: Transaction, seqs: Sequence[int]) -> None:
-        if seqs:  # one row per statement: MariaDB's `seq IN (...)` also locks neighbours another relay holds
-            t = self.tables.outbox
-            by_seq = delete(t).where(t.c.seq == bindparam("b_seq"))
-            await tx.session.execute(by_seq, [{"b_seq": s} for s in seqs])
+        await self._by_seq(tx, self._delete, seqs)
+
+    async def _by_seq(self, tx: Transaction, statement: Any, seqs: Sequence[int], **values: Any) -> None:
+        # One row per statement (executemany): MariaDB's `seq IN (...)` also locks neighbours another
+        # relay holds.
+        if seqs:
+            await tx.session.execute(statement, [{"b_seq": seq, **values} for seq in seqs])
 
     async def defer_outbox(self, tx: Transaction, seq: int, until: datetime, error: str) -> None:
         t = self.tables.outbox
         await tx.session.execute(
             update(t)
             .where(t.c.seq == seq)
-            .values(available_at=until, attempts=t.c.attempts + 1, last_error=error[:4000])
+            .values(available_at=until, attempts=t.c.attempts + 1, last_error=error[:4000], leased_until=None)
         )
 
     async def claim_inbox(self, tx: Transaction, subscriber: str, handler: str, message_id: str) -> bool:
