@@ -77,7 +77,8 @@ class Relay:
                 logger.exception("Relay failed, it tries again in %.1fs", pause)
                 await asyncio.sleep(pause)
                 continue
-            await self._sleep()
+            if not self._wakeup.is_set():  # else a commit came while sending: look again at once
+                await self._sleep()
 
     async def run_once(self) -> int:
         """Send one batch of due rows; return how many rows were claimed."""

@@ -46,6 +46,7 @@ from sqlalchemy import (
     exists,
     func,
     insert,
+    literal,
     or_,
     select,
     update,
@@ -113,6 +114,7 @@ class SqlBroker(Broker):
         self._unacked: set[int] = set()
         self._ack_lock = asyncio.Lock()
         self._delete_by_id = delete(self.deliveries).where(self.deliveries.c.id == bindparam("row_id"))
+        self._fan_out = _fan_out(self.bindings, self.deliveries)
         self._arrival = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
         self._listener: AsyncConnection | None = None
@@ -153,37 +155,23 @@ class SqlBroker(Broker):
     async def publish(self, messages: Sequence[Message]) -> None:
         if not messages:
             return
-        names = {m.name for m in messages}
         now = utcnow()
+        values = [
+            {
+                "b_message_id": m.id,
+                "b_name": m.name,
+                "b_body": m.body,
+                "b_headers": json.dumps(dict(m.headers)),
+                "b_key": m.key,
+                "b_now": now,
+            }
+            for m in messages
+        ]
         async with self._translate("publish to"), self.engine.begin() as conn:
-            rows = await conn.execute(
-                select(self.bindings.c.subscriber, self.bindings.c.name).where(
-                    self.bindings.c.name.in_(names)
-                )
-            )
-            bound: dict[str, list[str]] = {}
-            for subscriber, name in rows:
-                bound.setdefault(name, []).append(subscriber)
-            values = [
-                {
-                    "subscriber": subscriber,
-                    "message_id": m.id,
-                    "name": m.name,
-                    "body": m.body,
-                    "headers": json.dumps(dict(m.headers)),
-                    "ordering_key": m.key,
-                    "attempt": 1,
-                    "available_at": now,
-                }
-                for m in messages
-                for subscriber in bound.get(m.name, ())
-            ]
-            if values:
-                await conn.execute(insert(self.deliveries), values)
-                if not self._sqlite:
-                    await conn.exec_driver_sql(f"NOTIFY {_CHANNEL}")
-        if values:
-            self._wake_fetchers()
+            await conn.execute(self._fan_out, values)
+            if not self._sqlite:
+                await conn.exec_driver_sql(f"NOTIFY {_CHANNEL}")
+        self._wake_fetchers()
 
     async def bind(self, subscriber: str, name: str) -> None:
         async with self._translate("bind on"), self.engine.begin() as conn:
@@ -354,6 +342,22 @@ class SqlBroker(Broker):
                     f"Could not {action} the SQL broker at {redact_url(self.url)}: {exc.orig}"
                 ) from exc
             raise PublishFailed(f"Could not {action} the SQL broker: {exc.orig}") from exc
+
+
+def _fan_out(bindings: Table, deliveries: Table) -> Any:
+    """An INSERT of one message's delivery rows, one per subscriber bound to its name (run per message)."""
+    copies = select(
+        bindings.c.subscriber,
+        bindparam("b_message_id", type_=String),
+        bindings.c.name,
+        bindparam("b_body", type_=LargeBinary),
+        bindparam("b_headers", type_=Text),
+        bindparam("b_key", type_=String),
+        literal(1),
+        bindparam("b_now", type_=TIME),
+    ).where(bindings.c.name == bindparam("b_name", type_=String))
+    columns = ("subscriber", "message_id", "name", "body", "headers", "ordering_key", "attempt")
+    return insert(deliveries).from_select([*columns, "available_at"], copies)
 
 
 def _seconds(value: str | tuple[str, ...], option: str) -> float:

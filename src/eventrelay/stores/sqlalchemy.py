@@ -123,8 +123,12 @@ def define_tables(metadata: MetaData, prefix: str = "eventrelay_") -> Tables:
 
 def create_engine(url: str, **options: Any) -> AsyncEngine:
     """An async engine for `url`, set up for eventrelay (SQLite: WAL, busy timeout, BEGIN IMMEDIATE)."""
-    if url.startswith("sqlite") and url.rstrip("/").endswith((":memory:", "sqlite+aiosqlite:")):
+    sqlite_url = url.startswith("sqlite")
+    if sqlite_url and url.rstrip("/").endswith((":memory:", "sqlite+aiosqlite:")):
         options.setdefault("poolclass", StaticPool)  # one shared in-memory database, not one per connection
+    skip_idle_reset = sqlite_url and "pool_reset_on_return" not in options
+    if skip_idle_reset:
+        options["pool_reset_on_return"] = None  # `_reset` below rolls back only what is open
     try:
         parsed = make_url(url)
         if parsed.drivername == "postgresql+asyncpg":
@@ -142,6 +146,14 @@ def create_engine(url: str, **options: Any) -> AsyncEngine:
         raise ConfigurationError(f"Not a usable database URL: {exc}") from exc
     if engine.dialect.name == "sqlite":
         configure_sqlite(engine)
+    if skip_idle_reset:
+
+        @event.listens_for(engine.sync_engine, "reset")
+        def _reset(dbapi_connection: Any, record: Any, state: Any) -> None:
+            # A connection back in the pool after a commit has nothing to roll back: skip the thread hop.
+            if state.asyncio_safe and getattr(record.driver_connection, "in_transaction", True):
+                dbapi_connection.rollback()
+
     return engine
 
 
