@@ -8,8 +8,8 @@ from html import escape
 from bench.stats import Spread
 
 COLOURS = ("#8c8c8c", "#4c78a8", "#f58518", "#54a24b", "#b279a2")
-WIDTH, HEIGHT = 960, 420
-LEFT, RIGHT, TOP, BOTTOM = 70, 20, 40, 110
+WIDTH, HEIGHT = 960, 460
+LEFT, RIGHT, TOP, BOTTOM = 70, 20, 56, 150
 
 
 def nice_top(value: float) -> float:
@@ -72,10 +72,8 @@ def bar_chart(
             f'transform="rotate(-35 {label_x:.1f} {TOP + plot_h + 14})">{escape(group)}</text>'
         )
     for s, name in enumerate(series):
-        x = LEFT + 10 + s * 150
-        out.append(
-            f'<rect x="{x}" y="{HEIGHT - 18}" width="12" height="12" fill="{COLOURS[s % len(COLOURS)]}"/>'
-        )
-        out.append(f'<text x="{x + 16}" y="{HEIGHT - 8}">{escape(name)}</text>')
+        x = LEFT + 10 + s * 150  # the legend, under the title
+        out.append(f'<rect x="{x}" y="30" width="12" height="12" fill="{COLOURS[s % len(COLOURS)]}"/>')
+        out.append(f'<text x="{x + 16}" y="40">{escape(name)}</text>')
     out.append("</svg>")
     return "\n".join(out) + "\n"

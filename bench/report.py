@@ -221,9 +221,11 @@ def throughput_plot(rows: Sequence[Row]) -> str:
     for row in rows:
         if row.scenario.measure == "latency" or math.isnan(row.throughput.median):
             continue
-        group = f"{row.scenario.title.split(',')[0]} {row.scenario.broker}"
+        group = f"{row.scenario.title.split(', ')[0]} {row.scenario.broker}"
         if row.scenario.per_unit > 1:
             group += " (100/UoW)"
+        if row.scenario.batch:
+            group += " batch"
         if group not in groups:
             groups.append(group)
         values[(group, row.scenario.system)] = row.throughput
