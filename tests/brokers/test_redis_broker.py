@@ -143,6 +143,17 @@ async def test_a_subscriber_gets_only_what_was_published_after_it_bound(prefix: 
         assert await nothing_for(broker, subscriber)
 
 
+async def test_more_concurrent_publishes_than_connections_wait_for_one(prefix: str) -> None:
+    """redis-py's default pool fails past its 100 connections; a burst of publishes must wait instead."""
+    name, subscriber = event_name(), subscriber_name()
+    async with RedisBroker(redis_url(prefix, poll=0.2, max_connections=4)) as broker:
+        await broker.bind(subscriber, name)
+        sent = [message(name) for _ in range(200)]
+        await asyncio.gather(*(broker.publish([m]) for m in sent))
+        got = await collect(broker, subscriber, len(sent), max_count=100)
+    assert sorted(d.message.id for d in got) == sorted(m.id for m in sent)
+
+
 async def test_one_subscriber_gets_every_name_in_publish_order_with_keys(prefix: str) -> None:
     # What the per-key order of one instance rests on: one queue per subscriber, in publish order.
     names, subscriber = [event_name() for _ in range(3)], subscriber_name()

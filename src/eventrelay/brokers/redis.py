@@ -30,6 +30,7 @@ Options (query string): `prefix` (`eventrelay:`), `visibility_timeout` (30 s), `
 fetch blocks before it looks for due retries and reclaimable entries again), `maxlen` (0: no cap; n: each
 queue is capped with `XADD MAXLEN ~ n`). Other options go to redis-py (e.g. `socket_timeout`), TLS's too:
 `rediss://host:6380/0?ssl_ca_certs=/ca.pem` (and `ssl_certfile`, `ssl_keyfile` for a client certificate).
+Connections: a blocking pool of `max_connections` (50); a command past them waits for a free one.
 
 Limits:
 - `maxlen` is off by default: trimming drops a lagging subscriber's oldest entries although nobody acked
@@ -62,7 +63,7 @@ from typing import Any
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 try:
-    from redis.asyncio import Redis
+    from redis.asyncio import BlockingConnectionPool, Redis
     from redis.asyncio.retry import Retry
     from redis.backoff import ExponentialWithJitterBackoff
     from redis.exceptions import ConnectionError as RedisConnectionError
@@ -162,12 +163,15 @@ class RedisBroker(Broker):
         self.maxlen = int(_number(options.pop("maxlen", "0"), "maxlen", zero=True))
         self.url = urlunsplit(parts._replace(query=urlencode(options)))
         try:
-            self._redis = Redis.from_url(
+            # Blocking: past `max_connections` (50) a command waits for a free connection, where redis-py's
+            # default pool fails with "Too many connections" (a burst of concurrent publishes).
+            pool = BlockingConnectionPool.from_url(
                 self.url,
                 socket_timeout=self.poll + 5.0,  # a blocking read waits at most `poll`
                 socket_connect_timeout=5.0,
                 retry=Retry(ExponentialWithJitterBackoff(base=0.05, cap=0.5), 2),
             )
+            self._redis = Redis.from_pool(pool)
         except ValueError as exc:
             raise ConfigurationError(f"Bad Redis broker URL {redact_url(url)!r}: {exc}") from exc
         self._publish = self._redis.register_script(_PUBLISH)
