@@ -96,6 +96,7 @@ class DistributedEventBus:
             self.broker,
             batch_size=self.settings.relay_batch_size,
             poll_interval=self.settings.relay_poll_interval,
+            lease=self.settings.relay_lease,
             tracing=self.tracing,
             metrics=self.metrics,
         )

@@ -28,6 +28,9 @@ class Settings:
     relay_batch_size: int = 100
     relay_poll_interval: float = 1.0
     """The relay wakes at once after a local commit; this is only the fallback poll."""
+    relay_lease: float = 10.0
+    """How long the relay holds a batch it claimed: a publish the broker has not confirmed by then is given
+    up (the broker counts as unavailable), and the rows of a relay that died are sent again after it."""
     inbox_retention: timedelta = timedelta(days=7)
     """How long inbox records are kept: a duplicate older than this is no longer recognised."""
     inbox_cleanup_interval: timedelta = timedelta(hours=1)
@@ -69,7 +72,13 @@ class Settings:
         for name in ("max_in_flight", "max_message_bytes", "relay_batch_size"):
             if getattr(self, name) < 1:
                 raise ConfigurationError(f"Settings.{name} must be at least 1")
-        for name in ("fetch_timeout", "relay_poll_interval", "shutdown_timeout", "handler_timeout"):
+        for name in (
+            "fetch_timeout",
+            "relay_poll_interval",
+            "relay_lease",
+            "shutdown_timeout",
+            "handler_timeout",
+        ):
             if getattr(self, name) <= 0:
                 raise ConfigurationError(f"Settings.{name} must be more than 0 seconds")
         if not 0 <= self.metrics_port <= 65535:

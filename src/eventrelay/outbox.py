@@ -37,7 +37,7 @@ class Relay:
         batch_size: int = 100,
         poll_interval: float = 1.0,
         max_backoff: float = 30.0,
-        lease: float = 30.0,
+        lease: float = 10.0,
         tracing: Tracing | None = None,
         metrics: NoMetrics | None = None,
     ) -> None:

@@ -114,9 +114,11 @@ class HangingBroker(RecordingBroker):
         self.hanging = asyncio.Event()
         self.resume = asyncio.Event()
         self.sent_at: list[datetime] = []
+        self.attempts = 0
 
     async def publish(self, messages: Sequence[Message]) -> None:
         self.hanging.set()
+        self.attempts += 1
         await self.resume.wait()
         self.sent_at.append(utcnow())
         await super().publish(messages)
@@ -135,6 +137,19 @@ async def test_units_of_work_commit_while_the_relay_waits_for_a_hung_broker(data
         broker.resume.set()
         await eventually(lambda: len(broker.published) == 2, timeout=10)
         await eventually(lambda: bus.relay.sent == 2, timeout=10)
+        assert await outbox_size(bus) == 0
+
+
+async def test_a_publish_not_confirmed_within_the_relay_lease_is_given_up_and_tried_again(
+    database: str | None,
+) -> None:
+    broker = HangingBroker()
+    async with make_bus("Shop", broker, database, relay_lease=0.3) as bus:
+        await bus.publish(OrderPlaced(order_id=1))
+        await eventually(lambda: broker.attempts >= 2, timeout=10)  # the first publish was given up
+        assert await outbox_size(bus) == 1, "the row stays in the outbox until a publish is confirmed"
+        broker.resume.set()
+        await eventually(lambda: bus.relay.sent == 1, timeout=10)
         assert await outbox_size(bus) == 0
 
 

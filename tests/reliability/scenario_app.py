@@ -93,6 +93,7 @@ def _settings(variable: str) -> Settings:
     quick = Settings(
         retry=retry,
         relay_poll_interval=0.2,
+        relay_lease=2.0,  # a killed relay's rows come back soon (as the brokers' leases of 1 s)
         relay_batch_size=50,
         fetch_timeout=0.2,
         shutdown_timeout=10.0,
