@@ -18,6 +18,7 @@ from collections.abc import Awaitable, Coroutine, Iterator, Sequence
 from contextvars import ContextVar
 from typing import TYPE_CHECKING, Any, TypeVar
 
+from eventrelay.brokers.base import reconnect_pause
 from eventrelay.codec import decode
 from eventrelay.envelope import Delivery, Message
 from eventrelay.errors import BrokerUnavailable, DecodeError, HandlerTimeout
@@ -70,7 +71,7 @@ class Consumer:
                 failures = 0
             except BrokerUnavailable as exc:
                 failures += 1
-                pause = min(30.0, 0.1 * 2**failures)
+                pause = reconnect_pause(failures)
                 logger.warning(
                     "Broker unavailable for %s, fetching again in %.1fs: %s", self.bus.service, pause, exc
                 )
@@ -78,7 +79,7 @@ class Consumer:
                 continue
             except Exception:  # any other failure must not end consuming for good: log it, back off
                 failures += 1
-                pause = min(30.0, 0.1 * 2**failures)
+                pause = reconnect_pause(failures)
                 logger.exception("Fetching for %s failed, fetching again in %.1fs", self.bus.service, pause)
                 await self._until_stopped(asyncio.sleep(pause))
                 continue

@@ -8,7 +8,7 @@ import logging
 from collections.abc import AsyncIterator, Sequence
 from datetime import timedelta
 
-from eventrelay.brokers.base import Broker
+from eventrelay.brokers.base import Broker, reconnect_pause
 from eventrelay.envelope import Message
 from eventrelay.errors import BrokerUnavailable, PublishFailed
 from eventrelay.metrics import NoMetrics
@@ -16,6 +16,8 @@ from eventrelay.stores.base import OutboxRecord, Store, Transaction, utcnow
 from eventrelay.tracing import Tracing
 
 logger = logging.getLogger(__name__)
+
+MAX_DEFERRAL = 300.0  # seconds: the longest a row the broker refused waits before it is sent again
 
 
 class Relay:
@@ -36,7 +38,6 @@ class Relay:
         *,
         batch_size: int = 100,
         poll_interval: float = 1.0,
-        max_backoff: float = 30.0,
         lease: float = 10.0,
         tracing: Tracing | None = None,
         metrics: NoMetrics | None = None,
@@ -47,7 +48,6 @@ class Relay:
         self.metrics = metrics or NoMetrics()
         self.batch_size = batch_size
         self.poll_interval = poll_interval
-        self.max_backoff = max_backoff
         self.lease = lease
         self._wakeup = asyncio.Event()
         self.sent = 0
@@ -67,13 +67,13 @@ class Relay:
                 failures = 0
             except BrokerUnavailable as exc:
                 failures += 1
-                pause = min(self.max_backoff, 0.1 * 2**failures)
+                pause = reconnect_pause(failures)
                 logger.warning("Broker unavailable, relay pauses %.1fs: %s", pause, exc)
                 await asyncio.sleep(pause)
                 continue
             except Exception:
                 failures += 1
-                pause = min(self.max_backoff, 0.1 * 2**failures)
+                pause = reconnect_pause(failures)
                 logger.exception("Relay failed, it tries again in %.1fs", pause)
                 await asyncio.sleep(pause)
                 continue
@@ -102,7 +102,7 @@ class Relay:
         async with self._transaction() as tx:
             await self.store.delete_outbox(tx, sent)
             for row, error in refused:
-                delay = min(self.max_backoff * 10, 2.0 ** (row.attempts + 1))
+                delay = min(MAX_DEFERRAL, 2.0 ** min(row.attempts + 1, 16))
                 await self.store.defer_outbox(tx, row.seq, utcnow() + timedelta(seconds=delay), error)
         self.sent += len(sent)
         return len(rows)

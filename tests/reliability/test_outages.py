@@ -81,10 +81,10 @@ async def test_an_outage_loses_nothing_and_everything_catches_up(
 
     assert codes == [0, 0], run.logs()[-3000:]
     assert all(not child.restarts for child in run.children), "a process had to be restarted"
-    if fault == "down":
+    if fault != "reset":  # the relay holds no lock while the broker is away or hangs: commits go on
         assert during.sent > before.sent, "publishing through the outbox stopped during the outage"
+    if fault == "down":
         assert during.outbox > 0, "events waited in the outbox"
-    # (During a stall the publisher's units of work wait: see the known issue below.)
     assert not broker.leaks(run.logs()), "a password reached a log"
     if fault != "stall":  # a stall shorter than a client's timeouts is waited out on the same connection
         assert proxy.connections > connections, "the services never reconnected"

@@ -12,6 +12,14 @@ from typing import Self
 
 from eventrelay.envelope import Delivery, Message
 
+RECONNECT_PAUSE_MAX = 5.0
+"""The longest pause between two tries of a broker that is away: at most this long after it is back."""
+
+
+def reconnect_pause(failures: int) -> float:
+    """Seconds to wait before trying a broker again after `failures` failures in a row: 0.2, 0.4, ... 5."""
+    return min(RECONNECT_PAUSE_MAX, 0.1 * 2.0 ** min(failures, 16))  # the exponent capped: no overflow
+
 
 class Broker(ABC):
     """Moves messages from publishers to subscriptions. One subclass per technology.
