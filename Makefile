@@ -22,7 +22,7 @@ test: $(STAMP)
 	$(VENV)/bin/ruff format --check src tests examples bench
 	$(VENV)/bin/mypy
 	$(VENV)/bin/mypy -p bookstore
-	$(VENV)/bin/pytest
+	$(VENV)/bin/pytest -n 2
 
 # The fault and crash suite at issue 8's full sizes (a 10 s outage, a 200,000-event backlog; `make test` runs it
 # scaled down), then its table of figures (docs/reliability.md). Takes hours: see docs/reliability.md.

@@ -6,14 +6,18 @@ see each other's rows. The shared servers themselves are never stopped or reconf
 
 from __future__ import annotations
 
+import json
 import uuid
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
 import asyncmy
 import asyncpg
 import pytest
 
+from tests.reliability.harness import REPORT, SIZES, Report, report_path
+from tests.reliability.report import render
 from tests.servers import require_server
 
 HOST = "127.0.0.1"
@@ -100,3 +104,37 @@ def database_url(request: pytest.FixtureRequest) -> str:
     url = request.getfixturevalue(f"{request.param}_url")
     assert isinstance(url, str)
     return url
+
+
+# --- the reliability suite's figures (here, not in tests/reliability/, so that pytest-xdist's controller,
+# which collects nothing, has these hooks too) --------------------------------------------------------------
+
+
+def pytest_sessionfinish(session: pytest.Session) -> None:
+    """Write the reliability figures; an xdist worker hands its rows to the controller instead."""
+    report = session.config.stash.get(REPORT, None)
+    if report is None or not report.rows:
+        return
+    worker_output = getattr(session.config, "workeroutput", None)
+    if worker_output is not None:
+        worker_output["reliability_rows"] = report.rows_json()
+    else:
+        report_path().write_text(json.dumps(report.as_dict(), indent=1) + "\n")
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_testnodedown(node: Any, error: object) -> None:
+    """(xdist controller) Take the rows of a worker that finished."""
+    rows = getattr(node, "workeroutput", {}).get("reliability_rows")
+    if rows:
+        node.config.stash.setdefault(REPORT, Report()).add_json(rows)
+
+
+def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter, config: pytest.Config) -> None:
+    report = config.stash.get(REPORT, None)
+    if report is None or not report.rows or hasattr(config, "workeroutput"):
+        return
+    terminalreporter.section("reliability figures")
+    terminalreporter.write_line(f"sizes: {SIZES} (written to {report_path()})")
+    for line in render(report.as_dict()).splitlines():
+        terminalreporter.write_line(line)

@@ -5,7 +5,6 @@ report that collects every scenario's figures, written to JSON and printed as a 
 from __future__ import annotations
 
 import contextlib
-import json
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
@@ -23,13 +22,11 @@ from tests.reliability.harness import (
     ADAPTERS,
     BROKERS,
     NETWORK_BROKERS,
-    SIZES,
+    REPORT,
     BrokerUnderTest,
     Report,
     Scenario,
-    report_path,
 )
-from tests.reliability.report import render
 from tests.servers import require_server
 
 RABBITMQ_PORT, REDIS_PORT, POSTGRESQL_PORT, NATS_PORT = 5672, 6379, 5432, 4222
@@ -37,29 +34,12 @@ RABBITMQ_PORT, REDIS_PORT, POSTGRESQL_PORT, NATS_PORT = 5672, 6379, 5432, 4222
 # NATS ack_wait): short, so that a killed subscriber's messages come back soon. RabbitMQ needs none (its
 # leases go with the connection).
 LEASE = "1"
-REPORT = pytest.StashKey[Report]()
 
 
 @pytest.fixture
 def report(pytestconfig: pytest.Config) -> Report:
     """The session's figures (kept in the config's stash, written at the end of the session)."""
     return pytestconfig.stash.setdefault(REPORT, Report())
-
-
-def pytest_sessionfinish(session: pytest.Session) -> None:
-    report = session.config.stash.get(REPORT, None)
-    if report is not None and report.rows:
-        report_path().write_text(json.dumps(report.as_dict(), indent=1) + "\n")
-
-
-def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter, config: pytest.Config) -> None:
-    report = config.stash.get(REPORT, None)
-    if report is None or not report.rows:
-        return
-    terminalreporter.section("reliability figures")
-    terminalreporter.write_line(f"sizes: {SIZES} (written to {report_path()})")
-    for line in render(report.as_dict()).splitlines():
-        terminalreporter.write_line(line)
 
 
 async def _delete_rabbitmq(broker: BrokerUnderTest, exchange: str) -> None:

@@ -145,7 +145,11 @@ class Figures:
 
 @dataclass
 class Report:
-    """The figures of one pytest session, with the sizes they were measured at."""
+    """The figures of one pytest session, with the sizes they were measured at.
+
+    Kept in the config's stash (`REPORT`). Under pytest-xdist each worker hands its rows to the controller,
+    which writes the JSON file and prints the table (`tests/conftest.py`).
+    """
 
     rows: list[Figures] = field(default_factory=list)
 
@@ -169,12 +173,21 @@ class Report:
             )
         )
 
+    def rows_json(self) -> str:
+        return json.dumps([row.as_dict() for row in self.rows])
+
+    def add_json(self, rows: str) -> None:
+        self.rows.extend(Figures(**row) for row in json.loads(rows))
+
     def as_dict(self) -> dict[str, Any]:
         return {
             "full": FULL,
             "sizes": asdict(SIZES),
             "rows": [row.as_dict() for row in self.rows],
         }
+
+
+REPORT = pytest.StashKey[Report]()
 
 
 # --- processes --------------------------------------------------------------------------------------------

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 MARKERS = "<!-- figures:{run}:begin -->", "<!-- figures:{run}:end -->"  # run: "ci" or "full"
+BROKERS = ("memory", "sqlite", "postgresql", "rabbitmq", "redis", "nats", "kafka")  # the table's order
 COLUMNS = ("scenario", "broker", "sent", "delivered", "duplicates", "dead letters", "recovery (s)", "notes")
 
 
@@ -37,7 +38,9 @@ def render(data: dict[str, Any]) -> str:
         "| " + " | ".join(COLUMNS) + " |",
         "|" + "|".join(" --- " for _ in COLUMNS) + "|",
     ]
-    for row in data["rows"]:
+    # Sorted: tests run in any order (pytest-xdist workers), the table reads the same.
+    order = {broker: index for index, broker in enumerate(BROKERS)}
+    for row in sorted(data["rows"], key=lambda row: (row["scenario"], order.get(row["broker"], len(order)))):
         lines.append("| " + " | ".join(_cell(row, column) for column in COLUMNS) + " |")
     return "\n".join(lines)
 
