@@ -15,6 +15,8 @@ from eventrelay.brokers.sql import SqlBroker
 from eventrelay.envelope import Delivery, Message, new_message_id
 from eventrelay.errors import BrokerUnavailable, ConfigurationError
 from tests.brokers.contract import BrokerContract, collect
+from tests.conftest import POSTGRESQL_PORT
+from tests.faultproxy import FaultProxy
 
 
 class TestSqliteBroker(BrokerContract):
@@ -97,3 +99,25 @@ async def test_services_starting_at_once_on_one_postgresql_database_all_start(po
             await broker.close()
         for store in stores:
             await store.close()
+
+
+@pytest.mark.postgresql
+async def test_a_fetcher_listens_again_after_a_connection_reset(postgresql_url: str) -> None:
+    """With polling slowed to a minute, only NOTIFY can bring a message within seconds: after a reset too."""
+    async with FaultProxy(POSTGRESQL_PORT) as proxy:
+        through_proxy = postgresql_url.replace(f":{POSTGRESQL_PORT}/", f":{proxy.port}/")
+        async with (
+            SqlBroker(f"{through_proxy}?poll_max=60&poll_min=60") as fetcher,
+            SqlBroker(postgresql_url) as publisher,
+        ):
+            await fetcher.bind("Listener", "Sql.Ping")
+            proxy.reset()  # every connection through the proxy, the LISTEN one included, is cut
+            with pytest.raises(BrokerUnavailable):  # (the pool's connection was cut too)
+                await fetcher.fetch("Listener", 10, 0.1)
+            assert await fetcher.fetch("Listener", 10, 0.1) == []  # reconnected; LISTENs again
+            waiting = asyncio.create_task(fetcher.fetch("Listener", 10, 50))
+            await asyncio.sleep(0.5)  # the fetcher found nothing and waits: for a minute, or a NOTIFY
+            sent = Message(new_message_id(), "Sql.Ping", b"{}")
+            await publisher.publish([sent])  # another process: only its NOTIFY reaches the fetcher
+            got = await asyncio.wait_for(waiting, 10)
+    assert [d.message.id for d in got] == [sent.id]

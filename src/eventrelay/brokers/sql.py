@@ -8,7 +8,8 @@ inner select is `FOR UPDATE SKIP LOCKED`), leasing them for `lease` seconds; the
 of what it holds, so a consumer that dies (even by SIGKILL) loses them and the rows come back with
 `attempt + 1`. An ack deletes the row, so the tables hold only what is still owed.
 
-Waking up: on PostgreSQL a publish sends `NOTIFY`, and fetchers `LISTEN`, so they wake at once. On SQLite
+Waking up: on PostgreSQL a publish sends `NOTIFY`, and fetchers `LISTEN`, so they wake at once (a LISTEN
+connection lost in an outage is opened again by the next fetch that reaches the database). On SQLite
 fetchers poll: first a cheap read (no write lock) and only then the claim; the pause between empty polls
 starts at `poll_min` (1 ms) and doubles up to `poll_max` (50 ms) while idle, and drops back to `poll_min`
 as soon as a message arrives. The trade-off: an idle service notices a new message within `poll_max`, and
@@ -118,6 +119,7 @@ class SqlBroker(Broker):
         self._arrival = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
         self._listener: AsyncConnection | None = None
+        self._notified: Any = None  # the asyncpg connection that LISTENs, to see that it is still open
         self._sqlite = self.engine.dialect.name == "sqlite"
 
     # --- lifecycle -----------------------------------------------------------------------------------
@@ -149,6 +151,18 @@ class SqlBroker(Broker):
         raw = await self._listener.get_raw_connection()
         driver: Any = raw.driver_connection
         await driver.add_listener(_CHANNEL, lambda *_: self._wake_fetchers())
+        self._notified = driver
+
+    async def _listen_again(self) -> None:
+        """LISTEN on a new connection when the old one was lost (an outage); until then fetchers poll."""
+        if self._listener is not None:
+            with contextlib.suppress(Exception):
+                await self._listener.invalidate()
+        self._listener = self._notified = None
+        try:
+            await self._listen()
+        except Exception as exc:  # the next fetch tries again
+            logger.debug("Could not LISTEN again: %s", exc)
 
     # --- the port ------------------------------------------------------------------------------------
 
@@ -197,6 +211,8 @@ class SqlBroker(Broker):
         pause = self.poll_min
         while True:
             batch = await self._claim(subscriber, max_count)
+            if not self._sqlite and (self._notified is None or self._notified.is_closed()):
+                await self._listen_again()  # the database answered the claim: it is back
             if batch:
                 return batch
             remaining = deadline - loop.time()
