@@ -138,11 +138,13 @@ class DistributedEventBus:
         self.consumer.stop()
         consumer, relay, cleaner = self._tasks
         await asyncio.wait({consumer}, timeout=self.settings.shutdown_timeout)
+        # Not cancelled mid-batch (a cancel inside a transaction can leave SQLite's write lock held): the
+        # relay finishes its batch, sends what the outbox holds, the handlers' last events too, and returns.
+        self.relay.stop()
+        await asyncio.wait({relay}, timeout=self.settings.shutdown_timeout)
         for task in (consumer, relay, cleaner):
             task.cancel()
         await asyncio.gather(consumer, relay, cleaner, return_exceptions=True)
-        with contextlib.suppress(Exception):  # best effort: rows left behind are sent at the next start
-            await asyncio.wait_for(self._drain_outbox(), self.settings.shutdown_timeout)
         self.consumer = Consumer(self)
         await self._close_owned()
         logger.info("Bus of %s stopped", self.service)
@@ -153,10 +155,6 @@ class DistributedEventBus:
             await self.broker.close()
         if self._owns_store:
             await self.store.close()
-
-    async def _drain_outbox(self) -> None:
-        while await self.relay.run_once():
-            pass
 
     async def __aenter__(self) -> Self:
         await self.start()

@@ -50,32 +50,43 @@ class Relay:
         self.poll_interval = poll_interval
         self.lease = lease
         self._wakeup = asyncio.Event()
+        self._stopping = False
         self.sent = 0
 
     def wake(self) -> None:
         """Ask the relay to look at the outbox now."""
         self._wakeup.set()
 
+    def stop(self) -> None:
+        """Let `run()` finish the batch it is sending, send what the outbox holds, and return."""
+        self._stopping = True
+        self._wakeup.set()
+
     async def run(self) -> None:
-        """Relay until cancelled."""
+        """Relay until cancelled, or until `stop()` and the outbox is drained."""
+        self._stopping = False
         failures = 0
         while True:
             self._wakeup.clear()
             try:
-                while await self.run_once() == self.batch_size:
+                while (claimed := await self.run_once()) == self.batch_size:
                     pass
                 failures = 0
-            except BrokerUnavailable as exc:
+            except Exception as exc:
                 failures += 1
                 pause = reconnect_pause(failures)
-                logger.warning("Broker unavailable, relay pauses %.1fs: %s", pause, exc)
+                if isinstance(exc, BrokerUnavailable):
+                    logger.warning("Broker unavailable, relay pauses %.1fs: %s", pause, exc)
+                else:
+                    logger.exception("Relay failed, it tries again in %.1fs", pause)
+                if self._stopping:
+                    logger.warning("Relay stopped with rows in the outbox: they are sent at the next start")
+                    return
                 await asyncio.sleep(pause)
                 continue
-            except Exception:
-                failures += 1
-                pause = reconnect_pause(failures)
-                logger.exception("Relay failed, it tries again in %.1fs", pause)
-                await asyncio.sleep(pause)
+            if self._stopping:
+                if not claimed:  # drained, the rows committed since the stop included
+                    return
                 continue
             if not self._wakeup.is_set():  # else a commit came while sending: look again at once
                 await self._sleep()
