@@ -14,10 +14,10 @@ import aio_pika
 import nats
 import nats.js.errors
 import pytest
-from redis.asyncio import Redis
 
 from eventrelay.brokers.rabbitmq import RabbitMQBroker
 from tests.brokers.kafka_server import tansu_server
+from tests.brokers.test_redis_broker import delete_keys
 from tests.reliability.harness import (
     ADAPTERS,
     BROKERS,
@@ -53,16 +53,6 @@ async def _delete_rabbitmq(broker: BrokerUnderTest, exchange: str) -> None:
             await channel.queue_delete(queue)
         for name in (exchange, f"{exchange}.unrouted"):
             await channel.exchange_delete(name)
-
-
-async def _delete_redis(prefix: str) -> None:
-    client = Redis(host="127.0.0.1", port=REDIS_PORT)
-    try:
-        keys = [key async for key in client.scan_iter(match=f"{prefix}*", count=1000)]
-        if keys:
-            await client.delete(*keys)
-    finally:
-        await client.aclose()
 
 
 @pytest.fixture
@@ -120,7 +110,7 @@ async def redis_broker(names: dict[str, str]) -> AsyncIterator[BrokerUnderTest]:
     try:
         yield BrokerUnderTest("redis", address, REDIS_PORT, options, **names, secret=secret)
     finally:
-        await _delete_redis(prefix)
+        await delete_keys(prefix)
 
 
 @pytest.fixture
