@@ -367,7 +367,14 @@ class NatsBroker(Broker):
         dead-letters them, rather than wait unseen until `max_age`. A draining consumer is left to its drain.
         """
         prefix, offset = f"{self.prefix}.", 0
-        while page := await self._js.consumers_info(self.stream, offset):
+        while True:
+            try:
+                page = await self._js.consumers_info(self.stream, offset)
+            except TypeError:  # nats-py fails on a consumer deleted while listed: the next fetch looks again
+                logger.debug("Could not list the consumers of %s; the next fetch tries again", self.stream)
+                return
+            if not page:
+                break
             offset += len(page)
             for config in (info.config for info in page):
                 subject, found = config.filter_subject or "", config.durable_name or ""
