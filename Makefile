@@ -5,7 +5,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: all venv test lint fmt demo clean reliability bench
+.PHONY: all venv test lint fmt demo clean reliability bench soak
 
 all: test
 
@@ -29,6 +29,11 @@ test: $(STAMP)
 reliability: $(STAMP)
 	EVENTRELAY_RELIABILITY_FULL=1 $(VENV)/bin/pytest tests/reliability -m reliability; status=$$?; \
 	$(PY) -m tests.reliability.report; exit $$status
+
+# Flake hunt (tests/soak.py): the process-level and broker tests 5 times, each in a shuffled order, beside
+# two CPU hogs; prints each test that failed at least once, with its count. `make soak SOAK_ARGS="--runs 10"`.
+soak: $(STAMP)
+	$(PY) -m tests.soak $(SOAK_ARGS)
 
 # The benchmark of issue 9 (bench/, docs/benchmarks.md): every scenario and its baselines, 3 rounds each, about
 # 20 minutes on 2 cores; writes the figures and the plot into docs/. `$(PY) -m bench --quick` takes 2 minutes.

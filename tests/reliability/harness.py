@@ -237,9 +237,20 @@ class Child:
         deadline = time.monotonic() + timeout
         while (code := self.poll()) is None:
             if time.monotonic() > deadline:
-                raise AssertionError(f"{self.name} still running after {timeout}s:\n{self.tail()}")
+                await self._dump_stacks()
+                raise AssertionError(f"{self.name} still running after {timeout}s:\n{self.tail(12000)}")
             await asyncio.sleep(0.02)
         return code
+
+    async def _dump_stacks(self) -> None:
+        """Have the stuck process write its threads' and tasks' stacks into its log (scenario_app's
+        SIGUSR1 handler), so a failure shows where it waits."""
+        size = self.log.stat().st_size if self.log.exists() else 0
+        self.process.send_signal(signal.SIGUSR1)  # type: ignore[union-attr]
+        for _ in range(100):  # up to 2 s for the dump to be written
+            await asyncio.sleep(0.02)
+            if self.log.exists() and self.log.stat().st_size > size and "end of stacks" in self.tail(200):
+                return
 
     async def stop(self, timeout: float = 30.0) -> int:
         """SIGTERM, then its exit code (a graceful stop is 0)."""

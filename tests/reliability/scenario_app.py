@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import faulthandler
 import json
 import os
 import signal
@@ -60,6 +61,23 @@ def _kill_points(spec: str) -> dict[str, set[int]]:
 
 
 KILL = _kill_points(ENV.get("RELIABILITY_KILL", ""))
+
+
+def _dump_stacks(_signum: int, _frame: object) -> None:
+    """SIGUSR1 (sent by the harness to a process that did not end in time): every thread's stack, then every
+    asyncio task's, into the log."""
+    faulthandler.dump_traceback(all_threads=True)
+    try:
+        tasks = asyncio.all_tasks(asyncio.get_running_loop())
+    except RuntimeError:  # no loop running
+        tasks = set()
+    for task in tasks:
+        print(f"--- {task!r}", file=sys.stderr)
+        task.print_stack(limit=30, file=sys.stderr)
+    print("--- end of stacks", file=sys.stderr, flush=True)
+
+
+signal.signal(signal.SIGUSR1, _dump_stacks)
 
 metadata = MetaData()
 sent = Table(
