@@ -180,7 +180,7 @@ def setup(scenario: Scenario, suffix: str, folder: Path, kafka: str | None) -> S
     queues: list[str] = []
     exchanges: list[str] = []
     stream = redis_prefix = None
-    service = f"Bench.Order.{suffix}"
+    service, publisher = f"Bench.Order.{suffix}", f"Bench.Product.{suffix}"
     if scenario.system != EVENTRELAY:
         url, destination = servers.AMQP, f"bench.{scenario.system.split()[0].lower()}.{suffix}"
         queues.append(destination)
@@ -189,7 +189,16 @@ def setup(scenario: Scenario, suffix: str, folder: Path, kafka: str | None) -> S
         if scenario.broker == "rabbitmq":
             exchange = f"bench.{suffix}"
             url = f"{servers.AMQP}?exchange={exchange}&prefetch=1000"
-            queues += [service, f"{exchange}.unrouted", *RabbitMQBroker(url).retry_queues(service)]
+            # Each bus declares its service's queue and retry queues, the publisher's too (its consumer runs
+            # even without a handler): the adapter names the retry queues.
+            retry_queues = RabbitMQBroker(url).retry_queues
+            queues += [
+                f"{exchange}.unrouted",
+                service,
+                *retry_queues(service),
+                publisher,
+                *retry_queues(publisher),
+            ]
             exchanges += [exchange, f"{exchange}.unrouted"]
         elif scenario.broker == "nats":
             stream = f"BENCH_{suffix}"
@@ -218,6 +227,7 @@ def setup(scenario: Scenario, suffix: str, folder: Path, kafka: str | None) -> S
         n=scenario.n,
         url=url,
         destination=destination,
+        publisher=publisher,
         timeout=scenario.timeout,
         latencies=scenario.measure == "latency",
     )
@@ -240,17 +250,16 @@ def setup(scenario: Scenario, suffix: str, folder: Path, kafka: str | None) -> S
 
 @contextlib.asynccontextmanager
 async def provisioned(plan: Setup) -> AsyncIterator[Setup]:
-    """Create what a round needs on the servers, and delete all of it afterwards."""
-    if plan.databases:
-        await servers.create_databases(*plan.databases)
-    try:
-        yield plan
-    finally:
-        if plan.databases:
-            await servers.drop_databases(*plan.databases)
-        if plan.queues or plan.exchanges:
-            await servers.delete_rabbitmq(plan.queues, plan.exchanges)
-        if plan.stream:
-            await servers.delete_nats_stream(plan.stream)
+    """Create what a round needs on the servers, and delete all of it afterwards (each deletion is tried,
+    even when one before it failed)."""
+    async with contextlib.AsyncExitStack() as cleanup:
         if plan.redis_prefix:
-            await servers.delete_redis_keys(plan.redis_prefix)
+            cleanup.push_async_callback(servers.delete_redis_keys, plan.redis_prefix)
+        if plan.stream:
+            cleanup.push_async_callback(servers.delete_nats_stream, plan.stream)
+        if plan.queues or plan.exchanges:
+            cleanup.push_async_callback(servers.delete_rabbitmq, plan.queues, plan.exchanges)
+        if plan.databases:
+            cleanup.push_async_callback(servers.drop_databases, *plan.databases)
+            await servers.create_databases(*plan.databases)
+        yield plan
