@@ -102,7 +102,7 @@ class Received:
 
 @pytest.fixture
 async def fuzzed(
-    adapter_url: str, tmp_path: Path, report: Report
+    adapter_url: str, tmp_path: Path, report: Report, names: dict[str, str]
 ) -> AsyncIterator[tuple[DistributedEventBus, Received]]:
     received = Received()
 
@@ -119,9 +119,8 @@ async def fuzzed(
         shutdown_timeout=10.0,
     )
     database = f"sqlite+aiosqlite:///{tmp_path}/fuzz.db"
-    bus = DistributedEventBus(
-        f"Fuzz-{new_message_id()[:10]}", broker=adapter_url, database=database, settings=quick
-    )
+    # The broker fixture's subscriber: the fixture deletes its queues (RabbitMQ) after the test.
+    bus = DistributedEventBus(names["subscriber"], broker=adapter_url, database=database, settings=quick)
     await bus.subscribe(typed)
     await bus.subscribe(dynamic, event=DYNAMIC)
     async with bus:

@@ -69,7 +69,11 @@ class Sized(Event, name="Security.Sized"):
 
 
 async def test_an_oversized_body_is_dead_lettered_without_being_parsed(
-    adapter_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, report: Report
+    adapter_url: str,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    report: Report,
+    names: dict[str, str],
 ) -> None:
     parsed: list[int] = []
     real_loads, real_validate = json.loads, BaseModel.model_validate_json.__func__  # type: ignore[attr-defined]
@@ -90,9 +94,8 @@ async def test_an_oversized_body_is_dead_lettered_without_being_parsed(
 
     settings = Settings(max_message_bytes=LIMIT, fetch_timeout=0.2, shutdown_timeout=10)
     database = f"sqlite+aiosqlite:///{tmp_path}/limit.db"
-    bus = DistributedEventBus(
-        f"Limit-{uuid.uuid4().hex[:8]}", broker=adapter_url, database=database, settings=settings
-    )
+    # The broker fixture's subscriber: the fixture deletes its queues (RabbitMQ) after the test.
+    bus = DistributedEventBus(names["subscriber"], broker=adapter_url, database=database, settings=settings)
     await bus.subscribe(typed)
     await bus.subscribe(dynamic, event="Security.Dynamic")
     async with bus:
