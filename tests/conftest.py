@@ -1,7 +1,8 @@
 """Fixtures shared by every test: database URLs for SQLite and for the real PostgreSQL and MariaDB servers.
 
 Each server fixture creates a database of its own with a unique name and drops it afterwards, so tests never
-see each other's rows. The shared servers themselves are never stopped or reconfigured.
+see each other's rows. The shared servers themselves are never stopped or reconfigured. At the end of the
+session, what a run left on the servers is listed, and fails the run under CI (tests/leftovers.py).
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import asyncmy
 import asyncpg
 import pytest
 
+from tests import leftovers
 from tests.reliability.harness import REPORT, SIZES, Report, report_path
 from tests.reliability.report import render
 from tests.servers import require_server
@@ -106,12 +108,39 @@ def database_url(request: pytest.FixtureRequest) -> str:
     return url
 
 
+# --- the leftover check (tests/leftovers.py): what the servers hold at the start, compared at the end -------
+
+BEFORE = pytest.StashKey[leftovers.Snapshot]()
+FOUND = pytest.StashKey[leftovers.Leftovers]()
+
+
+@pytest.hookimpl(tryfirst=True)  # before xdist's controller starts its workers
+def pytest_sessionstart(session: pytest.Session) -> None:
+    if not hasattr(session.config, "workerinput"):  # the controller, or the only process
+        session.config.stash[BEFORE] = leftovers.take()
+
+
+def _check_leftovers(session: pytest.Session) -> None:
+    """List what the run left on the servers; under CI, fail the run if it left anything."""
+    before = session.config.stash.get(BEFORE, None)
+    if before is None:
+        return
+    ci = leftovers.under_ci()
+    linger = leftovers.LINGER if ci and session.exitstatus != pytest.ExitCode.INTERRUPTED else 0.0
+    found = leftovers.check(before, linger=linger)
+    session.config.stash[FOUND] = found
+    if found and ci and session.exitstatus == pytest.ExitCode.OK:
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED
+
+
 # --- the reliability suite's figures (here, not in tests/reliability/, so that pytest-xdist's controller,
 # which collects nothing, has these hooks too) --------------------------------------------------------------
 
 
 def pytest_sessionfinish(session: pytest.Session) -> None:
-    """Write the reliability figures; an xdist worker hands its rows to the controller instead."""
+    """Write the reliability figures (an xdist worker hands its rows to the controller instead), and check
+    for leftovers on the servers."""
+    _check_leftovers(session)
     report = session.config.stash.get(REPORT, None)
     if report is None or not report.rows:
         return
@@ -131,6 +160,17 @@ def pytest_testnodedown(node: Any, error: object) -> None:
 
 
 def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter, config: pytest.Config) -> None:
+    found = config.stash.get(FOUND, None)
+    if found:
+        ci = leftovers.under_ci()
+        terminalreporter.section("leftovers on the servers", red=ci, yellow=not ci)
+        terminalreporter.write_line(
+            "New since the session started: a test must delete what it made on the servers (DESIGN.md, "
+            "Tests and tools). "
+            + ("This fails the run (CI=true)." if ci else "Under CI=true this fails the run.")
+        )
+        for line in found.lines():
+            terminalreporter.write_line(line)
     report = config.stash.get(REPORT, None)
     if report is None or not report.rows or hasattr(config, "workeroutput"):
         return
