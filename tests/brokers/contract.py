@@ -11,6 +11,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import uuid
+from collections.abc import Sequence
+from typing import ClassVar
 
 import pytest
 
@@ -65,6 +67,12 @@ async def collect(
     return got
 
 
+def by_id(items: Sequence[Message | Delivery]) -> list[Message]:
+    """The messages of `items` sorted by id: compares as a multiset where no order is promised."""
+    messages = [item.message if isinstance(item, Delivery) else item for item in items]
+    return sorted(messages, key=lambda m: m.id)
+
+
 async def nothing_for(broker: Broker, subscriber: str) -> bool:
     """Whether no delivery comes for `subscriber` within `QUIET` seconds (one that does is released)."""
     async with asyncio.timeout(QUIET + 5):
@@ -75,7 +83,15 @@ async def nothing_for(broker: Broker, subscriber: str) -> bool:
 
 
 class BrokerContract:
-    """Behaviour every broker adapter inherits. Subclasses provide the `broker` fixture."""
+    """Behaviour every broker adapter inherits. Subclasses provide the `broker` fixture.
+
+    Order (docs/brokers.md, "Order"): one fetcher of a subscriber gets the messages of one event name in
+    publish order, on every broker. Across names it is up to the broker: `orders_across_names` says whether
+    one fetcher gets all of a subscriber's messages in publish order (one queue or stream per subscriber), or
+    whether each name comes on its own (a consumer or topic per name: NATS, Kafka).
+    """
+
+    orders_across_names: ClassVar[bool] = True
 
     @pytest.fixture
     def broker(self) -> Broker:
@@ -170,7 +186,27 @@ class BrokerContract:
         later, other = message(placed), message(shipped)
         await broker.publish([later, other])
 
-        assert [d.message for d in await collect(broker, subscriber, 2)] == [queued, other]
+        # Two names: no order between them is promised (see `orders_across_names`).
+        assert by_id(await collect(broker, subscriber, 2)) == by_id([queued, other])
+        assert await nothing_for(broker, subscriber)
+
+    async def test_one_subscriber_gets_each_names_messages_in_publish_order(self, broker: Broker) -> None:
+        placed, shipped, subscriber = event_name(), event_name(), subscriber_name()
+        await broker.bind(subscriber, placed)
+        await broker.bind(subscriber, shipped)
+        messages = [message(placed if n % 3 else shipped, f'{{"n": {n}}}'.encode()) for n in range(30)]
+
+        await broker.publish(messages[:20])
+        for one in messages[20:]:
+            await broker.publish([one])
+
+        got = [d.message for d in await collect(broker, subscriber, len(messages), max_count=4)]
+        for name in (placed, shipped):
+            assert [m.id for m in got if m.name == name] == [m.id for m in messages if m.name == name]
+        if self.orders_across_names:
+            assert [m.id for m in got] == [m.id for m in messages]
+        else:
+            assert by_id(got) == by_id(messages)
         assert await nothing_for(broker, subscriber)
 
     # --- fetch --------------------------------------------------------------------------------------
