@@ -25,9 +25,11 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import faulthandler
+import gc
 import json
 import os
 import signal
+import sqlite3
 import sys
 import time
 from collections.abc import Sequence
@@ -64,8 +66,8 @@ KILL = _kill_points(ENV.get("RELIABILITY_KILL", ""))
 
 
 def _dump_stacks(_signum: int, _frame: object) -> None:
-    """SIGUSR1 (sent by the harness to a process that did not end in time): every thread's stack, then every
-    asyncio task's, into the log."""
+    """SIGUSR1 (sent by the harness to a process that did not end in time): every thread's stack, every
+    asyncio task's chain of awaits, and the SQLite connections with an open transaction, into the log."""
     faulthandler.dump_traceback(all_threads=True)
     try:
         tasks = asyncio.all_tasks(asyncio.get_running_loop())
@@ -73,7 +75,20 @@ def _dump_stacks(_signum: int, _frame: object) -> None:
         tasks = set()
     for task in tasks:
         print(f"--- {task!r}", file=sys.stderr)
-        task.print_stack(limit=30, file=sys.stderr)
+        awaiting: Any = task.get_coro()
+        while awaiting is not None:  # Task.print_stack shows the outermost coroutine only
+            frame = getattr(awaiting, "cr_frame", None) or getattr(awaiting, "ag_frame", None)
+            if frame is not None:
+                code = frame.f_code
+                print(f"    {code.co_filename}:{frame.f_lineno} {code.co_name}", file=sys.stderr)
+            awaiting = getattr(awaiting, "cr_await", None) or getattr(awaiting, "ag_await", None)
+    for connection in gc.get_objects():
+        if isinstance(connection, sqlite3.Connection):
+            try:
+                state = "in a transaction" if connection.in_transaction else "idle"
+            except sqlite3.Error as exc:
+                state = str(exc)
+            print(f"--- sqlite3 connection {id(connection):#x}: {state}", file=sys.stderr)
     print("--- end of stacks", file=sys.stderr, flush=True)
 
 
