@@ -51,7 +51,9 @@ from sqlalchemy.pool import StaticPool
 from eventrelay.config import redact_url
 from eventrelay.envelope import Message
 from eventrelay.errors import ConfigurationError, StoreError
+from eventrelay.stores import sqlite as sqlite_driver
 from eventrelay.stores.base import DeadLetter, NewDeadLetter, OutboxRecord, Store, Transaction, utcnow
+from eventrelay.stores.sqlite import eventrelay_url
 
 _ID = BigInteger().with_variant(Integer(), "sqlite")  # SQLite autoincrements only INTEGER PRIMARY KEY
 TIME = DateTime().with_variant(mysql.DATETIME(fsp=6), "mysql", "mariadb")
@@ -122,23 +124,30 @@ def define_tables(metadata: MetaData, prefix: str = "eventrelay_") -> Tables:
 
 
 def create_engine(url: str, **options: Any) -> AsyncEngine:
-    """An async engine for `url`, set up for eventrelay (SQLite: WAL, busy timeout, BEGIN IMMEDIATE)."""
-    sqlite_url = url.startswith("sqlite")
-    if sqlite_url and url.rstrip("/").endswith((":memory:", "sqlite+aiosqlite:")):
-        options.setdefault("poolclass", StaticPool)  # one shared in-memory database, not one per connection
-    skip_idle_reset = sqlite_url and "pool_reset_on_return" not in options
-    if skip_idle_reset:
-        options["pool_reset_on_return"] = None  # `_reset` below rolls back only what is open
+    """An async engine for `url`, set up for eventrelay.
+
+    SQLite (any `sqlite` URL, `sqlite+aiosqlite://` included) runs on eventrelay's own driver
+    (`eventrelay.stores.sqlite`: statements on the event loop's thread, locks waited for asynchronously),
+    in WAL mode, every transaction opened with `BEGIN IMMEDIATE`.
+    """
+    skip_idle_reset = False
     try:
         parsed = make_url(url)
-        if parsed.drivername == "postgresql+asyncpg":
+        if parsed.get_backend_name() == "sqlite":
+            parsed = eventrelay_url(parsed)
+            if parsed.database in (None, "", ":memory:"):
+                options.setdefault("poolclass", StaticPool)  # one shared in-memory database
+            skip_idle_reset = "pool_reset_on_return" not in options
+            if skip_idle_reset:
+                options["pool_reset_on_return"] = None  # `_reset` below rolls back only what is open
+        elif parsed.drivername == "postgresql+asyncpg":
             parsed, context = _asyncpg_tls(parsed)
             if context is not None:
                 options["connect_args"] = {**options.get("connect_args", {}), "ssl": context}
         engine = create_async_engine(parsed, **options)
     except (ImportError, ModuleNotFoundError) as exc:
         raise ConfigurationError(
-            f"No driver for {redact_url(url)!r} ({exc}). eventrelay is async: use sqlite+aiosqlite://, "
+            f"No driver for {redact_url(url)!r} ({exc}). eventrelay is async: use sqlite:///path, "
             "postgresql+asyncpg:// (pip install 'eventrelay[postgresql]') or mysql+asyncmy:// "
             "(pip install 'eventrelay[mysql]')"
         ) from exc
@@ -150,7 +159,7 @@ def create_engine(url: str, **options: Any) -> AsyncEngine:
 
         @event.listens_for(engine.sync_engine, "reset")
         def _reset(dbapi_connection: Any, record: Any, state: Any) -> None:
-            # A connection back in the pool after a commit has nothing to roll back: skip the thread hop.
+            # A connection back in the pool after a commit has nothing to roll back: skip the statement.
             if state.asyncio_safe and getattr(record.driver_connection, "in_transaction", True):
                 dbapi_connection.rollback()
 
@@ -191,16 +200,22 @@ def _asyncpg_tls(url: URL) -> tuple[URL, ssl.SSLContext | None]:
 
 
 def configure_sqlite(engine: AsyncEngine, busy_timeout_ms: int = 30_000) -> None:
-    """Set up a SQLite engine for several processes: WAL, busy timeout, `BEGIN IMMEDIATE`."""
+    """Set up a SQLite engine for several processes: WAL, a busy timeout, `BEGIN IMMEDIATE`.
+
+    `busy_timeout_ms` is for another driver's engine (aiosqlite), where SQLite waits for a lock in the
+    driver's thread; eventrelay's driver waits asynchronously, as long as the URL's `?timeout=` says.
+    """
     sync_engine = engine.sync_engine
     if getattr(sync_engine, "_eventrelay_configured", False):
         return
+    ours = engine.dialect.driver == sqlite_driver.DRIVER
 
     @event.listens_for(sync_engine, "connect")
     def _connect(dbapi_connection: Any, _record: Any) -> None:
         dbapi_connection.isolation_level = None  # we emit BEGIN ourselves, below
         cursor = dbapi_connection.cursor()
-        cursor.execute(f"PRAGMA busy_timeout = {int(busy_timeout_ms)}")
+        if not ours:
+            cursor.execute(f"PRAGMA busy_timeout = {int(busy_timeout_ms)}")
         cursor.execute("PRAGMA journal_mode = WAL")
         cursor.execute("PRAGMA synchronous = NORMAL")
         cursor.close()
