@@ -23,7 +23,6 @@ from eventrelay.envelope import Message
 from eventrelay.stores.base import utcnow
 from eventrelay.stores.sqlalchemy import SqlStore, create_engine
 
-
 ROUNDS = 60
 
 

@@ -11,8 +11,9 @@ runs it where it is called, and a task can only be cancelled between statements,
 It never blocks the event loop on a lock: SQLite's own busy timeout is 0, and a statement that finds the
 database locked while no transaction is open yet (`BEGIN IMMEDIATE` while another connection writes) is
 tried again after an asynchronous pause, from 1 ms doubling to 50 ms with jitter, for up to 30 s (the URL's
-`?timeout=` in seconds); then it fails with "database is locked" as SQLite would. Inside a transaction SQLite never waits for a lock in WAL mode when
-the transaction began with `BEGIN IMMEDIATE`, as every write transaction of eventrelay's engines does.
+`?timeout=` in seconds); then it fails with "database is locked" as SQLite would. Inside a transaction
+SQLite never waits for a lock in WAL mode when the transaction began with `BEGIN IMMEDIATE`, as every write
+transaction of eventrelay's engines does.
 """
 
 from __future__ import annotations
