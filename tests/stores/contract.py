@@ -21,15 +21,16 @@ from types import TracebackType
 from typing import ClassVar, Generic, Literal, TypeVar
 
 import pytest
+from sqlalchemy import event
 
 from eventrelay.envelope import CAUSATION_ID, CORRELATION_ID, TENANT_ID, TRACEPARENT, Message, new_message_id
 from eventrelay.stores.base import DeadLetter, NewDeadLetter, OutboxRecord, Store, Transaction, utcnow
+from eventrelay.stores.memory import MemoryStore
+from eventrelay.stores.sqlalchemy import SqlStore
 
 T = TypeVar("T")
 S = TypeVar("S", bound=Store)
 
-# How long a blocked call must stay blocked to count as waiting for another transaction.
-STILL_WAITING = 0.3
 # The upper bound of any wait that should end: generous, only there so that a hang fails.
 PATIENCE = 15.0
 
@@ -71,14 +72,24 @@ class Held(Generic[T]):
         self.result: asyncio.Future[T] = loop.create_future()
         self._commit: asyncio.Future[bool] = loop.create_future()
         self._task: asyncio.Task[None] | None = None
+        self._statement: str | None = None  # SQLite: the statement `work` is executing, if any
 
     async def __aenter__(self) -> Held[T]:
+        if _sqlite(self.store):
+            self._watch_statements(True)
         self._task = asyncio.create_task(self._run())
         return self
 
     async def __aexit__(
         self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
     ) -> None:
+        try:
+            await self._end_task(exc)
+        finally:
+            if _sqlite(self.store):
+                self._watch_statements(False)
+
+    async def _end_task(self, exc: BaseException | None) -> None:
         assert self._task is not None
         if not self._commit.done():
             self._commit.set_result(False)
@@ -117,10 +128,74 @@ class Held(Generic[T]):
         async with asyncio.timeout(PATIENCE):
             return await asyncio.shield(self.result)
 
-    async def still_waiting(self) -> bool:
-        """Whether `work` is still blocked after a while (on another transaction)."""
-        done, _ = await asyncio.wait({self.result}, timeout=STILL_WAITING)
-        return not done
+    async def blocked(self) -> bool:
+        """Whether `work` is blocked by another transaction: True as soon as the store shows it waiting for a
+        lock, False once it has finished. No time window decides, so a slow machine only makes it slower."""
+        try:
+            async with asyncio.timeout(PATIENCE):
+                while not self.result.done():
+                    if await self._waits_for_a_lock():
+                        return True
+                    await asyncio.sleep(0.01)
+        except TimeoutError:
+            raise AssertionError(f"neither finished nor waiting for a lock after {PATIENCE}s") from None
+        return False
+
+    async def _waits_for_a_lock(self) -> bool:
+        """Whether `work` waits for a lock, as the store itself shows it. On a server, each test has a
+        database of its own and the holding transaction is idle: a lock wait in that database is `work`'s."""
+        store, task = self.store, self._task
+        assert task is not None
+        if isinstance(store, MemoryStore):  # suspended in asyncio's Lock.acquire or Event.wait
+            innermost: object = task.get_coro()
+            while hasattr(awaited := getattr(innermost, "cr_await", None), "cr_code"):
+                innermost = awaited
+            return getattr(innermost, "cr_code", None) in (
+                asyncio.Lock.acquire.__code__,
+                asyncio.Event.wait.__code__,
+            )
+        assert isinstance(store, SqlStore), f"no way to see a lock wait in {type(store).__name__}"
+        if _sqlite(store):
+            # BEGIN IMMEDIATE takes the write lock, which the other transaction holds (it wrote or claimed):
+            # once that statement is under way, `work` cannot go on until the other transaction ends.
+            return self._statement is not None and self._statement.startswith("BEGIN IMMEDIATE")
+        async with store.engine.connect() as conn:  # a transaction of its own: a fresh view of the server
+            if store.engine.dialect.name == "postgresql":
+                query = (
+                    "SELECT count(*) FROM pg_stat_activity"
+                    " WHERE datname = current_database() AND wait_event_type = 'Lock'"
+                )
+                return bool((await conn.exec_driver_sql(query)).scalar_one())
+            # MariaDB: information_schema.INNODB_TRX is a cache, not refreshed while it is read more often
+            # than every 0.1 s, so it can show a lock wait late; InnoDB's status report is made on demand.
+            status = str((await conn.exec_driver_sql("SHOW ENGINE INNODB STATUS")).mappings().one()["Status"])
+        waiting = [
+            block.partition("FOR THIS LOCK TO BE GRANTED:")[2]
+            for block in status.split("---TRANSACTION ")
+            if "LOCK WAIT" in block
+        ]
+        return any(f"of table `{store.engine.url.database}`." in lock for lock in waiting)
+
+    def _watch_statements(self, on: bool) -> None:
+        """Follow the statements `work` executes on SQLite, which shows no lock waits of its own."""
+        assert isinstance(self.store, SqlStore)
+        engine = self.store.engine.sync_engine
+        change = event.listen if on else event.remove
+        change(engine, "before_cursor_execute", self._before)
+        change(engine, "after_cursor_execute", self._after)
+        change(engine, "handle_error", self._failed)
+
+    def _before(self, conn: object, cursor: object, statement: str, *args: object) -> None:
+        if asyncio.current_task() is self._task:
+            self._statement = statement
+
+    def _after(self, *args: object) -> None:
+        if asyncio.current_task() is self._task:
+            self._statement = None
+
+    def _failed(self, context: object) -> None:
+        if asyncio.current_task() is self._task:
+            self._statement = None
 
     async def end(self, *, commit: bool) -> None:
         """Commit or roll back the transaction and wait until it has ended."""
@@ -128,6 +203,10 @@ class Held(Generic[T]):
         self._commit.set_result(commit)
         async with asyncio.timeout(PATIENCE):
             await asyncio.shield(self._task)
+
+
+def _sqlite(store: Store) -> bool:
+    return isinstance(store, SqlStore) and store.engine.dialect.name == "sqlite"
 
 
 def message(name: str = "orders.order_placed", body: bytes = b'{"order_id": 1}', **headers: str) -> Message:
@@ -214,7 +293,7 @@ class StoreContract:
             assert await store.next_outbox_due() is None
             async with self.relay(store) as relay:
                 # A relay sees nothing now; on SQLite it waits for the writer's lock instead.
-                if not await relay.still_waiting():
+                if not await relay.blocked():
                     assert await relay.value() == []
                 await writer.end(commit=True)
                 seen = await relay.value()
@@ -365,7 +444,7 @@ class StoreContract:
                 if self.concurrent_claims == "skip_locked":
                     assert [r.message for r in await second.value()] == messages[2:]
                 else:
-                    assert await second.still_waiting(), "a second relay claimed while the first held rows"
+                    assert await second.blocked(), "a second relay claimed while the first held rows"
                 await store.delete_outbox(first.tx, [r.seq for r in held])
                 await first.end(commit=True)
                 assert [r.message for r in await second.value()] == messages[2:]
@@ -380,7 +459,7 @@ class StoreContract:
                 if self.concurrent_claims == "skip_locked":
                     assert await second.value() == []
                 else:
-                    assert await second.still_waiting(), "a second relay claimed while the first held rows"
+                    assert await second.blocked(), "a second relay claimed while the first held rows"
                 await store.delete_outbox(first.tx, [r.seq for r in await first.value()])
                 await first.end(commit=True)
                 assert await second.value() == []
@@ -396,7 +475,7 @@ class StoreContract:
                     assert await second.value() == []  # claimed while the first relay held them
                     await first.end(commit=False)
                 else:
-                    assert await second.still_waiting(), "a second relay claimed while the first held rows"
+                    assert await second.blocked(), "a second relay claimed while the first held rows"
                     await first.end(commit=False)
                     again = await second.value()
                     assert [r.message for r in again] == messages
@@ -417,7 +496,7 @@ class StoreContract:
             async with Held(store, add) as writer:
                 if self.concurrent_claims == "skip_locked":
                     # A business transaction publishing an event is not held up while the relay sends.
-                    assert not await writer.still_waiting(), "a relay's claim blocked a write to the outbox"
+                    assert not await writer.blocked(), "a relay's claim blocked a write to the outbox"
                     await writer.end(commit=True)
                     await relay.end(commit=True)
                 else:
@@ -597,7 +676,7 @@ class StoreContract:
         async with self.inbox_claim(store, *key) as first:
             assert await first.value() is True
             async with self.inbox_claim(store, *key) as second:
-                assert await second.still_waiting(), "a second claim did not wait for the first transaction"
+                assert await second.blocked(), "a second claim did not wait for the first transaction"
                 await first.end(commit=first_commits)
                 # A duplicate if the first committed; the second's to take if it rolled back.
                 assert await second.value() is (not first_commits)
