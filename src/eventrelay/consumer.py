@@ -84,8 +84,28 @@ class Consumer:
                 await self._until_stopped(asyncio.sleep(pause))
                 continue
             self._schedule_all(batch or [])
-        if self._tasks:
-            await asyncio.wait(self._tasks, timeout=settings.shutdown_timeout)
+        try:
+            if self._tasks:
+                await asyncio.wait(self._tasks, timeout=settings.shutdown_timeout)
+        finally:
+            await self._cancel_unfinished()
+
+    async def _cancel_unfinished(self) -> None:
+        """Cancel the handlers still running after the shutdown timeout (or when the consumer itself is
+        cancelled), before the bus closes the broker and the store under them: each rolls back, and its
+        message, not acknowledged, is delivered again."""
+        unfinished = list(self._tasks)
+        if not unfinished:
+            return
+        logger.warning(
+            "%d delivery(ies) of %s still running after the shutdown timeout (%ss): cancelled, to come again",
+            len(unfinished),
+            self.bus.service,
+            self.bus.settings.shutdown_timeout,
+        )
+        for task in unfinished:
+            task.cancel()
+        await asyncio.gather(*unfinished, return_exceptions=True)
 
     def stop(self) -> None:
         """Stop fetching; deliveries already running finish, those not started go back to the broker."""

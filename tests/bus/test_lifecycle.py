@@ -3,13 +3,22 @@
 from __future__ import annotations
 
 import asyncio
+from pathlib import Path
 
 import pytest
 from sqlalchemy import insert
 
 from eventrelay import Context, DistributedEventBus, DynamicEvent, MemoryBroker, StoreError
 from eventrelay.testing import wait_until_idle
-from tests.bus.helpers import OrderPlaced, business_table, count_rows, create_table, eventually, make_bus
+from tests.bus.helpers import (
+    OrderPlaced,
+    business_table,
+    count_rows,
+    create_table,
+    eventually,
+    make_bus,
+    settings,
+)
 from tests.conftest import POSTGRESQL_PORT
 from tests.faultproxy import FaultProxy
 
@@ -165,3 +174,39 @@ async def test_a_bus_whose_database_fails_at_start_closes_its_broker_connections
             await bus.start()
         assert proxy.connections >= 1, "the broker was connected before the database failed"
         await eventually(lambda: proxy.idle, timeout=10)  # TimeoutError: a broker connection stayed open
+
+
+async def test_stop_cancels_a_handler_still_running_after_the_shutdown_timeout_and_its_message_comes_again(
+    tmp_path: Path,
+) -> None:
+    broker = f"sqlite+aiosqlite:///{tmp_path}/broker.db?lease=1"  # an unsettled delivery returns after 1 s
+    database = f"sqlite+aiosqlite:///{tmp_path}/service.db"
+    started, cancelled = asyncio.Event(), asyncio.Event()
+    handled: list[int] = []
+
+    async def hang(event: OrderPlaced) -> None:
+        started.set()
+        try:
+            await asyncio.sleep(3600)  # a call that never answers
+        except asyncio.CancelledError:
+            cancelled.set()
+            raise
+
+    async def handle(event: OrderPlaced) -> None:
+        handled.append(event.order_id)
+
+    first = DistributedEventBus(
+        "Orders", broker=broker, database=database, settings=settings(shutdown_timeout=0.2)
+    )
+    await first.subscribe(hang, name="Orders.Handle")
+    async with first:
+        await first.publish(OrderPlaced(order_id=7))
+        await asyncio.wait_for(started.wait(), 10)
+    assert cancelled.is_set(), "the stop left the handler running under a closed broker and store"
+
+    second = DistributedEventBus("Orders", broker=broker, database=database, settings=settings())
+    await second.subscribe(handle, name="Orders.Handle")
+    async with second:
+        await eventually(lambda: handled == [7])  # not lost: delivered again, once
+        await wait_until_idle(second)
+    assert handled == [7]
