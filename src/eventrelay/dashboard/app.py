@@ -3,7 +3,8 @@
 Security, in one place:
 - A token protects every page when given; `eventrelay dashboard` requires one unless it listens on the
   loopback interface only. Logging in compares it in constant time and starts a new session. Without a
-  token, a request must name a loopback host (`Host: 127.0.0.1:8090`), so DNS rebinding finds nothing.
+  token, a request's Host must be a literal loopback address or `localhost` (`Host: 127.0.0.1:8090`): a
+  DNS name rebound to 127.0.0.1 (even `127.x.attacker.example`) is refused.
 - Every POST carries the session's CSRF token in its form, compared in constant time; a request whose
   `Origin` is another site is refused too. The session cookie is `HttpOnly` and `SameSite=Strict`.
 - Every value on a page is HTML-escaped (`pages.h`); a Content-Security-Policy allows no script at all.
@@ -13,7 +14,9 @@ Security, in one place:
 from __future__ import annotations
 
 import hmac
+import ipaddress
 import logging
+import re
 import secrets
 import time
 from collections import OrderedDict
@@ -35,7 +38,8 @@ SESSION_SECONDS = 12 * 3600
 LIST_LIMIT = 500
 COUNT_LIMIT = 10_000
 MINUTE = timedelta(minutes=1)
-LOOPBACK = frozenset({"127.0.0.1", "localhost", "::1"})
+# An IPv6 address in brackets, or a name or IPv4 address; then an optional port.
+HOST_HEADER = re.compile(r"(?P<host>\[[0-9A-Fa-f:.]+\]|[^\[\]:@/#?]*)(?::[0-9]{1,5})?")
 HEADERS = [
     (
         "Content-Security-Policy",
@@ -103,10 +107,8 @@ class Dashboard:
         """Answer one request."""
         if request.path == "/style.css":
             return Response(200, pages.STYLE, "text/css; charset=utf-8", [("Cache-Control", "max-age=300")])
-        if self.token is None and not is_loopback(
-            urlsplit(f"//{request.headers.get('host', '')}").hostname or ""
-        ):
-            # Without a token only this machine may ask, by a loopback name: no DNS rebinding.
+        if self.token is None and not names_loopback(request.headers.get("host", "")):
+            # Without a token only this machine may ask, by a loopback address: a rebound DNS name is refused.
             return text(403, "Without a token the dashboard answers only to http://127.0.0.1 or localhost")
         sid, session, new = self._session(request)
         if request.method == "POST" and not self._same_origin(request, session):
@@ -233,5 +235,19 @@ class Dashboard:
 
 
 def is_loopback(host: str) -> bool:
-    """Whether `host` listens on this machine only."""
-    return host in LOOPBACK or host.startswith("127.")
+    """Whether `host` (given to `--host`) is `localhost` or a loopback address: 127.0.0.0/8 or ::1."""
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    if host.lower() == "localhost":
+        return True
+    try:
+        address = ipaddress.ip_address(host)
+    except ValueError:
+        return False  # a name: `127.attacker.example` resolves wherever its owner says
+    return address.is_loopback if address.version == 4 else address == ipaddress.IPv6Address("::1")
+
+
+def names_loopback(host_header: str) -> bool:
+    """Whether a Host header is `localhost` or a literal loopback address, with or without a port."""
+    match = HOST_HEADER.fullmatch(host_header)
+    return match is not None and is_loopback(match["host"])
