@@ -60,6 +60,28 @@ async def _stream_info(broker: NatsBroker) -> nats.js.api.StreamInfo:
         await client.close()
 
 
+async def _until_the_stream_holds(broker: NatsBroker, count: int) -> None:
+    """Wait until the stream holds `count` messages. An ack is a message to the server that nothing answers,
+    so the stream lets an acked message go a moment after `ack` returned; one never let go fails the test."""
+    client = await nats.connect(f"nats://127.0.0.1:{PORT}")
+    held: int | None = None
+    try:
+        async with asyncio.timeout(PATIENCE):
+            while True:
+                held = (await client.jetstream().stream_info(broker.stream)).state.messages
+                if held == count:
+                    return
+                await asyncio.sleep(0.02)
+    except TimeoutError:
+        raise AssertionError(f"the stream holds {held} messages after {PATIENCE}s, not {count}") from None
+    finally:
+        await client.close()
+
+
+async def _until_the_stream_is_empty(broker: NatsBroker) -> None:
+    await _until_the_stream_holds(broker, 0)
+
+
 class TestNatsBroker(BrokerContract):
     # A durable consumer per (service, event name), fetched in turn: each name keeps its stream order, but
     # nothing orders one name's messages against another's.
@@ -130,9 +152,9 @@ async def test_event_names_with_dots_spaces_and_unicode_are_routed_apart(nats_ur
 
         for subscriber, one in zip(subscribers, sent, strict=True):
             assert [d.message for d in await collect(broker, subscriber, 1)] == [one]
+        await _until_the_stream_is_empty(broker)  # every ack has been applied
         for subscriber in subscribers:
             assert await broker.pending_count(subscriber) == 0
-        assert (await _stream_info(broker)).state.messages == 0
 
 
 async def test_a_resent_message_id_is_stored_once(nats_url: str) -> None:
@@ -160,8 +182,7 @@ async def test_acked_and_unrouted_messages_leave_the_stream(nats_url: str) -> No
         await collect(broker, orders, 2)
         assert (await _stream_info(broker)).state.messages == 2  # audit has not acked yet
         await collect(broker, audit, 2)
-        await asyncio.sleep(0.1)  # acks are asynchronous
-        assert (await _stream_info(broker)).state.messages == 0
+        await _until_the_stream_is_empty(broker)
         assert await broker.pending_count(orders) == await broker.pending_count(audit) == 0
 
 
@@ -176,6 +197,7 @@ async def test_pending_count_covers_queued_leased_and_retrying(nats_url: str) ->
         await broker.retry(first, 30.0)
         assert await broker.pending_count(subscriber) == 3
         assert len(await collect(broker, subscriber, 2)) == 2
+        await _until_the_stream_holds(broker, 1)  # the acks of the two have been applied
         assert await broker.pending_count(subscriber) == 1  # the one waiting for its retry
 
 
@@ -275,7 +297,7 @@ async def test_a_draining_consumer_is_deleted_once_what_was_queued_is_settled(na
         async with asyncio.timeout(PATIENCE):  # a fetch that finds nothing more deletes it
             while await _consumer_exists(broker, subscriber, "e"):
                 assert await nothing_for(broker, subscriber)
-        assert (await _stream_info(broker)).state.messages == 0
+        await _until_the_stream_is_empty(broker)
 
 
 async def test_binding_again_while_draining_keeps_the_consumer(nats_url: str) -> None:
