@@ -14,6 +14,7 @@ import asyncio
 from datetime import datetime
 from decimal import Decimal
 from pathlib import Path
+from typing import cast
 
 import pytest
 
@@ -32,12 +33,47 @@ class Pinged(Event, name="Regressions.Pinged"):
     n: int
 
 
+class HoldingProxy(FaultProxy):
+    """Our fault proxy, telling when a stall holds bytes that a client sent towards the server."""
+
+    def __init__(self, target_port: int) -> None:
+        super().__init__(target_port)
+        self.holding = asyncio.Event()
+        self._stalled = False
+
+    def stall(self) -> None:
+        self._stalled = True
+        super().stall()
+
+    def resume(self) -> None:
+        self._stalled = False
+        super().resume()
+
+    async def _pump(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        if writer.get_extra_info("peername")[:2] == self.target:  # the client-to-server direction
+            reader = cast(asyncio.StreamReader, _Noticing(reader, self))
+        await super()._pump(reader, writer)
+
+
+class _Noticing:
+    """A reader that sets its proxy's `holding` when it reads bytes during a stall (the stall holds them)."""
+
+    def __init__(self, reader: asyncio.StreamReader, proxy: HoldingProxy) -> None:
+        self.reader, self.proxy = reader, proxy
+
+    async def read(self, n: int) -> bytes:
+        data = await self.reader.read(n)
+        if data and self.proxy._stalled:
+            self.proxy.holding.set()
+        return data
+
+
 @pytest.mark.postgresql
 @pytest.mark.parametrize("operation", ["publish", "fetch"])
 async def test_a_sql_broker_connection_dropped_mid_statement_is_an_outage(
     operation: str, postgresql_url: str
 ) -> None:
-    async with FaultProxy(POSTGRESQL_PORT) as proxy:
+    async with HoldingProxy(POSTGRESQL_PORT) as proxy:
         url = postgresql_url.replace(f":{POSTGRESQL_PORT}/", f":{proxy.port}/")
         async with SqlBroker(url) as broker:
             await broker.bind("Regressions", "Regressions.Pinged")
@@ -49,7 +85,8 @@ async def test_a_sql_broker_connection_dropped_mid_statement_is_an_outage(
                 if operation == "publish"
                 else broker.fetch("Regressions", 10, 5.0)
             )
-            await asyncio.sleep(0.3)  # the statement is on its way, its answer held by the stall
+            async with asyncio.timeout(10):  # the statement is on its way: the stall holds it
+                await proxy.holding.wait()
             proxy.reset()
             proxy.resume()
             with pytest.raises(BrokerUnavailable):
