@@ -36,7 +36,8 @@ def check_headers(headers: Mapping[Any, Any]) -> dict[str, str]:
 def decode(message: Message, event_type: type[Event] | None, max_bytes: int) -> Event | DynamicEvent:
     """Turn a message into `event_type`, or into a `DynamicEvent` when `event_type` is None.
 
-    Raises `DecodeError` with a readable reason for oversize, non-JSON or invalid bodies and bad headers.
+    Raises `DecodeError` with a readable reason for oversize, non-JSON, too deeply nested or invalid bodies
+    and bad headers, and for any other exception decoding raises: such a message is dead-lettered at once.
     """
     if len(message.body) > max_bytes:
         raise DecodeError(f"message is {len(message.body)} bytes, over the limit of {max_bytes}")
@@ -48,6 +49,10 @@ def decode(message: Message, event_type: type[Event] | None, max_bytes: int) -> 
             data = json.loads(message.body)
         except (UnicodeDecodeError, ValueError) as exc:
             raise DecodeError(f"body of {message.name!r} is not JSON: {exc}") from exc
+        except RecursionError as exc:  # the C decoder recurses per level: a poison message, not a bug of ours
+            raise DecodeError(f"body of {message.name!r} is nested too deeply to decode") from exc
+        except Exception as exc:  # whatever else decoding raises, the message cannot be decoded
+            raise DecodeError(f"body of {message.name!r} cannot be decoded: {_named(exc)}") from exc
         if not isinstance(data, dict):
             raise DecodeError(f"body of {message.name!r} is not a JSON object")
         return DynamicEvent(message.name, data)
@@ -58,6 +63,14 @@ def decode(message: Message, event_type: type[Event] | None, max_bytes: int) -> 
             f"body of {message.name!r} does not fit {event_type.__name__}: "
             f"{exc.error_count()} error(s): {_summary(exc)}"
         ) from exc
+    except RecursionError as exc:  # a validator of the event's own that recurses per level
+        raise DecodeError(f"body of {message.name!r} is nested too deeply to decode") from exc
+    except Exception as exc:  # a validator raised what pydantic lets through (not ValueError, AssertionError)
+        raise DecodeError(f"body of {message.name!r} cannot be decoded: {_named(exc)}") from exc
+
+
+def _named(exc: BaseException) -> str:
+    return f"{type(exc).__name__}: {exc}"
 
 
 def _summary(exc: ValidationError) -> str:

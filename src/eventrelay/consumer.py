@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 from eventrelay.brokers.base import reconnect_pause
 from eventrelay.codec import decode
 from eventrelay.envelope import Delivery, Message
-from eventrelay.errors import BrokerUnavailable, DecodeError, HandlerTimeout
+from eventrelay.errors import BrokerError, BrokerUnavailable, DecodeError, HandlerTimeout
 from eventrelay.handlers import Context, HandlerSpec, Reject, Retry
 from eventrelay.stores.base import NewDeadLetter
 
@@ -261,16 +261,32 @@ class Consumer:
         try:
             with self.bus.tracing.process(delivery):
                 await self.dispatch(delivery)
-        except Exception:
-            logger.exception("Could not settle message %s; it will come again", delivery.message.id)
-            try:
-                await self.bus.broker.retry(delivery, self.bus.settings.retry.delay(delivery.attempt))
-            except Exception:
-                logger.exception(
-                    "Could not hand %s back; the broker will deliver it again", delivery.message.id
-                )
+        except Exception as exc:
+            await self._unsettled(delivery, exc)
         finally:
             self._finished()
+
+    async def _unsettled(self, delivery: Delivery, exc: Exception) -> None:
+        """Settling raised outside any handler (a bug, the store or the broker failing): retry it like a
+        failing handler; after the last attempt make it a dead letter, so it never comes back endlessly."""
+        message, policy = delivery.message, self.bus.settings.retry
+        try:
+            # A broker failing (an ack after the handlers succeeded, say) is no fault of the message.
+            if delivery.attempt >= policy.max_attempts and not isinstance(exc, BrokerError):
+                reason = f"could not be settled in {delivery.attempt} attempt(s): {type(exc).__name__}: {exc}"
+                error = "".join(traceback.format_exception(exc))
+                try:
+                    await self.dead_letter(None, message, delivery.attempt, reason, error)
+                except Exception:  # the store may be down: the message must come again, not be lost
+                    logger.exception("Could not dead-letter %s; it will come again", message.id)
+                else:
+                    await self.bus.broker.ack(delivery)
+                    return
+            else:
+                logger.error("Could not settle message %s; it will come again", message.id, exc_info=exc)
+            await self.bus.broker.retry(delivery, policy.delay(delivery.attempt))
+        except Exception:
+            logger.exception("Could not hand %s back; the broker will deliver it again", message.id)
 
     def _finished(self) -> None:
         self.in_flight -= 1

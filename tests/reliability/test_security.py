@@ -18,7 +18,7 @@ from typing import Any
 import pytest
 from pydantic import BaseModel
 
-from eventrelay import Context, DistributedEventBus, DynamicEvent, Event, Settings
+from eventrelay import Context, DistributedEventBus, DynamicEvent, Event, RetryPolicy, Settings
 from eventrelay.envelope import Message, new_message_id
 from tests.conftest import POSTGRESQL_PORT
 from tests.faultproxy import FaultProxy
@@ -167,3 +167,57 @@ async def test_passwords_in_urls_never_reach_the_cli_output_or_errors(
             assert "Error: " in output, output  # one line that says what went wrong
     shown = "\n".join(output for _, _, output in outputs)
     assert ":***@127.0.0.1" in shown  # where the errors name the URL, it is there, redacted
+
+
+DEPTH = 10_000
+DEEP = ('{"n": ' + "[" * DEPTH + "]" * DEPTH + "}").encode()  # valid JSON, nested past the recursion limit
+
+
+async def test_json_nested_too_deeply_is_dead_lettered_once_not_redelivered(
+    adapter_url: str, tmp_path: Path, report: Report, names: dict[str, str]
+) -> None:
+    handled: list[str] = []
+
+    async def typed(event: Sized, context: Context) -> None:
+        handled.append("typed")
+
+    async def dynamic(event: DynamicEvent, context: Context) -> None:
+        handled.append("dynamic")
+
+    # One attempt: before issue 15 the dynamic one raised RecursionError past the decode-error handling and
+    # came back endlessly (985 deliveries in 12 s), never a dead letter.
+    settings = Settings(retry=RetryPolicy(max_attempts=1), fetch_timeout=0.2, shutdown_timeout=10)
+    database = f"sqlite+aiosqlite:///{tmp_path}/deep.db"
+    # The broker fixture's subscriber: the fixture deletes its queues (RabbitMQ) after the test.
+    bus = DistributedEventBus(names["subscriber"], broker=adapter_url, database=database, settings=settings)
+    await bus.subscribe(typed)
+    await bus.subscribe(dynamic, event="Security.Dynamic")
+    async with bus:
+        sent = [Message(new_message_id(), name, DEEP) for name in ("Security.Sized", "Security.Dynamic")]
+        await bus.broker.publish(sent)
+        async with asyncio.timeout(30):
+            while True:
+                if len(await bus.dead_letters()) >= len(sent):
+                    break
+                await asyncio.sleep(0.02)
+        await asyncio.sleep(0.5)  # time to come again, were it redelivered
+        letters = await bus.dead_letters()
+    assert not handled
+    assert sorted(letter.message.id for letter in letters) == sorted(m.id for m in sent)  # once each
+    for letter in letters:
+        assert letter.reason.startswith("cannot decode: "), letter.reason
+        assert letter.message.body == DEEP
+    dynamic_letter = next(letter for letter in letters if letter.message.name == "Security.Dynamic")
+    assert dynamic_letter.reason == "cannot decode: body of 'Security.Dynamic' is nested too deeply to decode"
+    report.add(
+        Figures(
+            "security: JSON nested 10,000 deep",
+            adapter_kind(adapter_url),
+            len(sent),
+            0,
+            0,
+            len(letters),
+            None,
+            "typed and dynamic event, max_attempts=1: one dead letter each, never redelivered",
+        )
+    )

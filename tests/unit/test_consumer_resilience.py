@@ -1,10 +1,20 @@
-"""The consumer keeps consuming whatever a fetch raises; retry delays and reconnect pauses never overflow."""
+"""The consumer keeps consuming whatever a fetch raises; whatever settling a message raises ends, after its
+attempts, as a dead letter; retry delays and reconnect pauses never overflow."""
 
 from __future__ import annotations
 
-from eventrelay import Delivery, DistributedEventBus, Event, RetryPolicy, Settings
+import asyncio
+from typing import Any
+
+import pytest
+
+from eventrelay import Delivery, DistributedEventBus, DynamicEvent, Event, RetryPolicy, Settings
 from eventrelay.brokers.base import RECONNECT_PAUSE_MAX, reconnect_pause
+from eventrelay.codec import decode
+from eventrelay.envelope import Message, new_message_id
+from eventrelay.errors import DecodeError
 from eventrelay.testing import RecordingBroker, capture, wait_until_idle
+from tests.bus.helpers import eventually
 
 
 class Pinged(Event, name="ConsumerResilience.Pinged"):
@@ -33,6 +43,51 @@ async def test_a_fetch_that_raises_anything_does_not_stop_the_consumer() -> None
         await wait_until_idle(bus, timeout=10)
     assert broker.failed
     assert [e.n for e in handled] == [1]
+
+
+@pytest.mark.parametrize("depth", [1_000, 100_000])
+def test_json_nested_too_deeply_is_a_decode_error_not_a_recursion_error(depth: int) -> None:
+    body = ("[" * depth + "]" * depth).encode()
+    message = Message(new_message_id(), "Deep", b'{"n": ' + body + b"}")
+    with pytest.raises(DecodeError, match="nested too deeply"):
+        decode(message, None, 10 * len(message.body))
+    with pytest.raises(DecodeError, match="does not fit Pinged"):
+        decode(message, Pinged, 10 * len(message.body))
+
+
+async def test_an_error_outside_the_handlers_ends_as_a_dead_letter_after_the_attempts(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    delivered: list[int] = []
+
+    def broken(message: Message, event_type: Any, max_bytes: int) -> Any:
+        delivered.append(1)
+        raise RuntimeError("a bug in decoding or in the consumer's bookkeeping")
+
+    async def handler(event: DynamicEvent, context: Any) -> None:
+        raise AssertionError("never handled")
+
+    settings = Settings(retry=RetryPolicy(max_attempts=2, initial_delay=0.01, jitter=0.0), fetch_timeout=0.05)
+    monkeypatch.setattr("eventrelay.consumer.decode", broken)
+    async with DistributedEventBus("Bookkeeping", broker="memory://", settings=settings) as bus:
+        await bus.subscribe(handler, event="Bookkeeping.Any")
+        await bus.broker.publish([Message(new_message_id(), "Bookkeeping.Any", b"{}")])
+
+        async def dead_lettered() -> bool:
+            return bool(await bus.dead_letters())
+
+        await eventually(dead_lettered, timeout=10)
+        await asyncio.sleep(0.3)  # time to come again, were it redelivered
+        letters = await bus.dead_letters()
+    assert len(delivered) == 2  # its two attempts, then never again
+    [letter] = letters
+    assert letter.handler is None
+    assert letter.attempts == 2
+    assert letter.reason == (
+        "could not be settled in 2 attempt(s): RuntimeError: a bug in decoding or in the consumer's "
+        "bookkeeping"
+    )
+    assert "Traceback" in (letter.error or "")
 
 
 def test_a_retry_delay_for_an_absurd_attempt_count_is_the_longest() -> None:
