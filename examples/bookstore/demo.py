@@ -33,6 +33,8 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
+from eventrelay.config import redact_url
+
 console = Console()
 # Seconds an eventual effect may take before its step fails (more on a loaded machine: BOOKSTORE_PATIENCE).
 PATIENCE = float(os.environ.get("BOOKSTORE_PATIENCE", "30"))
@@ -275,6 +277,12 @@ def final_table(identity: str, product: str, order: str, notification: str) -> N
     console.print(table)
 
 
+def where_they_talk(broker: str | None, database: str | None) -> str:
+    """The broker and databases, for the banner, passwords and tokens hidden."""
+    shown = redact_url(broker) if broker else "embedded SQLite"
+    return f"broker {shown}, databases {redact_url(database) if database else 'SQLite files'}"
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
     parser.add_argument("--broker", default=os.environ.get("BROKER") or None, help="an eventrelay broker URL")
@@ -285,7 +293,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     data = args.data or Path(tempfile.mkdtemp(prefix="bookstore-"))
     data.mkdir(parents=True, exist_ok=True)
-    where = f"broker {args.broker or 'embedded SQLite'}, databases {args.database or 'SQLite files'}"
+    where = where_they_talk(args.broker, args.database)
     console.rule("[bold]BookStore: asynchronous communication between microservices")
     console.print(f"Four services, each its own process and database; {where}. Logs in {data}")
     services = [Process(s.name, s.app, s.env_prefix) for s in SERVICES]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import timedelta
@@ -88,13 +89,57 @@ class Settings:
                 raise ConfigurationError(f"Settings.{name} must be more than 0 seconds")
 
 
+# Query keys that hold a secret (matched within the key, any case); key material *paths* stay readable.
+SECRET_KEYS = (
+    "password",
+    "passwd",
+    "pwd",
+    "passphrase",
+    "token",
+    "secret",
+    "credential",
+    "apikey",
+    "api_key",
+)
+# Schemes whose user info without a colon is a user name; elsewhere (nats://TOKEN@host) it may be a token.
+USER_NAME_SCHEMES = frozenset(
+    {"postgresql", "postgres", "mysql", "mariadb", "amqp", "amqps", "redis", "rediss"}
+)
+SCHEME = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*:(//)?")
+
+
 def redact_url(url: str) -> str:
-    """`url` with its password replaced by `***`, for messages and logs."""
-    scheme, sep, rest = url.partition("://")
-    creds, at, host = rest.rpartition("@")
-    if not at or ":" not in creds:
-        return url
-    return f"{scheme}{sep}{creds.partition(':')[0]}:***@{host}"
+    """`url` for messages and logs: its user info's password or token, and every query value whose key names
+    a secret, replaced by `***`; the host and the rest unchanged."""
+    match = SCHEME.match(url)
+    head, rest = (match.group(), url[match.end() :]) if match else ("", url)
+    before_query, question, query = rest.partition("?")
+    if rest.startswith("/"):  # no host, a path (sqlite:///a@b.db): no user info
+        userinfo = None
+    elif "@" in before_query:
+        userinfo, _, rest = before_query.rpartition("@")
+        rest += question + query
+    elif "@" in query and not re.match(r"[^@]*[=&]", query):
+        userinfo, _, rest = rest.partition("@")  # an unescaped `?` in the password
+    else:
+        userinfo = None
+    if userinfo is not None:
+        user, colon, _ = userinfo.partition(":")
+        scheme = head.split(":")[0].split("+")[0].lower()
+        if colon:
+            head += f"{user}:***@"
+        else:
+            head += f"{userinfo}@" if scheme in USER_NAME_SCHEMES else "***@"
+    place, question, query = rest.partition("?")
+    if not question:
+        return head + rest
+    pairs = []  # a `#` stays in its value: one in a password must not show what follows it
+    for pair in query.split("&"):
+        key, equals, _ = pair.partition("=")
+        if equals and any(word in key.lower() for word in SECRET_KEYS):
+            pair = f"{key}=***"
+        pairs.append(pair)
+    return f"{head}{place}?{'&'.join(pairs)}"
 
 
 def _parse(variable: str, raw: str, default: object) -> Any:

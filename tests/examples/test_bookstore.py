@@ -4,6 +4,7 @@ boundaries (a service imports only the other services' contracts)."""
 from __future__ import annotations
 
 import ast
+import importlib
 import subprocess
 import sys
 import uuid
@@ -152,7 +153,22 @@ async def redis_url() -> AsyncIterator[str]:
 @pytest.mark.slow
 @pytest.mark.rabbitmq
 def test_the_story_on_rabbitmq(tmp_path: Path, rabbitmq_url: str) -> None:
-    run_demo(tmp_path, "--broker", rabbitmq_url)
+    output = run_demo(tmp_path, "--broker", rabbitmq_url)
+    assert "guest:guest" not in output  # the banner names the broker without its password
+    assert "broker amqp://guest:***@127.0.0.1:5672/" in output
+
+
+def test_the_demo_banner_hides_passwords_and_tokens() -> None:
+    # Imported by name: a static import would make mypy see examples/bookstore under two module names.
+    demo = importlib.import_module("bookstore.demo")
+    shown = demo.where_they_talk(
+        "nats://s3cret-token@127.0.0.1:4222",
+        "postgresql+asyncpg://postgres@127.0.0.1/bookstore?password=s3cret",
+    )
+    assert "s3cret" not in shown
+    assert shown == (
+        "broker nats://***@127.0.0.1:4222, databases postgresql+asyncpg://postgres@127.0.0.1/bookstore?password=***"
+    )
 
 
 @pytest.mark.slow

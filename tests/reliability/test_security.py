@@ -11,9 +11,14 @@ from __future__ import annotations
 import ast
 import asyncio
 import json
+import os
+import signal
+import subprocess
+import sys
 import uuid
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlencode
 
 import pytest
 from pydantic import BaseModel
@@ -221,3 +226,67 @@ async def test_json_nested_too_deeply_is_dead_lettered_once_not_redelivered(
             "typed and dynamic event, max_attempts=1: one dead letter each, never redelivered",
         )
     )
+
+
+RUN_APP = """
+from eventrelay import Context, Event
+from eventrelay.service import Service
+
+
+class Pinged(Event, name="Security.Pinged"):
+    n: int
+
+
+async def pong(event: Pinged, context: Context) -> None:
+    pass
+
+
+service = Service("{name}", database="sqlite+aiosqlite:///run.db", broker={broker!r}, handlers=[pong])
+"""
+
+
+async def test_a_nats_token_and_a_password_option_never_reach_the_cli_output(
+    nats_broker: BrokerUnderTest, postgresql_url: str, tmp_path: Path, names: dict[str, str]
+) -> None:
+    token, secret = f"tk-{uuid.uuid4().hex[:16]}", f"pw-{uuid.uuid4().hex[:16]}"
+    port = nats_broker.server_port
+    broker = f"nats://{token}@127.0.0.1:{port}?{urlencode(nats_broker.options)}"  # the server takes any token
+    (tmp_path / "runapp.py").write_text(RUN_APP.format(name=names["subscriber"], broker=broker))
+    path = os.pathsep.join(p for p in (str(tmp_path), os.environ.get("PYTHONPATH")) if p)
+    env = {**os.environ, "PYTHONPATH": path}
+    command = [sys.executable, "-m", "eventrelay"]
+
+    # PostgreSQL trusts 127.0.0.1: the password option is ignored, and must not be shown.
+    init = await asyncio.to_thread(
+        subprocess.run,
+        [*command, "db", "init", f"{postgresql_url}?password={secret}"],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert init.returncode == 0, init.stderr
+    assert secret not in init.stdout + init.stderr
+    assert "?password=***" in init.stdout
+
+    log = tmp_path / "run.log"
+    with log.open("wb") as stderr:
+        process = await asyncio.create_subprocess_exec(
+            *command, "run", "runapp:service", cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=stderr
+        )
+    try:
+        async with asyncio.timeout(60):
+            while f"{names['subscriber']} started: database" not in log.read_text():
+                assert process.returncode is None, log.read_text()
+                await asyncio.sleep(0.05)
+        process.send_signal(signal.SIGTERM)
+        async with asyncio.timeout(60):
+            assert await process.wait() == 0, log.read_text()
+    finally:
+        if process.returncode is None:
+            process.kill()
+            await process.wait()
+    output = log.read_text()
+    assert token not in output, output
+    assert f"broker nats://***@127.0.0.1:{port}" in output, output
