@@ -10,6 +10,7 @@ import socket
 import subprocess
 import sys
 import textwrap
+from datetime import timedelta
 from pathlib import Path
 
 import pytest
@@ -92,10 +93,19 @@ async def test_counters_histograms_and_gauges_after_real_traffic(tmp_path: Path)
 
 async def test_the_outbox_gauges_show_what_waits() -> None:
     async with DistributedEventBus("Stalled", broker=RecordingBroker(), settings=METRICS) as bus:
+        before = utcnow()
         await bus.publish(StockChanged(n=1), delay=3600)  # waits in the outbox for an hour
+        written = utcnow()
+        aged = written + timedelta(seconds=0.05)
+        await eventually(lambda: utcnow() >= aged)  # the row is at least 50 ms old from here on
+        scraped = utcnow()
         await scrape(bus)
+        after = utcnow()
         assert value(bus, "eventrelay_outbox_backlog") == 1
-        assert (value(bus, "eventrelay_outbox_oldest_age_seconds") or 0) >= 0
+        # Its age counts from when it was written (not from when it is due, an hour ahead), in seconds.
+        age = value(bus, "eventrelay_outbox_oldest_age_seconds")
+        assert age is not None
+        assert (scraped - written).total_seconds() <= age <= (after - before).total_seconds()
         assert value(bus, "eventrelay_consumer_lag") == 0
 
 
