@@ -58,8 +58,9 @@ fmt: $(STAMP)
 	$(VENV)/bin/ruff check --fix src tests examples bench
 
 # make demo [BROKER=amqp://guest:guest@127.0.0.1:5672/] [DATABASE=postgresql+asyncpg://postgres@127.0.0.1/bookstore]
+# `@`: not echoed, since BROKER and DATABASE may hold passwords.
 demo: $(STAMP)
-	PYTHONPATH=examples BROKER='$(BROKER)' DATABASE='$(DATABASE)' $(PY) -m bookstore.demo
+	@PYTHONPATH=examples BROKER='$(BROKER)' DATABASE='$(DATABASE)' $(PY) -m bookstore.demo
 
 clean:
 	rm -rf $(VENV) .mypy_cache .pytest_cache .ruff_cache build dist src/*.egg-info

@@ -425,7 +425,10 @@ class RabbitMQBroker(Broker):
         text = f"Could not {action} RabbitMQ at {redact_url(self._url)}: {self._scrub(exc)}"
         if isinstance(exc, amqp.ChannelPreconditionFailed):
             return ConfigurationError(f"{text} (an exchange or queue exists with other settings)")
-        lost = self._conn is None or isinstance(exc, asyncio.CancelledError | amqp.ChannelInvalidStateError)
+        # A connection closed under a call (reset, broker gone) before the supervisor noticed: aio-pika then
+        # raises what it likes (RuntimeError "... closed" opening a channel), and it is no refusal.
+        lost = self._conn is None or self._conn.is_closed
+        lost = lost or isinstance(exc, asyncio.CancelledError | amqp.ChannelInvalidStateError)
         if lost or isinstance(exc, ConnectionError | OSError | TimeoutError | amqp.AMQPConnectionError):
             return BrokerUnavailable(text)
         return PublishFailed(text)
