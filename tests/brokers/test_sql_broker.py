@@ -14,6 +14,7 @@ from eventrelay.brokers.base import Broker
 from eventrelay.brokers.sql import SqlBroker
 from eventrelay.envelope import Delivery, Message, new_message_id
 from eventrelay.errors import BrokerUnavailable, ConfigurationError
+from eventrelay.stores.base import utcnow
 from tests.brokers.contract import BrokerContract, collect
 from tests.conftest import POSTGRESQL_PORT
 from tests.faultproxy import FaultProxy
@@ -93,7 +94,22 @@ async def test_services_starting_at_once_on_one_postgresql_database_all_start(po
     brokers = [SqlBroker(postgresql_url) for _ in range(6)]
     stores = [SqlStore(postgresql_url) for _ in range(6)]
     try:
-        await asyncio.gather(*(b.start() for b in brokers), *(s.create_tables() for s in stores))
+        starts = [*(b.start() for b in brokers), *(s.create_tables() for s in stores)]
+        failed = [repr(r) for r in await asyncio.gather(*starts, return_exceptions=True) if r is not None]
+        assert failed == [], "not every service started"
+        # Each works on the tables the others made: a subscriber bound through each gets what one published,
+        sent = Message(new_message_id(), "Sql.Started", b"{}")
+        for n, broker in enumerate(brokers):
+            await broker.bind(f"svc-{n}", "Sql.Started")
+        await brokers[0].publish([sent])
+        for n, broker in enumerate(brokers):
+            assert [d.message.id for d in await collect(broker, f"svc-{n}", 1)] == [sent.id]
+        # ...and the outbox holds a row written through each store.
+        for store in stores:
+            tx = store.begin()
+            await store.add_outbox(tx, [Message(new_message_id(), "Sql.Started", b"{}")], utcnow())
+            await tx.commit()
+        assert [(await store.outbox_backlog())[0] for store in stores] == [len(stores)] * len(stores)
     finally:
         for broker in brokers:
             await broker.close()
