@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import random
 import uuid
 from collections.abc import AsyncIterator, Callable
@@ -134,6 +135,28 @@ async def test_a_closed_broker_starts_again(nats_url: str) -> None:
     async with broker:
         await broker.publish([sent := message("e")])
         assert [d.message for d in await collect(broker, "svc", 1)] == [sent]
+
+
+async def test_a_round_trip_cancelled_half_way_leaves_the_client_sound(
+    nats_url: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A fetch cancelled in its round trip (a consumer stopping): the PONG that comes later must not fail
+    nats-py's read loop (it did, with InvalidStateError, when the PING's waiter had been cancelled)."""
+    async with NatsBroker(nats_url) as broker:
+        await broker.bind("svc", "e")
+        for turns in range(3):  # cancelled before and after the PING went out
+            for _ in range(10):
+                trip = asyncio.create_task(broker._round_trip())
+                for _ in range(turns):
+                    await asyncio.sleep(0)
+                trip.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await trip
+        await broker._round_trip()  # the PONGs of the cancelled ones came before this one's
+        await broker.publish([sent := message("e")])
+        assert [d.message for d in await collect(broker, "svc", 1)] == [sent]
+    errors = [record for record in caplog.records if record.levelno >= logging.ERROR]
+    assert not errors, errors[0].getMessage()
 
 
 # --- subjects, dedup, retention --------------------------------------------------------------------

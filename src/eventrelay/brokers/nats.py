@@ -327,10 +327,18 @@ class NatsBroker(Broker):
                     await asyncio.wait_for(arrival.wait(), wait)
                 if self._buffer.get(subscriber) and self._inbox is not None:
                     # One round trip more: what the server sent along with the first message is here too.
-                    await self._nc.flush(int(max(1, self.options["publish_timeout"])))
+                    await self._round_trip()
                     for _ in range(self._inbox.pending_msgs + 1):  # let the inbox hand them over
                         await asyncio.sleep(0)
         return batch
+
+    async def _round_trip(self) -> None:
+        """nats-py's `flush` (a PING and its PONG), never cancelled half-way: a PING whose waiter was
+        cancelled stays in nats-py's list, and its PONG then fails the client's read loop with
+        InvalidStateError (a consumer stopped mid-fetch logged that traceback)."""
+        flushing = asyncio.ensure_future(self._nc.flush(int(max(1, self.options["publish_timeout"]))))
+        flushing.add_done_callback(_retrieved)  # a failure after we were cancelled is no news to anyone
+        await asyncio.shield(flushing)
 
     async def ack(self, delivery: Delivery) -> None:
         consumer, msg = self._let_go(delivery)
@@ -568,3 +576,8 @@ def _number(raw: str | None, default: float, option: str) -> float:
     if value < 0 or (value == 0 and option != "max_age"):
         raise ConfigurationError(f"NATS broker option {option} must be a number above 0, not {raw!r}")
     return value
+
+
+def _retrieved(task: asyncio.Future[Any]) -> None:
+    if not task.cancelled():
+        task.exception()
