@@ -52,6 +52,9 @@ PAD = int(ENV.get("RELIABILITY_PAD", "0"))  # bytes of padding per event (for th
 RATE = float(ENV.get("RELIABILITY_RATE", "0"))  # events per second published; 0: as fast as it goes
 PER_UNIT = int(ENV.get("RELIABILITY_PER_UNIT", "1"))  # events (and business rows) per unit of work
 LOG_STARTS = ENV.get("RELIABILITY_LOG_STARTS") == "1"  # append "<pid> <n>" to started.log as a handler starts
+# The handler of an event numbered at least this, its effect written, waits for `<dir>/release` before its
+# unit of work may commit: work held in flight for as long as the test wants (-1: none is held).
+HOLD_FROM = int(ENV.get("RELIABILITY_HOLD_FROM", "-1"))
 
 
 def _kill_points(spec: str) -> dict[str, set[int]]:
@@ -160,6 +163,14 @@ def log_start(n: int) -> None:
         log.write(f"{os.getpid()} {n}\n")
 
 
+async def released() -> None:
+    """Return once the test created `<dir>/release` (it is another process: the file is looked for)."""
+    while True:
+        if (DIR / "release").exists():
+            return
+        await asyncio.sleep(0.01)
+
+
 async def apply(event: Numbered, context: Context) -> None:
     if event.kind == "raise" and not FIXED:
         raise RuntimeError(
@@ -176,6 +187,8 @@ async def apply(event: Numbered, context: Context) -> None:
     )
     if PAUSE:
         await asyncio.sleep(PAUSE)
+    if 0 <= HOLD_FROM <= event.n:
+        await released()
     die_if("handler", event.n)
 
 

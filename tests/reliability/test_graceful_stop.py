@@ -5,43 +5,67 @@ off), and after a restart every event has taken effect exactly once.
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import Callable
 
 import pytest
 
-from tests.reliability.harness import SIZES, BrokerUnderTest, Report, Scenario, subscribe_ahead
+from tests.reliability.harness import SIZES, BrokerUnderTest, Child, Report, Scenario, subscribe_ahead
 
 pytestmark = pytest.mark.reliability
 
-PAUSE = 0.01  # seconds each handler takes (in its unit of work), so that work is in flight at the SIGTERM
 IN_FLIGHT = 20
-ENV = {"RELIABILITY_HANDLER_PAUSE": str(PAUSE), "RELIABILITY_LOG_STARTS": "1"}
+# The handlers of events from a quarter on wait, their effects written, until the test creates the release
+# file (scenario_app's RELIABILITY_HOLD_FROM): at the SIGTERM, work is in flight by construction.
+HOLD_FROM = SIZES.events // 4
+ENV = {"RELIABILITY_LOG_STARTS": "1", "RELIABILITY_HOLD_FROM": str(HOLD_FROM)}
+# A held handler must neither time out nor be cancelled by the stop while the test takes its turn.
+PATIENT = {"max_in_flight": IN_FLIGHT, "handler_timeout": 120.0, "shutdown_timeout": 120.0}
+STOPPING = "stopping: finishing in-flight messages"  # what a service logs once its SIGTERM came in
+
+
+def started_by(run: Scenario, child: Child) -> set[int]:
+    """The numbers of the events whose handler `child` started (scenario_app's started.log)."""
+    log = run.folder / "started.log"
+    lines = log.read_text().split("\n") if log.exists() else []
+    return {int(n) for pid, _, n in (line.partition(" ") for line in lines) if pid == str(child.pid)}
 
 
 async def test_sigterm_under_load_finishes_in_flight_work_and_loses_nothing(
     scenario: Callable[..., Scenario], broker: BrokerUnderTest, report: Report
 ) -> None:
     events = SIZES.events
-    run = scenario(subscriber_settings={"max_in_flight": IN_FLIGHT}, env=ENV)
+    run = scenario(subscriber_settings=PATIENT, env=ENV)
     await subscribe_ahead(run.broker_url, broker.subscriber)
     assert await run.publisher(events, relay=False).wait(60) == 0  # all in the outbox
     subscriber = run.subscriber()
     relay = run.relay()
 
-    async def loaded() -> bool:
-        return (await run.count()).delivered >= events // 4
+    async def holding() -> bool:
+        return any(n >= HOLD_FROM for n in started_by(run, subscriber))
 
-    await run.supervise(loaded, timeout=60, what="a quarter of the events handled")
+    await run.supervise(holding, timeout=60, what="a handler held in flight")
     stopping = time.monotonic()
-    codes = await run.stop(subscriber, relay)
+    stop = asyncio.create_task(run.stop(subscriber, relay))  # SIGTERM to both, then their exit codes
+
+    async def sigterm_taken() -> bool:
+        return STOPPING in subscriber.tail() or stop.done()
+
+    await run.supervise(sigterm_taken, timeout=60, what="the subscriber to take the SIGTERM")
+    committed = {n for (n,) in await run.rows("SELECT n FROM effects")}
+    in_flight = started_by(run, subscriber) - committed
+    assert in_flight, "no handler was in flight when the subscriber began to stop"
+    (run.folder / "release").touch()  # the held handlers go on, inside the stop
+    codes = await stop
     stopped_in, stopped_at = time.monotonic() - stopping, time.time()
     assert codes == [0, 0], run.logs()[-3000:]
     assert "Traceback" not in run.logs()
     interrupted = await run.count()
-    assert interrupted.delivered < events, "the SIGTERM came too late to find work in flight"
-    lines = (run.folder / "started.log").read_text().split("\n")
-    started = {int(n) for pid, _, n in (line.partition(" ") for line in lines) if pid == str(subscriber.pid)}
+    # At most IN_FLIGHT handlers were held; had the subscriber fetched on after the SIGTERM, the released ones
+    # would have let it take every event.
+    assert interrupted.delivered < events, "the subscriber went on fetching after its SIGTERM"
+    started = started_by(run, subscriber)
     rows = await run.rows(f"SELECT n FROM effects WHERE handled_at < {stopped_at}")
     assert started <= {n for (n,) in rows}, "a handler that had started was cut off by the stop"
 
@@ -62,6 +86,6 @@ async def test_sigterm_under_load_finishes_in_flight_work_and_loses_nothing(
         counts,
         await run.recovery(restarted),
         f"exit 0 in {stopped_in:.1f}s with {interrupted.delivered}/{events} handled, all "
-        f"{len(started)} started handlers finished; {len(again)} handled with attempt > 1 after"
-        + (f" ({later} after the restart)" if again else ""),
+        f"{len(started)} started handlers finished ({len(in_flight)} held in flight at the SIGTERM); "
+        f"{len(again)} handled with attempt > 1 after" + (f" ({later} after the restart)" if again else ""),
     )
