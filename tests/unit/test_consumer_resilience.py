@@ -45,7 +45,7 @@ async def test_a_fetch_that_raises_anything_does_not_stop_the_consumer() -> None
     assert [e.n for e in handled] == [1]
 
 
-@pytest.mark.parametrize("depth", [1_000, 100_000])
+@pytest.mark.parametrize("depth", [10_000, 100_000])  # 1,000 may or may not pass the limit, by stack depth
 def test_json_nested_too_deeply_is_a_decode_error_not_a_recursion_error(depth: int) -> None:
     body = ("[" * depth + "]" * depth).encode()
     message = Message(new_message_id(), "Deep", b'{"n": ' + body + b"}")
