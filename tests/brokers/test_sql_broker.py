@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -15,7 +16,7 @@ from eventrelay.brokers.sql import SqlBroker
 from eventrelay.envelope import Delivery, Message, new_message_id
 from eventrelay.errors import BrokerUnavailable, ConfigurationError
 from eventrelay.stores.base import utcnow
-from tests.brokers.contract import BrokerContract, collect
+from tests.brokers.contract import PATIENCE, BrokerContract, collect
 from tests.conftest import POSTGRESQL_PORT
 from tests.faultproxy import FaultProxy
 
@@ -137,3 +138,26 @@ async def test_a_fetcher_listens_again_after_a_connection_reset(postgresql_url: 
             await publisher.publish([sent])  # another process: only its NOTIFY reaches the fetcher
             got = await asyncio.wait_for(waiting, 10)
     assert [d.message.id for d in got] == [sent.id]
+
+
+@pytest.mark.postgresql
+async def test_a_big_publish_cancelled_anywhere_ends_at_once_and_the_broker_goes_on(
+    postgresql_url: str,
+) -> None:
+    """The relay cancels a publish whose lease ran out: wherever the cancel lands in a batch bigger than the
+    socket's buffers (500 x 32 KiB), it must end, not hang (asyncpg's executemany hung for good)."""
+    async with SqlBroker(postgresql_url) as broker:
+        await broker.bind("sub", "big")
+        body = b"x" * 32768
+        for cut in (0.005, 0.02, 0.05, 0.1, 0.2) * 4:
+            messages = [Message(new_message_id(), "big", body, {}) for _ in range(500)]
+            async with asyncio.timeout(
+                PATIENCE
+            ):  # a cancel ends at once; this only turns a hang into a failure
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(cut):
+                        await broker.publish(messages)
+        await broker.publish([after := Message(new_message_id(), "big", b'{"after": 1}', {})])
+        async with asyncio.timeout(PATIENCE):  # behind what the publishes that went through left
+            while after.id not in {d.message.id for d in await broker.fetch("sub", 1000, 0.5)}:
+                pass

@@ -50,8 +50,10 @@ from sqlalchemy import (
     literal,
     or_,
     select,
+    text,
     update,
 )
+from sqlalchemy.dialects.postgresql import ARRAY
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError, SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncConnection
@@ -116,6 +118,7 @@ class SqlBroker(Broker):
         self._ack_lock = asyncio.Lock()
         self._delete_by_id = delete(self.deliveries).where(self.deliveries.c.id == bindparam("row_id"))
         self._fan_out = _fan_out(self.bindings, self.deliveries)
+        self._fan_out_arrays = _fan_out_arrays(self.bindings, self.deliveries, self.engine.dialect)
         self._arrival = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
         self._listener: AsyncConnection | None = None
@@ -182,8 +185,15 @@ class SqlBroker(Broker):
             for m in messages
         ]
         async with self._translate("publish to"), self.engine.begin() as conn:
-            await conn.execute(self._fan_out, values)
-            if not self._sqlite:
+            if self._sqlite:
+                await conn.execute(self._fan_out, values)
+            else:
+                # One statement, not executemany: asyncpg's executemany waits for its socket to drain
+                # between writes, and a cancel (the relay's lease running out) landing there hangs it for
+                # good, as it never sends the Sync the server waits for (asyncpg 0.32).
+                columns = ("b_message_id", "b_name", "b_body", "b_headers", "b_key")
+                arrays = {column: [value[column] for value in values] for column in columns}
+                await conn.execute(self._fan_out_arrays, {**arrays, "b_now": now})
                 await conn.exec_driver_sql(f"NOTIFY {_CHANNEL}")
         self._wake_fetchers()
 
@@ -374,6 +384,28 @@ def _fan_out(bindings: Table, deliveries: Table) -> Any:
     ).where(bindings.c.name == bindparam("b_name", type_=String))
     columns = ("subscriber", "message_id", "name", "body", "headers", "ordering_key", "attempt")
     return insert(deliveries).from_select([*columns, "available_at"], copies)
+
+
+def _fan_out_arrays(bindings: Table, deliveries: Table, dialect: Any) -> Any:
+    """PostgreSQL: one INSERT of the delivery rows of many messages, given as arrays, in message order (the
+    ids, which fetches order by, are drawn in the order of the SELECT)."""
+    quote = dialect.identifier_preparer.quote
+    statement = text(
+        f"INSERT INTO {quote(deliveries.name)} "
+        "(subscriber, message_id, name, body, headers, ordering_key, attempt, available_at) "
+        "SELECT b.subscriber, m.message_id, m.name, m.body, m.headers, m.ordering_key, 1, :b_now "
+        "FROM unnest(:b_message_id, :b_name, :b_body, :b_headers, :b_key) "
+        "WITH ORDINALITY AS m(message_id, name, body, headers, ordering_key, ord) "
+        f"JOIN {quote(bindings.name)} AS b ON b.name = m.name ORDER BY m.ord, b.subscriber"
+    )
+    return statement.bindparams(
+        bindparam("b_message_id", type_=ARRAY(String)),
+        bindparam("b_name", type_=ARRAY(String)),
+        bindparam("b_body", type_=ARRAY(LargeBinary)),
+        bindparam("b_headers", type_=ARRAY(Text)),
+        bindparam("b_key", type_=ARRAY(String)),
+        bindparam("b_now", type_=TIME),
+    )
 
 
 def _seconds(value: str | tuple[str, ...], option: str) -> float:
