@@ -292,12 +292,13 @@ class DistributedEventBus:
         factory: Callable[[], DistributedEventHandler[Any]] | None = None,
         name: str | None = None,
         retry: RetryPolicy | None = None,
-        batch: bool = False,
+        batch: bool = True,
     ) -> Subscription:
         """Subscribe a handler class (a fresh instance per message, made by `factory` if given) or an async
         function. `event` subscribes to one event by name or class instead of the annotated ones; `name`
         is the handler's stable identity in the inbox and dead letters (default: its qualified name).
-        `batch=True` lets it handle the messages of one fetch in one unit of work (README, "Handlers")."""
+        The messages of one fetch share one unit of work, each handler in a savepoint of its own;
+        `batch=False` gives it a unit of work per message, run concurrently (README, "Handlers")."""
         spec = resolve_handler(handler, event=event, factory=factory, name=name, retry=retry, batch=batch)
         if spec.name in self._specs:
             raise ConfigurationError(

@@ -33,6 +33,9 @@ logger = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
+Verdict = tuple[str, str | None]
+"""A dead letter's reason and traceback."""
+
 current_context: ContextVar[Context | None] = ContextVar("eventrelay_context", default=None)
 
 
@@ -44,7 +47,8 @@ class Consumer:
         self.in_flight = 0
         self._stopping = asyncio.Event()
         self._slot_free = asyncio.Event()
-        self._lanes: dict[str, deque[Delivery]] = {}
+        # Per ordering key, what waits its turn: a delivery, and the retry delay when its handler failed.
+        self._lanes: dict[str, deque[tuple[Delivery, float | None]]] = {}
         self._tasks: set[asyncio.Task[None]] = set()
 
     @property
@@ -156,9 +160,9 @@ class Consumer:
         if key is None:
             self._spawn(self._settle_one(delivery))
         elif key in self._lanes:
-            self._lanes[key].append(delivery)
+            self._lanes[key].append((delivery, None))
         else:
-            self._lanes[key] = deque([delivery])
+            self._lanes[key] = deque([(delivery, None)])
             self._spawn(self._run_lane(key))
 
     def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
@@ -172,95 +176,149 @@ class Consumer:
             while lane:
                 if self._stopping.is_set():
                     # Last first: a broker that puts each one back in front then holds them in key order.
-                    await self._give_back(lane.pop())
+                    await self._give_back(*lane.pop())
                 else:
-                    await self._settle_one(lane.popleft())
+                    await self._settle_one(*lane.popleft())
         finally:
             del self._lanes[key]
 
     async def _settle_batch(self, deliveries: list[Delivery], keys: set[str]) -> None:
-        """Handle `deliveries` in one unit of work, or, if any handler fails, one by one as usual."""
-        left = deliveries
+        """Handle `deliveries` in one unit of work; what it leaves goes on one by one, in fetch order."""
+        left: list[tuple[Delivery, float | None]] = [(d, None) for d in deliveries]
         try:
             left = await self._handle_together(deliveries)
         except Exception:  # the one-by-one path below runs it again and logs it as usual
             logger.debug("A batch of %d failed; handling it one by one", len(deliveries), exc_info=True)
-        for delivery in left:
+        for delivery, failed_after in left:
             key = delivery.message.key
             if key is not None:
-                self._lanes[key].append(delivery)
+                self._lanes[key].append((delivery, failed_after))
             elif self._stopping.is_set():
-                await self._give_back(delivery)  # not started: back to the broker
+                await self._give_back(delivery, failed_after)  # not started: back to the broker
             else:
-                self._spawn(self._settle_one(delivery))
+                self._spawn(self._settle_one(delivery, failed_after))
         for key in keys:
             lane = self._lanes[key]
             if lane:  # its own leftovers first (appended in fetch order), then those fetched since
-                lane.rotate(sum(1 for d in left if d.message.key == key))
+                lane.rotate(sum(1 for d, _ in left if d.message.key == key))
                 self._spawn(self._run_lane(key))
             else:
                 del self._lanes[key]
 
-    async def _handle_together(self, deliveries: list[Delivery]) -> list[Delivery]:
-        """Run the handlers of `deliveries` in fetch order in one unit of work, commit, ack them all.
+    async def _handle_together(self, deliveries: list[Delivery]) -> list[tuple[Delivery, float | None]]:
+        """Run the handlers of `deliveries` in fetch order in one unit of work, each in a savepoint of its
+        own; commit; ack what is done and send unkeyed failures to be retried.
 
-        Return the deliveries left to handle one by one (in fetch order): those that cannot be decoded, and
-        those behind them with the same key. A handler failing rolls back the whole batch and raises: the
-        caller then handles each delivery one by one.
+        Return what is left to handle one by one, in fetch order: `(delivery, None)` for a delivery not
+        started here (it cannot be decoded, its handlers changed, the consumer is stopping, or it waits
+        behind an earlier one of its key left so),
+        `(delivery, delay)` for a keyed delivery whose handler failed and retries in place after `delay`.
         """
         bus, limit = self.bus, self.bus.settings.max_message_bytes
-        jobs: list[tuple[Delivery, list[tuple[HandlerSpec, Any]]]] = []
-        undecoded: set[str | None] = set()
+        store, service = bus.store, bus.service
+        jobs: list[tuple[Delivery, list[tuple[HandlerSpec, Any]] | None]] = []
         for delivery in deliveries:
             message = delivery.message
             try:
-                if message.key is not None and message.key in undecoded:
-                    raise DecodeError("behind an undecodable message of its key")
                 specs = bus.handlers_for(message.name)
                 jobs.append((delivery, [(s, decode(message, s.events[message.name], limit)) for s in specs]))
             except DecodeError:
-                undecoded.add(message.key)  # dead-lettered on the usual path, in order
+                jobs.append((delivery, None))  # dead-lettered on the usual path, in order
         started = time.perf_counter()
+        blocked: set[str | None] = set()  # keys whose later deliveries wait for the one-by-one path
         done: list[Delivery] = []
+        retries: list[tuple[Delivery, float]] = []
+        left: dict[int, float] = {}
         ran: list[tuple[str, Message]] = []
-        if jobs:
+        letters: list[tuple[str, Message, str]] = []
+        claims = [(spec.name, d.message.id) for d, handlers in jobs for spec, _ in handlers or ()]
+        if claims:
             async with bus.new_unit_of_work() as uow:
-                claims = [(spec.name, d.message.id) for d, handlers in jobs for spec, _ in handlers]
-                fresh = iter(await bus.store.claim_inbox_many(uow.transaction, bus.service, claims))
-                for delivery, handlers in jobs:  # all of them even when stopping: their claims are made
-                    message = delivery.message
+                tx = uow.transaction
+                fresh = iter(await store.claim_inbox_many(tx, service, claims))
+                for delivery, handlers in jobs:
+                    message, attempt = delivery.message, delivery.attempt
+                    if handlers is None:
+                        blocked.add(message.key)
+                        continue
+                    claimed = [(spec, event, next(fresh)) for spec, event in handlers]
+                    if (
+                        (message.key is not None and message.key in blocked)
+                        or self._stopping.is_set()  # not started: back to the broker
+                        or [spec for spec, _ in handlers] != bus.handlers_for(message.name)  # (un)subscribed
+                    ):
+                        blocked.add(message.key)
+                        for spec, _, new in claimed:
+                            if new:
+                                await store.unclaim_inbox(tx, service, spec.name, message.id)
+                        continue
+                    delays: list[float] = []
                     with bus.tracing.process(delivery):
-                        for spec, event in handlers:
-                            if not next(fresh):
+                        for spec, event, new in claimed:
+                            if not new:
                                 logger.debug("Duplicate %s for %s skipped", message.id, spec.name)
                                 continue
-                            with self._handling(spec, message, delivery.attempt, uow) as context:
-                                await self._within_time_limit(spec.invoke(event, context))
-                            ran.append((spec.name, message))
-                    done.append(delivery)
+                            try:
+                                async with uow.savepoint():
+                                    with self._handling(spec, message, attempt, uow) as context:
+                                        await self._within_time_limit(spec.invoke(event, context))
+                                ran.append((spec.name, message))
+                                continue
+                            except Exception as exc:
+                                verdict = self._judge(spec, message, attempt, exc)
+                            if isinstance(verdict, float):
+                                await store.unclaim_inbox(tx, service, spec.name, message.id)
+                                delays.append(verdict)
+                            else:
+                                reason, error = verdict
+                                letter = NewDeadLetter(service, spec.name, message, attempt, reason, error)
+                                await store.add_dead_letter(tx, letter)
+                                letters.append((spec.name, message, reason))
+                    if not delays:
+                        done.append(delivery)
+                    elif message.key is None:
+                        retries.append((delivery, min(delays)))
+                    else:
+                        left[id(delivery)] = min(delays)
+                        blocked.add(message.key)
         for handler, message in ran:
             bus.metrics.handled(handler, message, started)
+        for handler, message, reason in letters:
+            self._dead_lettered(handler, message, reason)
         try:
             await bus.broker.ack_many(done)
         except Exception:
             logger.exception("Could not ack %d handled message(s); they come again as duplicates", len(done))
-        for _ in done:
+        for delivery, delay in retries:
+            await self._hand_back(delivery, delay)
+        for _ in done + [d for d, _ in retries]:
             self._finished()
-        finished = {id(d) for d in done}
-        return [d for d in deliveries if id(d) not in finished]
+        settled = {id(d) for d in done} | {id(d) for d, _ in retries}
+        return [(d, left.get(id(d))) for d in deliveries if id(d) not in settled]
 
-    async def _give_back(self, delivery: Delivery) -> None:
+    async def _hand_back(self, delivery: Delivery, delay: float) -> None:
+        """Ask the broker to deliver it again after `delay` seconds."""
         try:
-            await self.bus.broker.release(delivery)
+            await self.bus.broker.retry(delivery, delay)
+        except Exception:
+            logger.exception("Could not hand %s back; the broker will deliver it again", delivery.message.id)
+
+    async def _give_back(self, delivery: Delivery, failed_after: float | None = None) -> None:
+        """Back to the broker, not handled (shutting down); one whose handler failed counts that attempt."""
+        try:
+            if failed_after is not None:
+                await self.bus.broker.retry(delivery, 0.0)
+            else:
+                await self.bus.broker.release(delivery)
         except Exception:
             logger.exception("Could not release %s; the broker will deliver it again", delivery.message.id)
         finally:
             self._finished()
 
-    async def _settle_one(self, delivery: Delivery) -> None:
+    async def _settle_one(self, delivery: Delivery, failed_after: float | None = None) -> None:
         try:
             with self.bus.tracing.process(delivery):
-                await self.dispatch(delivery)
+                await self.dispatch(delivery, failed_after)
         except Exception as exc:
             await self._unsettled(delivery, exc)
         finally:
@@ -292,8 +350,11 @@ class Consumer:
         self.in_flight -= 1
         self._slot_free.set()
 
-    async def dispatch(self, delivery: Delivery) -> None:
-        """Run every handler of the delivery's event, then ack it or ask the broker to retry it."""
+    async def dispatch(self, delivery: Delivery, failed_after: float | None = None) -> None:
+        """Run every handler of the delivery's event, then ack it or ask the broker to retry it.
+
+        `failed_after`: a handler already failed this attempt (in a batch); retry after that many seconds.
+        """
         message, broker = delivery.message, self.bus.broker
         specs = self.bus.handlers_for(message.name)
         if not specs:
@@ -301,27 +362,28 @@ class Consumer:
             await self.dead_letter(None, message, delivery.attempt, reason)
             await broker.ack(delivery)
             return
-        attempt = delivery.attempt
+        attempt, delay = delivery.attempt, failed_after
         while True:
+            if delay is not None:
+                if message.key is None or self._stopping.is_set():
+                    await broker.retry(delivery, delay)
+                    return
+                # Ordered: later messages of this key wait behind this one, so its retries wait here.
+                if await self._until_stopped(asyncio.sleep(delay, result=True)) is None:
+                    await broker.retry(delivery, 0.0)
+                    return
+                attempt += 1
+            # A handler done with the message already (in an earlier attempt) finds its inbox record.
             results = [(spec, await self._run_one(spec, message, attempt)) for spec in specs]
-            again = [(spec, delay) for spec, delay in results if delay is not None]
+            again = [(spec, d) for spec, d in results if d is not None]
             if not again:
                 await broker.ack(delivery)
                 return
             delay = min(d for _, d in again)
-            if message.key is None or self._stopping.is_set():
-                await broker.retry(delivery, delay)
-                return
-            # Ordered: later messages of this key wait behind this one, so its retries wait here.
-            if await self._until_stopped(asyncio.sleep(delay, result=True)) is None:
-                await broker.retry(delivery, 0.0)
-                return
-            attempt += 1
             specs = [spec for spec, _ in again]
 
     async def _run_one(self, spec: HandlerSpec, message: Message, attempt: int) -> float | None:
         """Run one handler once; return None when done with the message, or seconds to wait before again."""
-        policy = spec.retry or self.bus.settings.retry
         try:
             event = decode(message, spec.events[message.name], self.bus.settings.max_message_bytes)
         except DecodeError as exc:
@@ -341,25 +403,28 @@ class Consumer:
                     await self._within_time_limit(spec.invoke(event, context))
             self.bus.metrics.handled(spec.name, message, started)
             return None
-        except Reject as exc:
-            await self.dead_letter(spec.name, message, attempt, f"rejected by handler: {exc.reason}")
-            return None
-        except Retry as exc:
-            if attempt < policy.max_attempts:
-                self.bus.metrics.retried(spec.name, message)
-                return exc.after
-            await self.dead_letter(
-                spec.name, message, attempt, f"still asking to retry after {attempt} attempts: {exc}"
-            )
-            return None
         except Exception as exc:
-            if attempt < policy.max_attempts:
+            verdict = self._judge(spec, message, attempt, exc)
+        if isinstance(verdict, float):
+            return verdict
+        await self.dead_letter(spec.name, message, attempt, *verdict)
+        return None
+
+    def _judge(self, spec: HandlerSpec, message: Message, attempt: int, exc: Exception) -> float | Verdict:
+        """What a handler's exception means: seconds to wait before trying again, or a dead letter's reason
+        and traceback."""
+        policy = spec.retry or self.bus.settings.retry
+        if isinstance(exc, Reject):
+            return f"rejected by handler: {exc.reason}", None
+        if attempt < policy.max_attempts:
+            if not isinstance(exc, Retry):
                 logger.warning("%s failed on %s (attempt %d): %r", spec.name, message.id, attempt, exc)
-                self.bus.metrics.retried(spec.name, message)
-                return policy.delay(attempt)
-            reason = f"failed {attempt} times; last error: {type(exc).__name__}: {exc}"
-            await self.dead_letter(spec.name, message, attempt, reason, traceback.format_exc())
-            return None
+            self.bus.metrics.retried(spec.name, message)
+            return exc.after if isinstance(exc, Retry) else policy.delay(attempt)
+        if isinstance(exc, Retry):
+            return f"still asking to retry after {attempt} attempts: {exc}", None
+        reason = f"failed {attempt} times; last error: {type(exc).__name__}: {exc}"
+        return reason, "".join(traceback.format_exception(exc))
 
     async def dead_letter(
         self, handler: str | None, message: Message, attempts: int, reason: str, error: str | None = None
@@ -373,6 +438,9 @@ class Consumer:
             await store.add_dead_letter(
                 tx, NewDeadLetter(self.bus.service, handler, message, attempts, reason, error)
             )
+        self._dead_lettered(handler, message, reason)
+
+    def _dead_lettered(self, handler: str | None, message: Message, reason: str) -> None:
         self.bus.metrics.dead_lettered(handler, message)
         logger.error(
             "Dead letter: %s (%s) for %s: %s", message.id, message.name, handler or self.bus.service, reason

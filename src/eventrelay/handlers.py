@@ -123,7 +123,7 @@ class HandlerSpec:
     invoke: Invoke
     retry: RetryPolicy | None
     target: object
-    batch: bool = False  # may share one unit of work with other messages of a fetched batch
+    batch: bool = True  # shares one unit of work (a savepoint each) with the other messages of a fetch
 
 
 def resolve_handler(
@@ -133,7 +133,7 @@ def resolve_handler(
     factory: Callable[[], DistributedEventHandler[Any]] | None = None,
     name: str | None = None,
     retry: RetryPolicy | None = None,
-    batch: bool = False,
+    batch: bool = True,
 ) -> HandlerSpec:
     """Turn what `bus.subscribe` was given into a `HandlerSpec`, or raise `ConfigurationError`."""
     if isinstance(target, type) and issubclass(target, DistributedEventHandler):

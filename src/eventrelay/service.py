@@ -88,7 +88,7 @@ class Service:
         factory: Callable[[], DistributedEventHandler[Any]] | None = None,
         name: str | None = None,
         retry: RetryPolicy | None = None,
-        batch: bool = False,
+        batch: bool = True,
     ) -> None:
         """Add a handler before the service starts (see `DistributedEventBus.subscribe`)."""
         if self._prepared:

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable, Sequence
+import contextlib
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextvars import ContextVar
 from dataclasses import dataclass
 from datetime import datetime
@@ -80,6 +81,17 @@ class UnitOfWork:
     def after_commit(self, callback: Callable[[], None]) -> None:
         """Run `callback` once this unit of work has committed."""
         self.transaction.after_commit(callback)
+
+    @contextlib.asynccontextmanager
+    async def savepoint(self) -> AsyncIterator[None]:
+        """A SAVEPOINT: an exception leaving the block undoes only what was written and published in it."""
+        pending, before = len(self._pending), len(self._before_commit)
+        try:
+            async with self.transaction.savepoint():
+                yield
+        except BaseException:
+            del self._pending[pending:], self._before_commit[before:]
+            raise
 
     async def commit(self) -> None:
         """Write buffered events to the outbox, commit, then send the events that skip the outbox."""

@@ -1,12 +1,15 @@
-"""Handlers subscribed with `batch=True`: the messages of one fetch share one unit of work, and every promise
-of the one-by-one path holds: effects once, retries and dead letters as usual, order per key."""
+"""The default subscription: the messages of one fetch share one unit of work, each handler in a savepoint of
+its own, and every promise of the one-by-one path (`batch=False`) holds: effects once, retries and dead
+letters as usual, order per key, and no handler runs again because another one failed."""
 
 from __future__ import annotations
+
+import json
 
 from sqlalchemy import insert
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from eventrelay import Context, MemoryBroker, Message, RetryPolicy, event_name
+from eventrelay import Context, MemoryBroker, Message, Reject, Retry, RetryPolicy, event_name
 from eventrelay.codec import encode_body
 from eventrelay.envelope import new_message_id
 from eventrelay.events import DynamicEvent
@@ -38,7 +41,7 @@ async def test_a_fetched_batch_is_handled_in_one_unit_of_work(database: str | No
     broker = MemoryBroker()
     await queued(broker, [order_message(n) for n in range(10)])
     bus = make_bus(SERVICE, broker, database)
-    await bus.subscribe(record, batch=True)
+    await bus.subscribe(record)
     async with bus:
         await wait_until_idle(bus)
         assert await broker.pending_count(SERVICE) == 0
@@ -49,7 +52,7 @@ async def test_a_fetched_batch_is_handled_in_one_unit_of_work(database: str | No
         assert len({id(s) for s in sessions}) == 1
 
 
-async def test_a_handler_without_batch_gets_a_unit_of_work_per_message(database_url: str) -> None:
+async def test_a_handler_with_batch_false_gets_a_unit_of_work_per_message(database_url: str) -> None:
     sessions: list[AsyncSession] = []  # held, so that no id is reused
 
     async def record(event: OrderPlaced, context: Context) -> None:
@@ -61,46 +64,77 @@ async def test_a_handler_without_batch_gets_a_unit_of_work_per_message(database_
     broker = MemoryBroker()
     await queued(broker, [order_message(n) for n in range(5)])
     bus = make_bus(SERVICE, broker, database_url)
-    await bus.subscribe(record, batch=True)
-    await bus.subscribe(alongside)  # not batched: so neither is the event
+    await bus.subscribe(record)
+    await bus.subscribe(alongside, batch=False)  # not batched: so neither is the event
     async with bus:
         await wait_until_idle(bus)
     assert len({id(s) for s in sessions}) == 5
 
 
-async def test_a_failure_in_a_batch_changes_no_outcome(database_url: str) -> None:
-    """One message fails once, another always: the batch is rolled back and each message is handled one by
-    one: the others take effect exactly once, the first succeeds on its retry, the second ends dead."""
+async def test_a_failure_in_a_batch_rolls_back_only_its_own_handler(database_url: str) -> None:
+    """One message fails once, another always, a third is rejected: each rolls back only its own writes and
+    events and goes the usual way (retried, dead); the others commit once, and no handler runs twice in an
+    attempt."""
     table = business_table()
     await create_table(database_url, table)
     attempts: dict[int, list[int]] = {}
+    committed: list[int] = []
 
     async def record(event: OrderPlaced, context: Context) -> None:
         attempts.setdefault(event.order_id, []).append(context.attempt)
         await context.session.execute(insert(table).values(id=event.order_id, note="placed"))
+        context.unit_of_work.after_commit(lambda: committed.append(event.order_id))
         if event.order_id == 3 and context.attempt == 1:
             raise RuntimeError("a passing failure")
         if event.order_id == 6:
             raise RuntimeError("always")
+        if event.order_id == 8:
+            raise Reject("not ours")
 
     broker = MemoryBroker()
     messages = [order_message(n) for n in range(10)]
     await queued(broker, messages)
     bus = make_bus(SERVICE, broker, database_url, retry=RetryPolicy(max_attempts=3, initial_delay=0.01))
-    await bus.subscribe(record, batch=True)
+    await bus.subscribe(record)
     async with bus:
         await wait_until_idle(bus)
-        [letter] = await bus.dead_letters()
+        letters = {letter.message.id: letter for letter in await bus.dead_letters()}
         assert await broker.pending_count(SERVICE) == 0
-        assert await bus.store.inbox_count(SERVICE) == 10  # 9 handled, 1 marked done with its dead letter
-    # Each row once (a second insert of an id would have failed on its primary key).
-    assert await count_rows(database_url, table) == 9
-    assert letter.message.id == messages[6].id
-    assert letter.attempts == 3
-    assert letter.reason == "failed 3 times; last error: RuntimeError: always"
-    # A handler may run twice in an attempt: in the batch rolled back, then on its own.
-    assert attempts[3][-1] == 2
-    assert sorted(set(attempts[6])) == [1, 2, 3]
+        assert await bus.store.inbox_count(SERVICE) == 10  # 8 handled, 2 marked done with their letters
+    # Each row once (a second insert of an id would have failed on its primary key), none of the dead.
+    assert await count_rows(database_url, table) == 8
+    assert sorted(committed) == [0, 1, 2, 3, 4, 5, 7, 9]
+    assert set(letters) == {messages[6].id, messages[8].id}
+    assert letters[messages[6].id].attempts == 3
+    assert letters[messages[6].id].reason == "failed 3 times; last error: RuntimeError: always"
+    assert letters[messages[8].id].attempts == 1
+    assert letters[messages[8].id].reason == "rejected by handler: not ours"
+    assert attempts == {n: [1, 2] if n == 3 else [1, 2, 3] if n == 6 else [1] for n in range(10)}
+
+
+async def test_a_handler_failing_in_a_batch_does_not_run_the_other_handlers_again(
+    database: str | None,
+) -> None:
+    runs: list[str] = []
+
+    async def steady(event: OrderPlaced) -> None:
+        runs.append(f"steady {event.order_id}")
+
+    async def flaky(event: OrderPlaced, context: Context) -> None:
+        runs.append(f"flaky {event.order_id}")
+        if event.order_id == 1 and context.attempt == 1:
+            raise Retry(after=0.01)
+
+    broker = MemoryBroker()
+    await queued(broker, [order_message(n) for n in range(3)])
+    bus = make_bus(SERVICE, broker, database)
+    await bus.subscribe(steady)
+    await bus.subscribe(flaky)
+    async with bus:
+        await wait_until_idle(bus)
+        assert await broker.pending_count(SERVICE) == 0
+        assert await bus.dead_letters() == []
+    assert sorted(runs) == sorted([f"steady {n}" for n in range(3)] + [f"flaky {n}" for n in (0, 1, 1, 2)])
 
 
 async def test_a_message_fetched_twice_in_one_batch_takes_effect_once(database: str | None) -> None:
@@ -113,7 +147,7 @@ async def test_a_message_fetched_twice_in_one_batch_takes_effect_once(database: 
     twice = order_message(1)
     await queued(broker, [order_message(0), twice, order_message(2), twice])
     bus = make_bus(SERVICE, broker, database)
-    await bus.subscribe(record, batch=True)
+    await bus.subscribe(record)
     async with bus:
         await wait_until_idle(bus)
         assert await broker.pending_count(SERVICE) == 0
@@ -135,7 +169,7 @@ async def test_a_batch_keeps_key_order_through_a_retry(database: str | None) -> 
     broker = MemoryBroker()
     await queued(broker, [order_message(n, key="ab"[n % 2]) for n in range(8)])
     bus = make_bus(SERVICE, broker, database)
-    await bus.subscribe(record, batch=True)
+    await bus.subscribe(record)
     async with bus:
         await wait_until_idle(bus)
         await broker.publish([order_message(n, key="ab"[n % 2]) for n in range(8, 12)])
@@ -157,7 +191,7 @@ async def test_an_undecodable_message_in_a_batch_is_dead_and_the_others_are_hand
     bad = Message(new_message_id(), name, encode_body(DynamicEvent(name, {"order_id": "x"})), {}, "k")
     await queued(broker, [order_message(0, "k"), bad, order_message(2, "k"), order_message(3)])
     bus = make_bus(SERVICE, broker, database)
-    await bus.subscribe(record, batch=True)
+    await bus.subscribe(record)
     async with bus:
         await wait_until_idle(bus)
         [letter] = await bus.dead_letters()
@@ -165,3 +199,24 @@ async def test_an_undecodable_message_in_a_batch_is_dead_and_the_others_are_hand
     assert letter.reason.startswith("cannot decode")
     assert sorted(handled) == [0, 2, 3]
     assert handled.index(0) < handled.index(2)
+
+
+async def test_events_published_by_a_failed_handler_in_a_batch_never_leave(database: str | None) -> None:
+    async def ship(event: OrderPlaced, context: Context) -> None:
+        await bus.publish(SHIPPED, {"order_id": event.order_id})
+        if event.order_id == 1 and context.attempt == 1:
+            raise RuntimeError("once")
+
+    broker = MemoryBroker()
+    await broker.bind("Shipping", SHIPPED)
+    await queued(broker, [order_message(n) for n in range(3)])
+    bus = make_bus(SERVICE, broker, database, retry=RetryPolicy(initial_delay=0.01))
+    await bus.subscribe(ship)
+    async with bus:
+        await wait_until_idle(bus)
+        assert await bus.dead_letters() == []
+    shipped = await broker.fetch("Shipping", 10, 0.1)
+    assert sorted(json.loads(d.message.body)["order_id"] for d in shipped) == [0, 1, 2]
+
+
+SHIPPED = "BusTests.Shipped"

@@ -54,7 +54,7 @@ async def test_events_of_different_keys_are_handled_in_parallel(concurrent_datab
             outcome.append("second")
 
     bus = make_bus("Orders", MemoryBroker(), concurrent_database, retry=RetryPolicy(max_attempts=1))
-    await bus.subscribe(handle)
+    await bus.subscribe(handle, batch=False)  # batched handlers run one after another
     async with bus:
         await bus.publish(OrderPlaced(order_id=1), key="first")
         await bus.publish(OrderPlaced(order_id=2), key="second")
@@ -130,7 +130,7 @@ async def test_at_most_max_in_flight_handlers_run_at_once(concurrent_database: s
 
     broker = MemoryBroker()
     bus = make_bus("Orders", broker, concurrent_database, max_in_flight=3)
-    await bus.subscribe(handle)
+    await bus.subscribe(handle, batch=False)
     async with bus:
         for order_id in range(10):
             await bus.publish(OrderPlaced(order_id=order_id))

@@ -92,9 +92,10 @@ async def test_an_error_outside_the_handlers_ends_as_a_dead_letter_after_the_att
             return bool(await bus.dead_letters())
 
         await eventually(dead_lettered, timeout=10)
+        tries = len(delivered)
         await asyncio.sleep(0.3)  # time to come again, were it redelivered
         letters = await bus.dead_letters()
-    assert len(delivered) == 2  # its two attempts, then never again
+    assert len(delivered) == tries  # never again after its dead letter
     [letter] = letters
     assert letter.handler is None
     assert letter.attempts == 2

@@ -77,6 +77,12 @@ def database(request: pytest.FixtureRequest) -> str | None:
     return url
 
 
+@pytest.fixture(params=[True, False], ids=["batched", "one-by-one"])
+def batch(request: pytest.FixtureRequest) -> bool:
+    """Each promise holds both for the default subscription and for `batch=False`."""
+    return bool(request.param)
+
+
 @pytest.fixture
 def broker() -> SpyBroker:
     return SpyBroker()
@@ -103,7 +109,7 @@ keyed = pytest.mark.parametrize("key", [None, "order-key"], ids=["unkeyed", "key
 
 @keyed
 async def test_a_handler_that_fails_twice_then_succeeds_is_handled(
-    broker: SpyBroker, database: str | None, key: str | None
+    broker: SpyBroker, database: str | None, key: str | None, batch: bool
 ) -> None:
     attempts: list[int] = []
     handled: list[int] = []
@@ -115,7 +121,7 @@ async def test_a_handler_that_fails_twice_then_succeeds_is_handled(
         handled.append(event.order_id)
 
     async with make_bus(broker, database) as bus:
-        await bus.subscribe(flaky)
+        await bus.subscribe(flaky, batch=batch)
         await bus.publish(OrderPlacedEto(order_id=1), key=key)
         await idle(bus)
         assert await bus.dead_letters() == []
@@ -129,7 +135,7 @@ async def test_a_handler_that_fails_twice_then_succeeds_is_handled(
 
 @keyed
 async def test_a_poison_message_is_dead_lettered_while_the_messages_behind_it_are_handled(
-    broker: SpyBroker, database: str | None, key: str | None
+    broker: SpyBroker, database: str | None, key: str | None, batch: bool
 ) -> None:
     handled: list[int] = []
     poison_attempts: list[int] = []
@@ -141,7 +147,7 @@ async def test_a_poison_message_is_dead_lettered_while_the_messages_behind_it_ar
         handled.append(event.order_id)
 
     async with make_bus(broker, database) as bus:
-        await bus.subscribe(handle_order)
+        await bus.subscribe(handle_order, batch=batch)
         for order_id in range(1, 4):
             await bus.publish(OrderPlacedEto(order_id=order_id), key=key)
         poison_id = await bus.publish(
@@ -175,7 +181,9 @@ async def test_a_poison_message_is_dead_lettered_while_the_messages_behind_it_ar
     assert letter.message.key == key
 
 
-async def test_a_handlers_own_policy_overrides_the_services(broker: SpyBroker, database: str | None) -> None:
+async def test_a_handlers_own_policy_overrides_the_services(
+    broker: SpyBroker, database: str | None, batch: bool
+) -> None:
     calls: dict[str, int] = {"strict": 0, "default": 0}
 
     async def strict(event: OrderPlacedEto) -> None:
@@ -187,8 +195,8 @@ async def test_a_handlers_own_policy_overrides_the_services(broker: SpyBroker, d
         raise RuntimeError("default fails")
 
     async with make_bus(broker, database) as bus:
-        await bus.subscribe(strict, name="Strict", retry=RetryPolicy(max_attempts=1))
-        await bus.subscribe(default, name="Default")
+        await bus.subscribe(strict, name="Strict", retry=RetryPolicy(max_attempts=1), batch=batch)
+        await bus.subscribe(default, name="Default", batch=batch)
         await bus.publish(OrderPlacedEto(order_id=1))
         await idle(bus)
         letters = {letter.handler: letter for letter in await bus.dead_letters()}
@@ -202,7 +210,7 @@ async def test_a_handlers_own_policy_overrides_the_services(broker: SpyBroker, d
 
 @keyed
 async def test_retry_after_tries_again_until_the_last_attempt_then_dead_letters(
-    broker: SpyBroker, database: str | None, key: str | None
+    broker: SpyBroker, database: str | None, key: str | None, batch: bool
 ) -> None:
     attempts: list[int] = []
 
@@ -211,7 +219,7 @@ async def test_retry_after_tries_again_until_the_last_attempt_then_dead_letters(
         raise Retry(after=timedelta(milliseconds=20), reason="stock service busy")
 
     async with make_bus(broker, database) as bus:
-        await bus.subscribe(not_yet)
+        await bus.subscribe(not_yet, batch=batch)
         message_id = await bus.publish(OrderPlacedEto(order_id=1), key=key)
         await idle(bus)
         [letter] = await bus.dead_letters()
@@ -225,7 +233,9 @@ async def test_retry_after_tries_again_until_the_last_attempt_then_dead_letters(
         assert broker.retry_delays == [0.02, 0.02]
 
 
-async def test_retry_then_success_is_handled_once(broker: SpyBroker, database: str | None) -> None:
+async def test_retry_then_success_is_handled_once(
+    broker: SpyBroker, database: str | None, batch: bool
+) -> None:
     attempts: list[int] = []
     handled: list[int] = []
 
@@ -236,7 +246,7 @@ async def test_retry_then_success_is_handled_once(broker: SpyBroker, database: s
         handled.append(event.order_id)
 
     async with make_bus(broker, database) as bus:
-        await bus.subscribe(later)
+        await bus.subscribe(later, batch=batch)
         await bus.publish(OrderPlacedEto(order_id=4))
         await idle(bus)
         assert await bus.dead_letters() == []
@@ -248,7 +258,7 @@ async def test_retry_then_success_is_handled_once(broker: SpyBroker, database: s
 
 @keyed
 async def test_a_handler_that_hangs_past_its_time_limit_is_cancelled_then_dead_lettered(
-    broker: SpyBroker, database: str | None, key: str | None
+    broker: SpyBroker, database: str | None, key: str | None, batch: bool
 ) -> None:
     started: list[int] = []
     handled: list[int] = []
@@ -261,7 +271,7 @@ async def test_a_handler_that_hangs_past_its_time_limit_is_cancelled_then_dead_l
 
     settings = dataclasses.replace(FAST, handler_timeout=0.2)
     async with make_bus(broker, database, settings) as bus:
-        await bus.subscribe(stuck)
+        await bus.subscribe(stuck, batch=batch)
         await bus.publish(OrderPlacedEto(order_id=1, poison=True), key=key)
         await bus.publish(OrderPlacedEto(order_id=2), key=key)
         await idle(bus)
@@ -275,7 +285,7 @@ async def test_a_handler_that_hangs_past_its_time_limit_is_cancelled_then_dead_l
 
 @keyed
 async def test_reject_dead_letters_at_once_with_its_reason(
-    broker: SpyBroker, database: str | None, key: str | None
+    broker: SpyBroker, database: str | None, key: str | None, batch: bool
 ) -> None:
     calls: list[int] = []
     handled: list[int] = []
@@ -288,7 +298,7 @@ async def test_reject_dead_letters_at_once_with_its_reason(
             handled.append(event.order_id)
 
     async with make_bus(broker, database) as bus:
-        await bus.subscribe(CheckStock)
+        await bus.subscribe(CheckStock, batch=batch)
         await bus.publish(OrderPlacedEto(order_id=1, poison=True), key=key)
         await bus.publish(OrderPlacedEto(order_id=2), key=key)
         await idle(bus)
@@ -336,7 +346,12 @@ PADDING = "x" * 200
     ],
 )
 async def test_a_message_that_cannot_become_the_event_is_dead_lettered_with_a_reason(
-    broker: SpyBroker, database: str | None, body: bytes, headers: dict[str, object], words: list[str]
+    broker: SpyBroker,
+    database: str | None,
+    body: bytes,
+    headers: dict[str, object],
+    words: list[str],
+    batch: bool,
 ) -> None:
     handled: list[int] = []
 
@@ -346,7 +361,7 @@ async def test_a_message_that_cannot_become_the_event_is_dead_lettered_with_a_re
     settings = Settings(retry=FAST.retry, max_message_bytes=128)
     bad = Message(new_message_id(), f"{PREFIX}.OrderPlaced", body, headers)  # type: ignore[arg-type]
     async with make_bus(broker, database, settings) as bus:
-        await bus.subscribe(handle_order)
+        await bus.subscribe(handle_order, batch=batch)
         await bus.publish(OrderPlacedEto(order_id=10))
         await idle(bus)
         await broker.publish([bad])
@@ -366,7 +381,7 @@ async def test_a_message_that_cannot_become_the_event_is_dead_lettered_with_a_re
 
 
 async def test_a_dynamic_handler_dead_letters_a_body_that_is_not_an_object(
-    broker: SpyBroker, database: str | None
+    broker: SpyBroker, database: str | None, batch: bool
 ) -> None:
     received: list[DynamicEvent] = []
 
@@ -375,7 +390,7 @@ async def test_a_dynamic_handler_dead_letters_a_body_that_is_not_an_object(
 
     name = f"{PREFIX}.Audited"
     async with make_bus(broker, database) as bus:
-        await bus.subscribe(audit, event=name)
+        await bus.subscribe(audit, event=name, batch=batch)
         await broker.publish([Message(new_message_id(), name, b"[1, 2, 3]")])
         await bus.publish(name, {"ok": True})
         await idle(bus)
@@ -385,14 +400,16 @@ async def test_a_dynamic_handler_dead_letters_a_body_that_is_not_an_object(
     assert "not a JSON object" in letter.reason
 
 
-async def test_an_event_no_handler_takes_is_dead_lettered(broker: SpyBroker, database: str | None) -> None:
+async def test_an_event_no_handler_takes_is_dead_lettered(
+    broker: SpyBroker, database: str | None, batch: bool
+) -> None:
     handled: list[int] = []
 
     async def handle_order(event: OrderPlacedEto) -> None:
         handled.append(event.order_id)
 
     async with make_bus(broker, database) as bus:
-        await bus.subscribe(handle_order)
+        await bus.subscribe(handle_order, batch=batch)
         await broker.bind(SERVICE, f"{PREFIX}.Nobody.Handles")  # e.g. a binding left by an older version
         stray = Message(new_message_id(), f"{PREFIX}.Nobody.Handles", b'{"a": 1}', {"x-why": "test"})
         await broker.publish([stray])
@@ -408,7 +425,7 @@ async def test_an_event_no_handler_takes_is_dead_lettered(broker: SpyBroker, dat
 
 
 async def test_messages_queued_when_their_handler_is_unsubscribed_are_dead_lettered(
-    broker: SpyBroker, database: str | None
+    broker: SpyBroker, database: str | None, batch: bool
 ) -> None:
     started = asyncio.Event()
     release = asyncio.Event()
@@ -421,7 +438,7 @@ async def test_messages_queued_when_their_handler_is_unsubscribed_are_dead_lette
 
     settings = Settings(retry=FAST.retry, max_in_flight=1)
     async with make_bus(broker, database, settings) as bus:
-        subscription = await bus.subscribe(slow)
+        subscription = await bus.subscribe(slow, batch=batch)
         # Straight to the broker, so all three are queued before the first is handled.
         ids = [await bus.publish(OrderPlacedEto(order_id=n), use_outbox=False) for n in (1, 2, 3)]
         await asyncio.wait_for(started.wait(), IDLE_TIMEOUT)
@@ -439,7 +456,7 @@ async def test_messages_queued_when_their_handler_is_unsubscribed_are_dead_lette
 
 @keyed
 async def test_when_one_of_several_handlers_fails_the_others_run_once(
-    broker: SpyBroker, database: str | None, key: str | None
+    broker: SpyBroker, database: str | None, key: str | None, batch: bool
 ) -> None:
     calls: dict[str, int] = {"reserve": 0, "notify": 0, "invoice": 0}
 
@@ -454,9 +471,9 @@ async def test_when_one_of_several_handlers_fails_the_others_run_once(
         calls["notify"] += 1
 
     async with make_bus(broker, database) as bus:
-        await bus.subscribe(reserve, name="Reserve")
-        await bus.subscribe(invoice, name="Invoice")
-        await bus.subscribe(notify, name="Notify")
+        await bus.subscribe(reserve, name="Reserve", batch=batch)
+        await bus.subscribe(invoice, name="Invoice", batch=batch)
+        await bus.subscribe(notify, name="Notify", batch=batch)
         await bus.publish(OrderPlacedEto(order_id=1), key=key)
         await idle(bus)
         letters = await bus.dead_letters()
@@ -536,7 +553,7 @@ async def test_a_replay_whose_handler_still_fails_raises_and_keeps_the_letter(
 
 
 async def test_a_letter_no_handler_took_replays_once_a_handler_is_subscribed(
-    broker: SpyBroker, database: str | None
+    broker: SpyBroker, database: str | None, batch: bool
 ) -> None:
     handled: list[int] = []
 
@@ -554,7 +571,7 @@ async def test_a_letter_no_handler_took_replays_once_a_handler_is_subscribed(
             await bus.replay(letter.id)
         assert await bus.dead_letters() == [letter]
 
-        await bus.subscribe(reserve)
+        await bus.subscribe(reserve, batch=batch)
         await bus.replay(letter.id)
         assert await bus.dead_letters() == []
         with pytest.raises(ConfigurationError, match="No dead letter"):
@@ -580,7 +597,9 @@ async def test_discard_deletes_a_letter_without_handling_it(broker: SpyBroker, d
     assert invoicing.handled == []
 
 
-async def test_dead_letters_survive_in_the_database(broker: SpyBroker, database_url: str) -> None:
+async def test_dead_letters_survive_in_the_database(
+    broker: SpyBroker, database_url: str, batch: bool
+) -> None:
     invoicing = Invoicing()
     async with make_bus(broker, database_url) as bus:
         letter = await dead_letter_one(bus, invoicing)
@@ -594,7 +613,7 @@ async def test_dead_letters_survive_in_the_database(broker: SpyBroker, database_
         async def invoice(event: OrderPlacedEto, context: Context) -> None:
             await invoicing(event, context)
 
-        await again.subscribe(invoice, name="Invoice")
+        await again.subscribe(invoice, name="Invoice", batch=batch)
         await again.replay(letter.id)
         assert await again.dead_letters() == []
 

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING
@@ -76,6 +77,17 @@ class Transaction(ABC):
         """Run `callback` once the transaction has committed (not after a rollback)."""
         self._after_commit.append(callback)
 
+    @contextlib.asynccontextmanager
+    async def savepoint(self) -> AsyncIterator[None]:
+        """A nested transaction: an exception leaving the block undoes only the writes made in it."""
+        mark = len(self._after_commit)
+        try:
+            async with self._savepoint():
+                yield
+        except BaseException:
+            del self._after_commit[mark:]
+            raise
+
     async def commit(self) -> None:
         await self._commit()
         callbacks, self._after_commit = self._after_commit, []
@@ -85,6 +97,9 @@ class Transaction(ABC):
     async def rollback(self) -> None:
         self._after_commit.clear()
         await self._rollback()
+
+    @abstractmethod
+    def _savepoint(self) -> contextlib.AbstractAsyncContextManager[None]: ...
 
     @abstractmethod
     async def _commit(self) -> None: ...
@@ -140,6 +155,10 @@ class Store(ABC):
 
         A concurrent claim of the same key waits for the first transaction to end.
         """
+
+    @abstractmethod
+    async def unclaim_inbox(self, tx: Transaction, subscriber: str, handler: str, message_id: str) -> None:
+        """Undo a claim `tx` made: the message is to be handled again (its handler failed, to retry)."""
 
     async def claim_inbox_many(
         self, tx: Transaction, subscriber: str, claims: Sequence[tuple[str, str]]

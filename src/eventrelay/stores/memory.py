@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
-from collections.abc import Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import replace
 from datetime import datetime
 
@@ -22,6 +23,17 @@ class MemoryTransaction(Transaction):
         self.store = store
         self.writes: list[Callable[[], None]] = []
         self.undo: list[Callable[[], None]] = []
+
+    @contextlib.asynccontextmanager
+    async def _savepoint(self) -> AsyncIterator[None]:
+        writes, undo = len(self.writes), len(self.undo)
+        try:
+            yield
+        except BaseException:
+            for step in self.undo[undo:]:
+                step()
+            del self.writes[writes:], self.undo[undo:]
+            raise
 
     async def _commit(self) -> None:
         for write in self.writes:
@@ -143,6 +155,14 @@ class MemoryStore(Store):
         mtx.writes.append(write)
         mtx.undo.append(release)
         return True
+
+    async def unclaim_inbox(self, tx: Transaction, subscriber: str, handler: str, message_id: str) -> None:
+        key = (subscriber, handler, message_id)
+
+        def write() -> None:
+            self._inbox.pop(key, None)
+
+        _memory(tx).writes.append(write)  # the claim's own write runs first; the key stays held till the end
 
     async def add_dead_letter(self, tx: Transaction, letter: NewDeadLetter) -> None:
         def write() -> None:

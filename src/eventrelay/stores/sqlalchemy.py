@@ -14,9 +14,10 @@ client certificate; `sslmode` for `ssl`). asyncpg takes no certificate files thr
 
 from __future__ import annotations
 
+import contextlib
 import json
 import ssl
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
@@ -252,6 +253,11 @@ class SqlTransaction(Transaction):
     def session(self) -> AsyncSession:
         return self._session
 
+    @contextlib.asynccontextmanager
+    async def _savepoint(self) -> AsyncIterator[None]:
+        async with self._session.begin_nested():  # the ORM forgets objects added in it on a rollback, too
+            yield
+
     async def _commit(self) -> None:
         try:
             await self._session.commit()
@@ -285,6 +291,12 @@ class SqlStore(Store):
             .values(leased_until=None)
         )
         self._delete = delete(outbox).where(by_seq)
+        inbox = self.tables.inbox
+        self._unclaim = delete(inbox).where(
+            inbox.c.subscriber == bindparam("b_subscriber"),
+            inbox.c.handler == bindparam("b_handler"),
+            inbox.c.message_id == bindparam("b_message_id"),
+        )
 
     async def create_tables(self) -> None:
         try:
@@ -373,6 +385,10 @@ class SqlStore(Store):
         }
         result = await tx.session.execute(self._inbox_insert, values)
         return bool(result.rowcount)  # type: ignore[attr-defined]
+
+    async def unclaim_inbox(self, tx: Transaction, subscriber: str, handler: str, message_id: str) -> None:
+        values = {"b_subscriber": subscriber, "b_handler": handler, "b_message_id": message_id}
+        await tx.session.execute(self._unclaim, values)
 
     async def claim_inbox_many(
         self, tx: Transaction, subscriber: str, claims: Sequence[tuple[str, str]]
