@@ -282,7 +282,9 @@ class SqlStore(Store):
         self.metadata = MetaData()
         self.tables = define_tables(self.metadata, prefix)
         self._dialect = self.engine.dialect.name
-        self._inbox_insert = _insert_if_absent(self.tables.inbox, self._dialect)  # built once: a hot path
+        inbox = self.tables.inbox
+        self._inbox_insert = _insert_if_absent(inbox, self._dialect)  # built once: a hot path
+        self._inbox_claim_many = self._inbox_insert.returning(inbox.c.handler, inbox.c.message_id)
         outbox, by_seq = self.tables.outbox, self.tables.outbox.c.seq == bindparam("b_seq")
         self._lease = update(outbox).where(by_seq).values(leased_until=bindparam("b_until"))
         self._release = (
@@ -291,7 +293,6 @@ class SqlStore(Store):
             .values(leased_until=None)
         )
         self._delete = delete(outbox).where(by_seq)
-        inbox = self.tables.inbox
         self._unclaim = delete(inbox).where(
             inbox.c.subscriber == bindparam("b_subscriber"),
             inbox.c.handler == bindparam("b_handler"),
@@ -395,15 +396,14 @@ class SqlStore(Store):
     ) -> list[bool]:
         if self._dialect not in ("sqlite", "postgresql") or len(claims) < 2:  # MariaDB: no INSERT RETURNING
             return await super().claim_inbox_many(tx, subscriber, claims)
-        t, now = self.tables.inbox, utcnow()
+        now = utcnow()
         rows = [
             {"subscriber": subscriber, "handler": handler, "message_id": message_id, "received_at": now}
             for handler, message_id in dict.fromkeys(claims)
         ]
-        # One statement: the rows it inserted come back; the others were claimed before.
-        result = await tx.session.execute(
-            self._inbox_insert.values(rows).returning(t.c.handler, t.c.message_id)
-        )
+        # One statement (SQLAlchemy's "insertmanyvalues", compiled once): the rows it inserted come back;
+        # the others were claimed before.
+        result = await tx.session.execute(self._inbox_claim_many, rows)
         new = {(row.handler, row.message_id) for row in result}
         claimed = []
         for key in claims:
