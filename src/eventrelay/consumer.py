@@ -1,9 +1,10 @@
 """The consumer: fetches a service's deliveries, runs its handlers, and settles each delivery.
 
-Deliveries with an ordering key run one after another per key (a key's retries wait in place, so order
-holds); deliveries of different keys, and those without a key, run in parallel up to `max_in_flight`.
-Every handler runs in its own unit of work with its inbox record, so a handler that succeeded is not run
-again when a sibling's failure brings the message back.
+By default the deliveries of one fetch are handled in fetch order in one unit of work, every handler in a
+savepoint of its own with its inbox record: a handler that fails rolls back alone and is retried (or
+dead-lettered) on its own, and the handlers that succeeded are not run again. Handlers subscribed with
+`batch=False` run in a unit of work each, in parallel up to `max_in_flight`. Deliveries with an ordering key
+run one after another per key (a key's retries wait in place, so order holds).
 """
 
 from __future__ import annotations
