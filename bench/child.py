@@ -55,8 +55,9 @@ class Job:
     """Events per second when paced (latency runs); None publishes as fast as the window allows."""
     timeout: float = 120.0
     """How long a consumer waits for every event."""
-    batch: bool = False
-    """Whether the consumer subscribes with `batch=True` (one unit of work per fetch)."""
+    batch: bool = True
+    """The consumer's `subscribe(..., batch=...)`: True, the default, one unit of work per fetch; False, one
+    per message."""
     latencies: bool = True
     """Whether the consumer keeps every event's latency (off for the backlog)."""
 

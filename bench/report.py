@@ -224,8 +224,8 @@ def throughput_plot(rows: Sequence[Row]) -> str:
         group = f"{row.scenario.title.split(', ')[0]} {row.scenario.broker}"
         if row.scenario.per_unit > 1:
             group += " (100/UoW)"
-        if row.scenario.batch:
-            group += " batch"
+        if not row.scenario.batch:
+            group += " batch=False"
         if group not in groups:
             groups.append(group)
         values[(group, row.scenario.system)] = row.throughput

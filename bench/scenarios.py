@@ -35,8 +35,9 @@ class Scenario:
     per_unit: int = 1
     window: int = 500
     rate: float | None = None
-    batch: bool = False
-    """The consumer subscribes with `batch=True`: the messages of one fetch share one unit of work."""
+    batch: bool = True
+    """The consumer's `subscribe(..., batch=...)`: True (the default) handles the messages of one fetch in one
+    unit of work; False gives each message a unit of work of its own."""
 
     @property
     def timeout(self) -> float:
@@ -70,8 +71,11 @@ def _rabbitmq_direct() -> list[Scenario]:
     return throughput + latency
 
 
-def _durable(broker: str, label: str, n: int, latency_rate: float, batched: bool = False) -> list[Scenario]:
-    """E2 (or E3) on `broker`; with `batched`, each again with the consumer's `batch=True`."""
+def _durable(
+    broker: str, label: str, n: int, latency_rate: float, one_by_one: bool = False
+) -> list[Scenario]:
+    """E2 (or E3) on `broker` with the default subscribe; with `one_by_one`, each again with the consumer's
+    `batch=False` (a unit of work per message)."""
     plain = [
         Scenario(
             f"{label}.{broker}.uow1",
@@ -106,10 +110,10 @@ def _durable(broker: str, label: str, n: int, latency_rate: float, batched: bool
             rate=latency_rate,
         ),
     ]
-    if not batched:
+    if not one_by_one:
         return plain
     return plain + [
-        replace(s, key=f"{s.key}.batch", title=f"{s.title}, batch=True", batch=True) for s in plain
+        replace(s, key=f"{s.key}.one-by-one", title=f"{s.title}, batch=False", batch=False) for s in plain
     ]
 
 
@@ -142,8 +146,8 @@ def all_scenarios(backlog: int) -> list[Scenario]:
     """Every scenario at its default size, in the order the table shows them."""
     found = (
         _rabbitmq_direct()
-        + _durable("rabbitmq", "e2", 2_000, 500.0, batched=True)
-        + _durable("sqlite", "e3", 2_000, 1000.0, batched=True)
+        + _durable("rabbitmq", "e2", 2_000, 500.0, one_by_one=True)
+        + _durable("sqlite", "e3", 2_000, 1000.0, one_by_one=True)
     )
     for broker in ("nats", "redis", "kafka"):
         found += _direct(broker) + _durable(broker, "e2", 1_500, 500.0)
