@@ -36,7 +36,8 @@ soak: $(STAMP)
 	$(PY) -m tests.soak $(SOAK_ARGS)
 
 # The benchmark of issue 9 (bench/, docs/benchmarks.md): every scenario and its baselines, 3 rounds each, about
-# 20 minutes on 2 cores; writes the figures and the plot into docs/. `$(PY) -m bench --quick` takes 2 minutes.
+# 20 minutes on 2 cores; writes the figures and the plot into docs/, and every row as JSON into
+# bench-results.json (gitignored). `$(PY) -m bench --quick` takes 2 minutes.
 BENCH_STAMP := $(VENV)/.bench-installed
 
 $(BENCH_STAMP): $(STAMP)
@@ -45,7 +46,7 @@ $(BENCH_STAMP): $(STAMP)
 
 bench: $(BENCH_STAMP)
 	$(VENV)/bin/mypy --strict bench
-	$(PY) -m bench --write-docs $(BENCH_ARGS)
+	$(PY) -m bench --write-docs --json bench-results.json $(BENCH_ARGS)
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check src tests examples bench

@@ -1,5 +1,6 @@
 """`python -m bench`: run the scenarios, print the figures, and (with --write-docs) put them in
-docs/benchmarks.md and docs/benchmarks.svg. Exits 1 if any round lost an event or failed."""
+docs/benchmarks.md and docs/benchmarks.svg; with --json FILE, every row as JSON too. Exits 1 if any round lost
+an event or failed."""
 
 from __future__ import annotations
 
@@ -43,6 +44,9 @@ def parse(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--backlog", type=int, help="events in the backlog scenario")
     parser.add_argument("--only", nargs="*", default=[], help="run scenarios whose key contains any of these")
     parser.add_argument("--write-docs", action="store_true", help="write docs/benchmarks.md and .svg")
+    parser.add_argument(
+        "--json", type=Path, metavar="FILE", help="write every row (medians, null where none) to FILE as JSON"
+    )
     return parser.parse_args(argv)
 
 
@@ -126,7 +130,7 @@ def main(argv: list[str]) -> int:
             else f"p50 {result.p50_ms:.2f} ms p99 {result.p99_ms:.2f} ms"
         )
         status = figure if result.ok else f"[red]FAILED[/red] {result.problem}"
-        console.print(f"round {number} {scenario.key:24} {scenario.system:13} {seconds:5.1f} s  {status}")
+        console.print(f"round {number} {scenario.key:32} {scenario.system:13} {seconds:5.1f} s  {status}")
 
     with kafka_if_needed(scenarios) as kafka:
         results = run_all(scenarios, rounds, kafka, log)
@@ -151,6 +155,9 @@ def main(argv: list[str]) -> int:
         (DOCS / "benchmarks.svg").write_text(report.throughput_plot(rows))
         report.write_docs(DOCS / "benchmarks.md", report.markdown(rows, found, context, "benchmarks.svg"))
         console.print("Wrote docs/benchmarks.md and docs/benchmarks.svg")
+    if args.json is not None:
+        report.write_json(args.json, rows)
+        console.print(f"Wrote {args.json}")
     for result in failed:
         console.print(f"[red]FAILED[/red] {result.key} ({result.system}): {result.problem}")
     return 1 if failed else 0

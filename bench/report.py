@@ -3,11 +3,13 @@ and the Markdown and SVG that go into docs/benchmarks.md."""
 
 from __future__ import annotations
 
+import json
 import math
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from rich.table import Table
 
@@ -230,6 +232,34 @@ def throughput_plot(rows: Sequence[Row]) -> str:
             groups.append(group)
         values[(group, row.scenario.system)] = row.throughput
     return bar_chart("Throughput, events/s (higher is better)", "events/s", groups, list(SYSTEMS), values)
+
+
+def _figure(value: float, digits: int) -> float | None:
+    return None if math.isnan(value) else round(value, digits)
+
+
+def json_rows(rows: Sequence[Row]) -> list[dict[str, Any]]:
+    """Every row as plain data for `--json`: medians over the successful rounds, None where a row has no such
+    figure (a latency row has no events/s, a throughput row no p50), so a script can check the ratios."""
+    return [
+        {
+            "key": row.scenario.key,
+            "title": row.scenario.title,
+            "system": row.scenario.system,
+            "broker": row.scenario.broker,
+            "events_per_s": _figure(row.throughput.median, 1),
+            "p50_ms": _figure(row.p50_ms.median, 3),
+            "p99_ms": _figure(row.p99_ms.median, 3),
+            "rounds": row.rounds - row.failed,
+            "failed": row.failed,
+        }
+        for row in rows
+    ]
+
+
+def write_json(path: Path, rows: Sequence[Row]) -> None:
+    """`json_rows` into `path`."""
+    path.write_text(json.dumps(json_rows(rows), indent=2) + "\n")
 
 
 def write_docs(path: Path, section: str) -> None:

@@ -1,6 +1,6 @@
 """The runner: each round of each scenario in fresh processes and fresh names, figures checked and kept.
 
-python -m bench [--quick | --full] [--rounds N] [--scale F] [--only KEY ...] [--write-docs]
+python -m bench [--quick | --full] [--rounds N] [--scale F] [--only KEY ...] [--write-docs] [--json FILE]
 """
 
 from __future__ import annotations

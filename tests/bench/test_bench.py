@@ -6,6 +6,7 @@ checks, that every event arrived and every row was written.
 
 from __future__ import annotations
 
+import json
 import math
 import xml.etree.ElementTree as ET
 from pathlib import Path
@@ -20,6 +21,7 @@ from bench import report
 from eventrelay.codec import encode_body
 
 SVG = "{http://www.w3.org/2000/svg}"
+JSON_KEYS = ("key", "system", "broker", "events_per_s", "p50_ms", "p99_ms", "rounds")
 
 
 def test_percentile_is_the_nearest_rank() -> None:
@@ -101,3 +103,33 @@ def test_a_tiny_embedded_round_delivers_every_event_and_writes_every_row() -> No
     assert result.ok, result.problem  # every event arrived, and the handler's table holds a row for each
     assert result.duplicates == 0
     assert result.throughput > 0
+
+
+def test_json_has_every_row_with_null_where_a_figure_does_not_apply(tmp_path: Path) -> None:
+    rows = [
+        _row("e1.rabbitmq.throughput", RAW, "throughput", throughput=1000),
+        _row("e1.rabbitmq.latency", EVENTRELAY, "latency", p50=2.5),
+    ]
+    path = tmp_path / "bench.json"
+    report.write_json(path, rows)
+    found = json.loads(path.read_text())
+    assert [{k: r[k] for k in JSON_KEYS} for r in found] == [
+        {
+            "key": "e1.rabbitmq.throughput",
+            "system": RAW,
+            "broker": "rabbitmq",
+            "events_per_s": 1000.0,
+            "p50_ms": None,
+            "p99_ms": None,
+            "rounds": 3,
+        },
+        {
+            "key": "e1.rabbitmq.latency",
+            "system": EVENTRELAY,
+            "broker": "rabbitmq",
+            "events_per_s": None,
+            "p50_ms": 2.5,
+            "p99_ms": 10.0,
+            "rounds": 3,
+        },
+    ]
