@@ -21,7 +21,7 @@ import pytest
 from eventrelay import DistributedEventBus, Event, RetryPolicy, Settings
 from eventrelay.brokers import broker_from_url
 from eventrelay.brokers.base import Broker
-from eventrelay.brokers.nats import NatsBroker, durable, subject_token
+from eventrelay.brokers.nats import NatsBroker, consumer_info, durable, subject_token
 from eventrelay.envelope import Delivery, Message, new_message_id
 from eventrelay.errors import BrokerUnavailable, ConfigurationError, PublishFailed
 from eventrelay.testing import wait_until_idle
@@ -281,12 +281,9 @@ async def test_an_existing_stream_is_used_when_it_routes_alike(nats_url: str) ->
 async def _consumer_exists(broker: NatsBroker, subscriber: str, name: str) -> bool:
     client = await nats.connect(f"nats://127.0.0.1:{PORT}")
     try:
-        await client.jetstream().consumer_info(broker.stream, durable(subscriber, name))
-    except nats.js.errors.NotFoundError:
-        return False
+        return await consumer_info(client.jetstream(), broker.stream, durable(subscriber, name)) is not None
     finally:
         await client.close()
-    return True
 
 
 async def test_unbind_deletes_an_empty_consumer_at_once(nats_url: str) -> None:
