@@ -16,7 +16,7 @@ import aio_pika
 from aio_pika.abc import AbstractIncomingMessage
 
 from bench.child import Job, Tally, serve_consumer, serve_publisher
-from bench.payload import body, stamp_of
+from bench.wire import body, stamp_of
 
 PREFETCH = 1000
 

@@ -18,6 +18,11 @@ from dataclasses import dataclass
 from multiprocessing.connection import Connection
 from typing import Any
 
+TABLE = "bench_price_changes"
+"""The consumer's handler table: one row per event, written in the handler's transaction (every system that
+has a database; the rows check counts them)."""
+CREATE_TABLE = f"CREATE TABLE {TABLE} (seq INTEGER PRIMARY KEY, product_id TEXT, new_price NUMERIC)"
+
 ROLES = {
     "raw.publish": "bench.baselines:raw_publish",
     "raw.consume": "bench.baselines:raw_consume",
@@ -26,6 +31,8 @@ ROLES = {
     "eventrelay.publish": "bench.eventrelay_roles:publish",
     "eventrelay.consume": "bench.eventrelay_roles:consume",
     "eventrelay.fill": "bench.eventrelay_roles:fill",
+    "bare_sqlite.publish": "bench.bare_sqlite:publish",
+    "bare_sqlite.consume": "bench.bare_sqlite:consume",
 }
 """Role name -> `module:function`, imported in the child only, so a baseline never imports eventrelay's
 brokers and the other way round."""

@@ -10,14 +10,13 @@ from multiprocessing.connection import Connection
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import create_async_engine
 
-from bench.child import Job, Tally, serve_consumer, serve_publisher, until
+from bench.child import CREATE_TABLE, TABLE, Job, Tally, serve_consumer, serve_publisher, until
 from bench.payload import ProductPriceChangedEto, event
 from eventrelay import DistributedEventBus, DistributedEventHandler, event_name
 from eventrelay.brokers import broker_from_url
 from eventrelay.codec import encode_body
 from eventrelay.envelope import Message, new_message_id
 
-TABLE = "bench_price_changes"
 INSERT = text(f"INSERT INTO {TABLE} (seq, product_id, new_price) VALUES (:seq, :product_id, :new_price)")
 FILL_BATCH = 1000
 
@@ -40,10 +39,7 @@ async def consume(job: Job, conn: Connection) -> None:
     """OrderService: subscribe, count every event, and (with a database) check that every row is there."""
     tally = Tally(job)
     if job.database is not None:
-        await _sql(
-            job.database,
-            f"CREATE TABLE {TABLE} (seq INTEGER PRIMARY KEY, product_id TEXT, new_price NUMERIC)",
-        )
+        await _sql(job.database, CREATE_TABLE)
     bus = DistributedEventBus(job.destination, broker=job.url, database=job.database)
     await bus.start()
     await bus.subscribe(

@@ -1,17 +1,14 @@
-"""The benchmark's event: a ~1 KiB `ProductPriceChangedEto`, and the same JSON as bytes for the baselines."""
+"""The benchmark's event: a ~1 KiB `ProductPriceChangedEto`; its JSON bytes for the baselines are in
+bench/wire.py (stdlib only), re-exported here."""
 
 from __future__ import annotations
 
-import json
 from decimal import Decimal
-from typing import Any
 
+from bench.wire import SIZE, body, fields, stamp_of
 from eventrelay import Event
 
-SIZE = 1024
-"""Bytes of JSON per event, give or take a few (the sequence number and the stamp vary in length)."""
-
-_PADDING = "Spring sale on the whole catalogue. " * 40
+__all__ = ["SIZE", "ProductPriceChangedEto", "body", "event", "fields", "stamp_of"]
 
 
 class ProductPriceChangedEto(Event, name="Bench.Product.PriceChanged"):
@@ -27,33 +24,6 @@ class ProductPriceChangedEto(Event, name="Bench.Product.PriceChanged"):
     sent_ns: int
 
 
-def fields(seq: int, sent_ns: int) -> dict[str, Any]:
-    """The event's fields; `description` pads the JSON to about `SIZE` bytes."""
-    base: dict[str, Any] = {
-        "seq": seq,
-        "product_id": f"3a0f6b1c-0000-4000-8000-{seq:012d}",
-        "product_name": "The Pragmatic Programmer, 20th Anniversary Edition",
-        "old_price": "49.99",
-        "new_price": "39.99",
-        "currency": "EUR",
-        "description": "",
-        "sent_ns": sent_ns,
-    }
-    base["description"] = _PADDING[: SIZE - len(json.dumps(base, separators=(",", ":")))]
-    return base
-
-
 def event(seq: int, sent_ns: int) -> ProductPriceChangedEto:
     """The event eventrelay publishes."""
     return ProductPriceChangedEto(**fields(seq, sent_ns))
-
-
-def body(seq: int, sent_ns: int) -> bytes:
-    """The same event as JSON bytes, as the baselines publish it."""
-    return json.dumps(fields(seq, sent_ns), separators=(",", ":")).encode()
-
-
-def stamp_of(raw: bytes) -> tuple[int, int]:
-    """`(seq, sent_ns)` of a body, as a baseline consumer reads it."""
-    data = json.loads(raw)
-    return int(data["seq"]), int(data["sent_ns"])

@@ -15,7 +15,7 @@ from rich.table import Table
 
 from bench.plot import bar_chart
 from bench.run import RoundResult
-from bench.scenarios import EVENTRELAY, FASTSTREAM, RAW, SYSTEMS, Scenario
+from bench.scenarios import BARE_SQLITE, EVENTRELAY, FASTSTREAM, PLOTTED, RAW, Scenario
 from bench.stats import Spread
 
 BEGIN, END = "<!-- bench:begin -->", "<!-- bench:end -->"
@@ -138,6 +138,21 @@ def _fmt(spread: Spread, digits: int = 0) -> str:
     return f"{spread.median:,.{digits}f} ({spread.low:,.{digits}f}-{spread.high:,.{digits}f})"
 
 
+def by_hand(row: Row, rows: Sequence[Row]) -> Row | None:
+    """The row of the same job written by hand in the same run, for an eventrelay throughput row: the bare
+    sqlite3 row with as many events per transaction for E3 (default subscribe and batch=False alike)."""
+    s = row.scenario
+    if s.system != EVENTRELAY or s.measure != "throughput" or not s.key.startswith("e3.sqlite."):
+        return None
+    return _find(rows, f"e3.sqlite.bare.uow{s.per_unit}", BARE_SQLITE)
+
+
+def _by_hand_ratio(row: Row, rows: Sequence[Row]) -> str:
+    base = by_hand(row, rows)
+    r = row.throughput.ratio(base.throughput) if base else math.nan
+    return "" if math.isnan(r) else f"{r:.2f}x"
+
+
 def _ratios(row: Row, rows: Sequence[Row]) -> tuple[str, str]:
     """Throughput against raw aio-pika's and FastStream's E1 throughput in the same run."""
     if row.scenario.measure != "throughput" or row.scenario.system != EVENTRELAY:
@@ -160,6 +175,7 @@ HEADERS = (
     "p50 ms",
     "p99 ms",
     "peak MiB",
+    "vs by hand",
     "vs raw",
     "vs FastStream",
 )
@@ -179,6 +195,7 @@ def cells(row: Row, rows: Sequence[Row]) -> list[str]:
         _fmt(row.p50_ms, 2),
         _fmt(row.p99_ms, 2),
         _fmt(row.peak_mib),
+        _by_hand_ratio(row, rows),
         *_ratios(row, rows),
     ]
 
@@ -231,7 +248,7 @@ def throughput_plot(rows: Sequence[Row]) -> str:
         if group not in groups:
             groups.append(group)
         values[(group, row.scenario.system)] = row.throughput
-    return bar_chart("Throughput, events/s (higher is better)", "events/s", groups, list(SYSTEMS), values)
+    return bar_chart("Throughput, events/s (higher is better)", "events/s", groups, list(PLOTTED), values)
 
 
 def _figure(value: float, digits: int) -> float | None:

@@ -18,7 +18,7 @@ from typing import Any
 
 from bench import child
 from bench.child import Job
-from bench.scenarios import EVENTRELAY, FASTSTREAM, Scenario, provisioned, setup
+from bench.scenarios import BARE_SQLITE, EVENTRELAY, FASTSTREAM, Scenario, provisioned, setup
 from bench.stats import percentile
 
 _SPAWN = multiprocessing.get_context("spawn")
@@ -99,7 +99,9 @@ async def _provisioned_round(scenario: Scenario, plan: Any) -> RoundResult:
 
 
 def _roles(system: str) -> tuple[str, str]:
-    prefix = {EVENTRELAY: "eventrelay", FASTSTREAM: "faststream"}.get(system, "raw")
+    prefix = {EVENTRELAY: "eventrelay", FASTSTREAM: "faststream", BARE_SQLITE: "bare_sqlite"}.get(
+        system, "raw"
+    )
     return f"{prefix}.consume", f"{prefix}.publish"
 
 

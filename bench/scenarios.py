@@ -13,6 +13,11 @@ from eventrelay.brokers.rabbitmq import RabbitMQBroker
 
 RAW, FASTSTREAM, EVENTRELAY = "raw aio-pika", "FastStream", "eventrelay"
 SYSTEMS = (RAW, FASTSTREAM, EVENTRELAY)
+"""The systems of the E1 rows."""
+BARE_SQLITE = "bare sqlite3"
+"""The E3 job written by hand with stdlib `sqlite3` (bench/bare_sqlite.py)."""
+PLOTTED = (*SYSTEMS, BARE_SQLITE)
+"""Every system, in the order of the plot's bars."""
 E1_RATE = 500.0
 """Events/s of the E1 latency runs: well under every system's throughput here, so latency is not queueing."""
 
@@ -117,6 +122,24 @@ def _durable(
     ]
 
 
+def _bare_sqlite(n: int) -> list[Scenario]:
+    """The E3 throughput rows again, written by hand with stdlib `sqlite3`: same events, same windows."""
+    return [
+        Scenario(
+            f"e3.sqlite.bare.uow{per_unit}",
+            f"E3 durable, {per_unit} event{'s' if per_unit > 1 else ''}/UoW, {window} publishers",
+            "throughput",
+            BARE_SQLITE,
+            "sqlite",
+            n * (2 if per_unit > 1 else 1),
+            durable=True,
+            per_unit=per_unit,
+            window=window,
+        )
+        for per_unit, window in ((1, 8), (100, 2))
+    ]
+
+
 def _direct(broker: str) -> list[Scenario]:
     return [
         # A window of 64: eventrelay's Redis adapter fails past 100 publishes at once (redis-py's pool limit).
@@ -148,6 +171,7 @@ def all_scenarios(backlog: int) -> list[Scenario]:
         _rabbitmq_direct()
         + _durable("rabbitmq", "e2", 2_000, 500.0, one_by_one=True)
         + _durable("sqlite", "e3", 2_000, 1000.0, one_by_one=True)
+        + _bare_sqlite(2_000)
     )
     for broker in ("nats", "redis", "kafka"):
         found += _direct(broker) + _durable(broker, "e2", 1_500, 500.0)
@@ -185,7 +209,9 @@ def setup(scenario: Scenario, suffix: str, folder: Path, kafka: str | None) -> S
     exchanges: list[str] = []
     stream = redis_prefix = None
     service, publisher = f"Bench.Order.{suffix}", f"Bench.Product.{suffix}"
-    if scenario.system != EVENTRELAY:
+    if scenario.system == BARE_SQLITE:
+        url, destination = f"{folder}/broker.db", "queue"
+    elif scenario.system != EVENTRELAY:
         url, destination = servers.AMQP, f"bench.{scenario.system.split()[0].lower()}.{suffix}"
         queues.append(destination)
     else:
@@ -218,7 +244,9 @@ def setup(scenario: Scenario, suffix: str, folder: Path, kafka: str | None) -> S
         else:
             url = f"sqlite+aiosqlite:///{folder}/broker.db"
     consumer_db = publisher_db = None
-    if scenario.durable and scenario.broker == "sqlite":
+    if scenario.system == BARE_SQLITE:
+        consumer_db = f"{folder}/order.db"
+    elif scenario.durable and scenario.broker == "sqlite":
         consumer_db, publisher_db = (
             f"sqlite+aiosqlite:///{folder}/order.db",
             f"sqlite+aiosqlite:///{folder}/product.db",

@@ -8,13 +8,16 @@ from __future__ import annotations
 
 import json
 import math
+import subprocess
+import sys
 import xml.etree.ElementTree as ET
+from dataclasses import replace
 from pathlib import Path
 
 from bench.payload import SIZE, body, event, stamp_of
 from bench.plot import bar_chart, nice_top
 from bench.run import run_round
-from bench.scenarios import EVENTRELAY, FASTSTREAM, RAW, Scenario, all_scenarios
+from bench.scenarios import BARE_SQLITE, EVENTRELAY, FASTSTREAM, RAW, Scenario, all_scenarios
 from bench.stats import Spread, percentile
 
 from bench import report
@@ -133,3 +136,38 @@ def test_json_has_every_row_with_null_where_a_figure_does_not_apply(tmp_path: Pa
             "rounds": 3,
         },
     ]
+
+
+def test_the_bare_sqlite3_baseline_imports_neither_eventrelay_nor_sqlalchemy() -> None:
+    check = (
+        "import sys, bench.bare_sqlite; "
+        "assert not {'eventrelay', 'sqlalchemy'} & set(sys.modules), sorted(sys.modules)"
+    )
+    subprocess.run([sys.executable, "-c", check], check=True, cwd=Path(__file__).parents[2])
+
+
+def test_a_tiny_bare_sqlite3_round_delivers_every_event_and_writes_every_row() -> None:
+    for scenario in all_scenarios(backlog=100_000):
+        if scenario.system == BARE_SQLITE:
+            result = run_round(replace(scenario, n=4 * scenario.per_unit * scenario.window), kafka=None)
+            assert result.ok, result.problem
+            assert result.duplicates == 0
+
+
+def test_e3_rows_are_compared_with_the_bare_queue_at_as_many_events_per_transaction() -> None:
+    scenarios = {(s.key, s.system): s for s in all_scenarios(backlog=100_000)}
+    bare = [s for s in scenarios.values() if s.system == BARE_SQLITE]
+    assert {(s.key, s.per_unit) for s in bare} == {("e3.sqlite.bare.uow1", 1), ("e3.sqlite.bare.uow100", 100)}
+
+    def row(key: str, system: str, throughput: float) -> report.Row:
+        nan = Spread.of([])
+        return report.Row(scenarios[key, system], 1, 0, Spread.of([throughput]), nan, nan, nan, 0)
+
+    rows = [
+        row("e3.sqlite.uow100", EVENTRELAY, 3000),
+        row("e3.sqlite.uow100.one-by-one", EVENTRELAY, 1500),
+        row("e3.sqlite.bare.uow1", BARE_SQLITE, 5000),
+        row("e3.sqlite.bare.uow100", BARE_SQLITE, 30000),
+    ]
+    by_hand = report.HEADERS.index("vs by hand")
+    assert [report.cells(r, rows)[by_hand] for r in rows] == ["0.10x", "0.05x", "", ""]
