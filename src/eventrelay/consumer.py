@@ -220,11 +220,13 @@ class Consumer:
         jobs: list[tuple[Delivery, list[tuple[HandlerSpec, Any]] | None]] = []
         for delivery in deliveries:
             message = delivery.message
+            specs = bus.handlers_for(message.name)
             try:
-                specs = bus.handlers_for(message.name)
-                jobs.append((delivery, [(s, decode(message, s.events[message.name], limit)) for s in specs]))
+                decoded = [(s, decode(message, s.events[message.name], limit)) for s in specs]
             except DecodeError:
-                jobs.append((delivery, None))  # dead-lettered on the usual path, in order
+                decoded = []
+            # Undecodable, or its handlers left since the fetch: dead-lettered on the usual path, in order.
+            jobs.append((delivery, decoded or None))
         started = time.perf_counter()
         blocked: set[str | None] = set()  # keys whose later deliveries wait for the one-by-one path
         done: list[Delivery] = []
