@@ -16,6 +16,8 @@ SYSTEMS = (RAW, FASTSTREAM, EVENTRELAY)
 """The systems of the E1 rows."""
 BARE_SQLITE = "bare sqlite3"
 """The E3 job written by hand with stdlib `sqlite3` (bench/bare_sqlite.py)."""
+HAND_WRITTEN = "hand-written asyncpg+aio-pika"
+"""The E2 job written by hand (issue 16); not in the benchmark yet, so its targets read "not measured"."""
 PLOTTED = (*SYSTEMS, BARE_SQLITE)
 """Every system, in the order of the plot's bars."""
 E1_RATE = 500.0

@@ -64,11 +64,47 @@ def test_targets_are_ratios_to_the_baselines_of_the_same_run() -> None:
         _row("e1.rabbitmq.latency", EVENTRELAY, "latency", p50=2.5),
     ]
     found = {t.name: t for t in report.targets(rows)}
-    assert found["E1 throughput >= 1.0x raw aio-pika"].measured == "1.10x"
-    assert found["E1 throughput >= 1.0x raw aio-pika"].met is True
-    assert found["E1 throughput >= 1.3x FastStream"].met is True  # 1.375x
-    assert found["E1 latency p50 within 1 ms of raw"].met is False  # +1.5 ms
+    assert found["E1 throughput >= 0.9x raw aio-pika"].measured == "1.10x (1,100 vs 1,000/s)"
+    assert found["E1 throughput >= 0.9x raw aio-pika"].met is True
+    assert found["E1 throughput >= 1.0x FastStream"].met is True  # 1.375x
+    assert found["E1 latency p50 within 1 ms of raw (issue 9)"].met is False  # +1.5 ms
     assert report.cells(rows[2], rows)[-2:] == ["1.10x", "1.38x"]
+    # Every other target is listed, as not measured: its rows did not run.
+    assert found["E3 1 event/UoW, default subscribe >= 1,500 events/s"].met is None
+    assert found["E3 commit to handler p99 < 25 ms"].met is None
+    assert report.targets_table(list(found.values())).row_count == len(found)
+
+
+def test_the_targets_of_issue_16_on_e3_are_figures_and_ratios_to_the_bare_queue() -> None:
+    def row(
+        key: str, system: str, measure: str, throughput: float = math.nan, p50: float = math.nan
+    ) -> report.Row:
+        scenario = Scenario(
+            key, key, measure, system, "sqlite", 100, rate=1000.0 if measure == "latency" else None
+        )
+        nan = Spread.of([])
+        return report.Row(
+            scenario, 1, 0, Spread.of([throughput]), Spread.of([p50]), Spread.of([p50 * 4]), nan, 0
+        )
+
+    rows = [
+        row("e3.sqlite.uow1", EVENTRELAY, "throughput", throughput=1600),
+        row("e3.sqlite.uow100", EVENTRELAY, "throughput", throughput=4000),
+        row("e3.sqlite.bare.uow1", BARE_SQLITE, "throughput", throughput=5000),
+        row("e3.sqlite.bare.uow100", BARE_SQLITE, "throughput", throughput=30000),
+        row("e3.sqlite.latency", EVENTRELAY, "latency", p50=4.0),
+    ]
+    found = {t.name: (t.measured, t.met) for t in report.targets(rows)}
+    assert found["E3 1 event/UoW, default subscribe >= 1,500 events/s"] == ("1,600/s", True)
+    assert found["E3 1 event/UoW, default subscribe >= 0.2x bare sqlite3 at 1/txn"] == (
+        "0.32x (1,600 vs 5,000/s)",
+        True,
+    )
+    assert found["E3 100 events/UoW, default subscribe >= 5,000 events/s"] == ("4,000/s", False)
+    assert found["E3 100 events/UoW, default subscribe >= 0.2x bare sqlite3 at 100/txn"][1] is False  # 0.13x
+    assert found["E3 commit to handler p50 < 5 ms at 1,000/s"] == ("4.00 ms", True)
+    assert found["E3 commit to handler p99 < 25 ms at 1,000/s"] == ("16.00 ms", True)
+    assert found["E2 1 event/UoW, default subscribe >= 0.8x hand-written (per fetch) at 1/txn"] == ("", None)
 
 
 def test_the_plot_is_an_svg_with_a_bar_per_figure() -> None:
