@@ -33,6 +33,8 @@ ROLES = {
     "eventrelay.fill": "bench.eventrelay_roles:fill",
     "bare_sqlite.publish": "bench.bare_sqlite:publish",
     "bare_sqlite.consume": "bench.bare_sqlite:consume",
+    "hand_written.publish": "bench.hand_written:publish",
+    "hand_written.consume": "bench.hand_written:consume",
 }
 """Role name -> `module:function`, imported in the child only, so a baseline never imports eventrelay's
 brokers and the other way round."""
@@ -64,7 +66,7 @@ class Job:
     """How long a consumer waits for every event."""
     batch: bool = True
     """The consumer's `subscribe(..., batch=...)`: True, the default, one unit of work per fetch; False, one
-    per message."""
+    per message (the hand-written baseline: its per-fetch or per-message consumer)."""
     latencies: bool = True
     """Whether the consumer keeps every event's latency (off for the backlog)."""
 

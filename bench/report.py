@@ -145,12 +145,19 @@ def _fmt(spread: Spread, digits: int = 0) -> str:
 
 
 def by_hand(row: Row, rows: Sequence[Row]) -> Row | None:
-    """The row of the same job written by hand in the same run, for an eventrelay throughput row: the bare
-    sqlite3 row with as many events per transaction for E3 (default subscribe and batch=False alike)."""
+    """The row of the same job written by hand in the same run, for an eventrelay throughput row at as many
+    events per transaction: on E3 the bare sqlite3 row (default subscribe and batch=False alike); on E2 the
+    hand-written row, with its per-fetch consumer for the default subscribe and its per-message one for
+    batch=False."""
     s = row.scenario
-    if s.system != EVENTRELAY or s.measure != "throughput" or not s.key.startswith("e3.sqlite."):
+    if s.system != EVENTRELAY or s.measure != "throughput":
         return None
-    return _find(rows, f"e3.sqlite.bare.uow{s.per_unit}", BARE_SQLITE)
+    if s.key.startswith("e3.sqlite."):
+        return _find(rows, f"e3.sqlite.bare.uow{s.per_unit}", BARE_SQLITE)
+    if s.key.startswith("e2.rabbitmq."):
+        mode = "" if s.batch else ".per-message"
+        return _find(rows, f"e2.rabbitmq.hand.uow{s.per_unit}{mode}", HAND_WRITTEN)
+    return None
 
 
 def _by_hand_ratio(row: Row, rows: Sequence[Row]) -> str:

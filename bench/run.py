@@ -18,7 +18,7 @@ from typing import Any
 
 from bench import child
 from bench.child import Job
-from bench.scenarios import BARE_SQLITE, EVENTRELAY, FASTSTREAM, Scenario, provisioned, setup
+from bench.scenarios import BARE_SQLITE, EVENTRELAY, FASTSTREAM, HAND_WRITTEN, Scenario, provisioned, setup
 from bench.stats import percentile
 
 _SPAWN = multiprocessing.get_context("spawn")
@@ -99,9 +99,12 @@ async def _provisioned_round(scenario: Scenario, plan: Any) -> RoundResult:
 
 
 def _roles(system: str) -> tuple[str, str]:
-    prefix = {EVENTRELAY: "eventrelay", FASTSTREAM: "faststream", BARE_SQLITE: "bare_sqlite"}.get(
-        system, "raw"
-    )
+    prefix = {
+        EVENTRELAY: "eventrelay",
+        FASTSTREAM: "faststream",
+        BARE_SQLITE: "bare_sqlite",
+        HAND_WRITTEN: "hand_written",
+    }.get(system, "raw")
     return f"{prefix}.consume", f"{prefix}.publish"
 
 

@@ -17,8 +17,8 @@ SYSTEMS = (RAW, FASTSTREAM, EVENTRELAY)
 BARE_SQLITE = "bare sqlite3"
 """The E3 job written by hand with stdlib `sqlite3` (bench/bare_sqlite.py)."""
 HAND_WRITTEN = "hand-written asyncpg+aio-pika"
-"""The E2 job written by hand (issue 16); not in the benchmark yet, so its targets read "not measured"."""
-PLOTTED = (*SYSTEMS, BARE_SQLITE)
+"""The E2 job written by hand with asyncpg and aio-pika (bench/hand_written.py)."""
+PLOTTED = (*SYSTEMS, BARE_SQLITE, HAND_WRITTEN)
 """Every system, in the order of the plot's bars."""
 E1_RATE = 500.0
 """Events/s of the E1 latency runs: well under every system's throughput here, so latency is not queueing."""
@@ -142,6 +142,20 @@ def _bare_sqlite(n: int) -> list[Scenario]:
     ]
 
 
+def _hand_written(n: int, latency_rate: float) -> list[Scenario]:
+    """The E2 rows on RabbitMQ again, written by hand with asyncpg and aio-pika: same events, same windows,
+    with the per-fetch consumer; the throughput rows again with the per-message one."""
+    per_fetch = [
+        replace(s, key=s.key.replace("e2.rabbitmq.", "e2.rabbitmq.hand."), system=HAND_WRITTEN)
+        for s in _durable("rabbitmq", "e2", n, latency_rate)
+    ]
+    return per_fetch + [
+        replace(s, key=f"{s.key}.per-message", title=f"{s.title}, per message", batch=False)
+        for s in per_fetch
+        if s.measure == "throughput"
+    ]
+
+
 def _direct(broker: str) -> list[Scenario]:
     return [
         # A window of 64: eventrelay's Redis adapter fails past 100 publishes at once (redis-py's pool limit).
@@ -172,6 +186,7 @@ def all_scenarios(backlog: int) -> list[Scenario]:
     found = (
         _rabbitmq_direct()
         + _durable("rabbitmq", "e2", 2_000, 500.0, one_by_one=True)
+        + _hand_written(2_000, 500.0)
         + _durable("sqlite", "e3", 2_000, 1000.0, one_by_one=True)
         + _bare_sqlite(2_000)
     )
@@ -213,6 +228,9 @@ def setup(scenario: Scenario, suffix: str, folder: Path, kafka: str | None) -> S
     service, publisher = f"Bench.Order.{suffix}", f"Bench.Product.{suffix}"
     if scenario.system == BARE_SQLITE:
         url, destination = f"{folder}/broker.db", "queue"
+    elif scenario.system == HAND_WRITTEN:
+        url, destination = servers.AMQP, f"bench.hand.{suffix}"
+        queues.append(destination)
     elif scenario.system != EVENTRELAY:
         url, destination = servers.AMQP, f"bench.{scenario.system.split()[0].lower()}.{suffix}"
         queues.append(destination)
@@ -248,6 +266,9 @@ def setup(scenario: Scenario, suffix: str, folder: Path, kafka: str | None) -> S
     consumer_db = publisher_db = None
     if scenario.system == BARE_SQLITE:
         consumer_db = f"{folder}/order.db"
+    elif scenario.system == HAND_WRITTEN:
+        databases = [f"bench_{suffix}_order", f"bench_{suffix}_product"]
+        consumer_db, publisher_db = servers.postgres_dsn(databases[0]), servers.postgres_dsn(databases[1])
     elif scenario.durable and scenario.broker == "sqlite":
         consumer_db, publisher_db = (
             f"sqlite+aiosqlite:///{folder}/order.db",

@@ -25,6 +25,11 @@ def postgres_url(database: str) -> str:
     return f"postgresql+asyncpg://postgres@{HOST}:5432/{database}"
 
 
+def postgres_dsn(database: str) -> str:
+    """The libpq URL of a database on the shared PostgreSQL server (for asyncpg itself)."""
+    return f"postgresql://postgres@{HOST}:5432/{database}"
+
+
 async def create_databases(*names: str) -> None:
     """Fresh PostgreSQL databases for one round."""
     await _postgres([f'CREATE DATABASE "{name}"' for name in names])

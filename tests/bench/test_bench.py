@@ -17,7 +17,7 @@ from pathlib import Path
 from bench.payload import SIZE, body, event, stamp_of
 from bench.plot import bar_chart, nice_top
 from bench.run import run_round
-from bench.scenarios import BARE_SQLITE, EVENTRELAY, FASTSTREAM, RAW, Scenario, all_scenarios
+from bench.scenarios import BARE_SQLITE, EVENTRELAY, FASTSTREAM, HAND_WRITTEN, RAW, Scenario, all_scenarios
 from bench.stats import Spread, percentile
 
 from bench import report
@@ -174,9 +174,9 @@ def test_json_has_every_row_with_null_where_a_figure_does_not_apply(tmp_path: Pa
     ]
 
 
-def test_the_bare_sqlite3_baseline_imports_neither_eventrelay_nor_sqlalchemy() -> None:
+def test_the_written_by_hand_baselines_import_neither_eventrelay_nor_sqlalchemy() -> None:
     check = (
-        "import sys, bench.bare_sqlite; "
+        "import sys, bench.bare_sqlite, bench.hand_written; "
         "assert not {'eventrelay', 'sqlalchemy'} & set(sys.modules), sorted(sys.modules)"
     )
     subprocess.run([sys.executable, "-c", check], check=True, cwd=Path(__file__).parents[2])
@@ -207,3 +207,25 @@ def test_e3_rows_are_compared_with_the_bare_queue_at_as_many_events_per_transact
     ]
     by_hand = report.HEADERS.index("vs by hand")
     assert [report.cells(r, rows)[by_hand] for r in rows] == ["0.10x", "0.05x", "", ""]
+
+
+def test_e2_rows_are_compared_with_the_hand_written_outbox_in_the_matching_consumer_mode() -> None:
+    scenarios = {(s.key, s.system): s for s in all_scenarios(backlog=100_000)}
+
+    def row(key: str, system: str, throughput: float) -> report.Row:
+        nan = Spread.of([])
+        return report.Row(scenarios[key, system], 1, 0, Spread.of([throughput]), nan, nan, nan, 0)
+
+    rows = [
+        row("e2.rabbitmq.uow100", EVENTRELAY, 2000),
+        row("e2.rabbitmq.uow100.one-by-one", EVENTRELAY, 600),
+        row("e2.rabbitmq.hand.uow100", HAND_WRITTEN, 2500),
+        row("e2.rabbitmq.hand.uow100.per-message", HAND_WRITTEN, 1200),
+    ]
+    by_hand = report.HEADERS.index("vs by hand")
+    assert [report.cells(r, rows)[by_hand] for r in rows] == ["0.80x", "0.50x", "", ""]
+    found = {t.name: t for t in report.targets(rows)}
+    assert (
+        found["E2 100 events/UoW, default subscribe >= 0.8x hand-written (per fetch) at 100/txn"].met is True
+    )
+    assert found["E2 1 event/UoW, default subscribe >= 0.8x hand-written (per fetch) at 1/txn"].met is None
