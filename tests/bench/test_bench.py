@@ -229,3 +229,15 @@ def test_e2_rows_are_compared_with_the_hand_written_outbox_in_the_matching_consu
         found["E2 100 events/UoW, default subscribe >= 0.8x hand-written (per fetch) at 100/txn"].met is True
     )
     assert found["E2 1 event/UoW, default subscribe >= 0.8x hand-written (per fetch) at 1/txn"].met is None
+
+
+def test_a_target_whose_row_failed_every_round_is_not_met() -> None:
+    scenario = next(s for s in all_scenarios(backlog=100_000) if s.key == "e3.sqlite.uow1")
+    nan = Spread.of([])
+    failed = report.Row(scenario, 2, 2, nan, nan, nan, nan, 0)
+    found = {t.name: t for t in report.targets([failed])}
+    target = found["E3 1 event/UoW, default subscribe >= 1,500 events/s"]
+    assert (target.measured, target.met) == ("every round failed", False)
+    assert (
+        found["E3 1 event/UoW, default subscribe >= 0.2x bare sqlite3 at 1/txn"].met is False
+    )  # even without a bare row
