@@ -29,6 +29,7 @@ from eventrelay.envelope import (
 )
 from eventrelay.errors import ConfigurationError
 from eventrelay.events import DynamicEvent, Event, event_name, validate_event_name
+from eventrelay.group_commit import GroupCommit
 from eventrelay.handlers import DistributedEventHandler, HandlerSpec, RetryPolicy, resolve_handler
 from eventrelay.metrics import Metrics, NoMetrics, committed_stamp
 from eventrelay.outbox import Relay
@@ -101,6 +102,8 @@ class DistributedEventBus:
             metrics=self.metrics,
         )
         self.consumer = Consumer(self)
+        # Publishes outside a unit of work that arrive while one commits share the next transaction.
+        self._alone: GroupCommit[tuple[Message, datetime]] = GroupCommit(self._commit_alone)
         self._specs: dict[str, HandlerSpec] = {}
         self._by_event: dict[str, list[HandlerSpec]] = {}
         self._tasks: list[asyncio.Task[None]] = []
@@ -226,12 +229,16 @@ class DistributedEventBus:
             await self._write_outbox(uow.transaction, [message], available_at)
             uow.after_commit(self.relay.wake)
         elif use_outbox:
-            async with self.new_unit_of_work() as own:
-                own.add(message, use_outbox=True, available_at=available_at)
-                own.after_commit(self.relay.wake)
+            await self._alone.write((message, available_at))
         else:
             await self._send_now([message])
         return message.id
+
+    async def _commit_alone(self, pending: list[tuple[Message, datetime]]) -> None:
+        async with self.new_unit_of_work() as own:
+            for message, available_at in pending:
+                own.add(message, use_outbox=True, available_at=available_at)
+            own.after_commit(self.relay.wake)
 
     async def _write_outbox(self, tx: Transaction, messages: Sequence[Message], due: datetime) -> None:
         stamp = committed_stamp()

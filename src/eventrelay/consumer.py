@@ -238,7 +238,9 @@ class Consumer:
         if claims:
             async with bus.new_unit_of_work() as uow:
                 tx = uow.transaction
+                claiming = time.time_ns()
                 fresh = iter(await store.claim_inbox_many(tx, service, claims))
+                claimed_ns = (claiming, time.time_ns())
                 for delivery, handlers in jobs:
                     message, attempt = delivery.message, delivery.attempt
                     if handlers is None:
@@ -258,12 +260,13 @@ class Consumer:
                     delays: list[float] = []
                     with bus.tracing.process(delivery):
                         for spec, event, new in claimed:
-                            if not new:
-                                logger.debug("Duplicate %s for %s skipped", message.id, spec.name)
-                                continue
                             try:
-                                async with uow.savepoint():
-                                    with self._handling(spec, message, attempt, uow) as context:
+                                with self._handling(spec, message, attempt, uow) as context:
+                                    bus.tracing.inbox_checked(new, *claimed_ns)
+                                    if not new:
+                                        logger.debug("Duplicate %s for %s skipped", message.id, spec.name)
+                                        continue
+                                    async with uow.savepoint():
                                         await self._within_time_limit(spec.invoke(event, context))
                                 ran.append((spec.name, message))
                                 continue

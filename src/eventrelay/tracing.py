@@ -198,6 +198,19 @@ class Tracing:
             span.set_attribute("eventrelay.duplicate", not new)
             return new
 
+    def inbox_checked(self, new: bool, started_ns: int, ended_ns: int) -> None:
+        """Record the `inbox check` span of one handler whose claim was part of a batch's one statement
+        (from `started_ns` to `ended_ns`), under the current `handle` span."""
+        tracer = self.tracer()
+        if tracer is None:
+            return
+        span = tracer.start_span(
+            "inbox check",
+            attributes={"eventrelay.duplicate": not new, "eventrelay.batched": True},
+            start_time=started_ns,
+        )
+        span.end(end_time=ended_ns)
+
     def handle(
         self, handler: str, message: Message, attempt: int
     ) -> contextlib.AbstractContextManager[object]:

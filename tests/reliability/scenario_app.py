@@ -227,13 +227,19 @@ def _kill_in_relay(broker: Broker) -> None:
 
 def _kill_before_ack(broker: Broker) -> None:
     """Wrap the subscriber's broker: die after the handler committed, before the ack (`ack:N`)."""
-    ack = broker.ack
+    ack, ack_many = broker.ack, broker.ack_many
 
     async def ack_or_die(delivery: Delivery) -> None:
         die_if("ack", number(delivery.message.body))
         await ack(delivery)
 
+    async def ack_many_or_die(deliveries: Sequence[Delivery]) -> None:  # a batch's handlers committed
+        for delivery in deliveries:
+            die_if("ack", number(delivery.message.body))
+        await ack_many(deliveries)
+
     broker.ack = ack_or_die  # type: ignore[method-assign]
+    broker.ack_many = ack_many_or_die  # type: ignore[method-assign]
 
 
 if "relay" in KILL:
