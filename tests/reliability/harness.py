@@ -233,6 +233,10 @@ class Child:
         self.restarts.append(time.time())
         self.start()
 
+    def started_again(self) -> bool:
+        """Whether the last restart has ended, or has logged that its service started."""
+        return self.poll() is not None or self.tail(10**8).count(" started: ") > len(self.restarts)
+
     async def wait(self, timeout: float) -> int:
         deadline = time.monotonic() + timeout
         while (code := self.poll()) is None:
@@ -405,11 +409,21 @@ class Scenario:
             await asyncio.sleep(interval)
 
     async def all_delivered(
-        self, count: int, timeout: float = 120.0, on_kill: Callable[[Child], Awaitable[None]] | None = None
+        self,
+        count: int,
+        timeout: float = 120.0,
+        on_kill: Callable[[Child], Awaitable[None]] | None = None,
+        kills: int = 0,
     ) -> float:
-        """Supervise until `count` events are committed and each has its effect."""
+        """Supervise until `count` events are committed and each has its effect, and the processes have
+        taken `kills` kills and been restarted after each (a kill after a commit, before the ack, can come
+        when every effect is there already)."""
 
         async def done() -> bool:
+            if sum(len(child.restarts) for child in self.children) < kills:
+                return False
+            if any(child.restarts and not child.started_again() for child in self.children):
+                return False  # a SIGTERM before its signal handlers are set would end it with -15
             [effects] = await _scalars(self.subscriber_db, "SELECT count(*) FROM effects")
             if effects < count:  # the cheap question first: a big backlog makes the exact one slow
                 return False
