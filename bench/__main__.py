@@ -42,7 +42,9 @@ def parse(argv: list[str]) -> argparse.Namespace:
         help="multiply every scenario's events (env BENCH_SCALE; default 1)",
     )
     parser.add_argument("--backlog", type=int, help="events in the backlog scenario")
-    parser.add_argument("--only", nargs="*", default=[], help="run scenarios whose key contains any of these")
+    parser.add_argument(
+        "--only", nargs="*", default=[], help="run scenarios whose key contains any of these (=KEY: that key)"
+    )
     parser.add_argument("--write-docs", action="store_true", help="write docs/benchmarks.md and .svg")
     parser.add_argument(
         "--json", type=Path, metavar="FILE", help="write every row (medians, null where none) to FILE as JSON"
@@ -60,7 +62,7 @@ def choose(args: argparse.Namespace) -> tuple[list[Scenario], int]:
     chosen = [
         s if s.measure == "backlog" else s.scaled(scale)
         for s in all_scenarios(backlog)
-        if not args.only or any(part in s.key for part in args.only)
+        if not args.only or any(s.key == part[1:] if part[:1] == "=" else part in s.key for part in args.only)
     ]
     return chosen, rounds
 
