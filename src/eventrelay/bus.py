@@ -141,6 +141,7 @@ class DistributedEventBus:
         self.consumer.stop()
         consumer, relay, cleaner = self._tasks
         await asyncio.wait({consumer}, timeout=self.settings.shutdown_timeout)
+        await asyncio.wait_for(self._alone.settle(), self.settings.shutdown_timeout)  # publishes underway
         # Not cancelled mid-batch (a cancel inside a transaction can leave SQLite's write lock held): the
         # relay finishes its batch, sends what the outbox holds, the handlers' last events too, and returns.
         self.relay.stop()

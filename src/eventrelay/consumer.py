@@ -90,8 +90,10 @@ class Consumer:
                 continue
             self._schedule_all(batch or [])
         try:
-            if self._tasks:
-                await asyncio.wait(self._tasks, timeout=settings.shutdown_timeout)
+            # A batch ending spawns tasks (its keys' lanes give deliveries back): wait for those too.
+            deadline = asyncio.get_running_loop().time() + settings.shutdown_timeout
+            while self._tasks and (remaining := deadline - asyncio.get_running_loop().time()) > 0:
+                await asyncio.wait(set(self._tasks), timeout=remaining)
         finally:
             await self._cancel_unfinished()
 
@@ -135,14 +137,19 @@ class Consumer:
         """Deliveries whose handlers all take batches go to one unit of work; the others one by one."""
         together: list[Delivery] = []
         keys: set[str] = set()
+        laned: set[str] = set()  # keys of which a delivery of this fetch went to the lane: the rest follow
         for delivery in deliveries:
             key = delivery.message.key
-            if self._batchable(delivery) and (key is None or key in keys or key not in self._lanes):
+            if self._batchable(delivery) and (
+                key is None or (key in keys and key not in laned) or key not in self._lanes
+            ):
                 together.append(delivery)
                 if key is not None and key not in keys:
                     keys.add(key)
                     self._lanes[key] = deque()  # the key's later deliveries wait behind the batch
             else:
+                if key is not None:
+                    laned.add(key)
                 self._schedule(delivery)
         if together:
             self.in_flight += len(together)
@@ -188,6 +195,15 @@ class Consumer:
         left: list[tuple[Delivery, float | None]] = [(d, None) for d in deliveries]
         try:
             left = await self._handle_together(deliveries)
+        except asyncio.CancelledError:
+            # Cancelled (shutdown timeout): its unit of work rolled back and none was acked, so the broker
+            # delivers them again; each still counts as finished, and so do those waiting in its keys' lanes.
+            for _ in deliveries:
+                self._finished()
+            for waiting in keys:
+                for _ in self._lanes.pop(waiting, ()):
+                    self._finished()
+            raise
         except Exception:  # the one-by-one path below runs it again and logs it as usual
             logger.debug("A batch of %d failed; handling it one by one", len(deliveries), exc_info=True)
         for delivery, failed_after in left:

@@ -84,11 +84,20 @@ class UnitOfWork:
 
     @contextlib.asynccontextmanager
     async def savepoint(self) -> AsyncIterator[None]:
-        """A SAVEPOINT: an exception leaving the block undoes only what was written and published in it."""
+        """A SAVEPOINT: an exception leaving the block undoes only what was written and published in it.
+
+        `before_commit` callbacks registered in the block run at its end, inside it, so that their failure
+        too undoes only the block.
+        """
         pending, before = len(self._pending), len(self._before_commit)
         try:
             async with self.transaction.savepoint():
                 yield
+                # What the block left for the commit is its own too: a failure there rolls back only it.
+                callbacks = self._before_commit[before:]
+                del self._before_commit[before:]
+                for callback in callbacks:
+                    await callback()
         except BaseException:
             del self._pending[pending:], self._before_commit[before:]
             raise

@@ -4,6 +4,7 @@ letters as usual, order per key, and no handler runs again because another one f
 
 from __future__ import annotations
 
+import asyncio
 import json
 
 from sqlalchemy import insert
@@ -220,3 +221,94 @@ async def test_events_published_by_a_failed_handler_in_a_batch_never_leave(datab
 
 
 SHIPPED = "BusTests.Shipped"
+
+
+async def test_a_key_keeps_its_order_across_batched_and_one_by_one_events(database: str | None) -> None:
+    """Key k: a batched event, one whose handler has batch=False, a batched one: handled in that order."""
+    handled: list[str] = []
+
+    async def batched(event: OrderPlaced) -> None:
+        handled.append(f"placed {event.order_id}")
+
+    async def alone(event: DynamicEvent) -> None:
+        handled.append("paid")
+
+    broker = MemoryBroker()
+    await broker.bind(SERVICE, "BusTests.OrderPaid")
+    await queued(broker, [order_message(1, key="k")])
+    paid = Message(new_message_id(), "BusTests.OrderPaid", b"{}", {}, "k")
+    await broker.publish([paid, order_message(2, key="k")])
+    bus = make_bus(SERVICE, broker, database)
+    await bus.subscribe(batched)
+    await bus.subscribe(alone, event="BusTests.OrderPaid", batch=False)
+    async with bus:
+        await wait_until_idle(bus)
+    assert handled == ["placed 1", "paid", "placed 2"]
+
+
+class SlowReleaseBroker(MemoryBroker):
+    async def release(self, delivery):  # type: ignore[no-untyped-def]
+        await asyncio.sleep(0.01)  # a real broker's release is a round trip
+        await super().release(delivery)
+
+
+async def test_stopping_during_a_batch_gives_its_keyed_deliveries_not_started_back() -> None:
+    started = asyncio.Event()
+
+    async def slow(event: OrderPlaced) -> None:
+        if event.order_id == 0:
+            started.set()
+            await asyncio.sleep(0.2)
+
+    broker = SlowReleaseBroker()
+    await queued(broker, [order_message(n, key="k") for n in range(4)])
+    bus = make_bus(SERVICE, broker, None)
+    await bus.subscribe(slow)
+    await bus.start()
+    await started.wait()
+    consumer = bus.consumer
+    await bus.stop()
+    assert consumer.in_flight == 0
+    assert len(broker._queues[SERVICE]) == 3
+    assert not broker._leased[SERVICE]
+
+
+async def test_a_batch_cancelled_at_the_shutdown_timeout_finishes_every_delivery() -> None:
+    started = asyncio.Event()
+
+    async def stuck(event: OrderPlaced) -> None:
+        started.set()
+        await asyncio.sleep(5)
+
+    broker = MemoryBroker()
+    await queued(broker, [order_message(n, key="k" if n % 2 else None) for n in range(4)])
+    bus = make_bus(SERVICE, broker, None, shutdown_timeout=0.1)
+    await bus.subscribe(stuck)
+    await bus.start()
+    await started.wait()
+    consumer = bus.consumer
+    await bus.stop()
+    assert consumer.in_flight == 0
+
+
+async def test_a_before_commit_callback_failing_in_a_batch_runs_no_sibling_again(
+    database: str | None,
+) -> None:
+    runs: list[tuple[int, int]] = []
+
+    async def record(event: OrderPlaced, context: Context) -> None:
+        runs.append((event.order_id, context.attempt))
+        if event.order_id == 1 and context.attempt == 1:
+
+            async def check() -> None:
+                raise RuntimeError("deferred check failed")
+
+            context.unit_of_work.before_commit(check)
+
+    broker = MemoryBroker()
+    await queued(broker, [order_message(n) for n in range(3)])
+    bus = make_bus(SERVICE, broker, database)
+    await bus.subscribe(record)
+    async with bus:
+        await wait_until_idle(bus)
+    assert sorted(runs) == [(0, 1), (1, 1), (1, 2), (2, 1)]

@@ -62,21 +62,41 @@ async def test_a_failed_commit_raises_in_every_writer_of_its_group_and_the_next_
     assert recorder.groups == [[0], [3]]
 
 
-async def test_a_writer_cancelled_while_it_commits_leaves_the_others_of_its_group_to_the_next() -> None:
+async def test_a_writer_cancelled_while_its_group_commits_does_not_cancel_the_commit() -> None:
+    """The COMMIT may have reached the database already: cancelling it under the others would write their
+    items a second time (a unique violation on the outbox's message id, raised to callers whose events
+    were committed)."""
     recorder = Recorder(held=2)
     group = GroupCommit(recorder.commit)
     blocker = asyncio.create_task(group.write(0))
     await recorder.entered[1].wait()
-    leader = asyncio.create_task(group.write(1))
-    followers = [asyncio.create_task(group.write(n)) for n in (2, 3)]
+    first = asyncio.create_task(group.write(1))
+    others = [asyncio.create_task(group.write(n)) for n in (2, 3)]
     await asyncio.sleep(0)
     recorder.held[1].set()
-    await recorder.entered[2].wait()  # the leader commits [1, 2, 3] ...
-    leader.cancel()  # ... and is cancelled inside the commit
+    await recorder.entered[2].wait()  # [1, 2, 3] commits ...
+    first.cancel()  # ... and the writer of 1 is cancelled meanwhile
     with pytest.raises(asyncio.CancelledError):
-        await leader
-    await asyncio.wait_for(asyncio.gather(blocker, *followers), 5)
-    assert recorder.groups == [[0], [2, 3]]
+        await first
+    recorder.held[2].set()
+    await asyncio.wait_for(asyncio.gather(blocker, *others), 5)
+    assert recorder.groups == [[0], [1, 2, 3]]
+
+
+async def test_a_writer_cancelled_before_its_group_commits_is_not_written() -> None:
+    recorder = Recorder(held=1)
+    group = GroupCommit(recorder.commit)
+    blocker = asyncio.create_task(group.write(0))
+    await recorder.entered[1].wait()
+    gone = asyncio.create_task(group.write(1))
+    kept = asyncio.create_task(group.write(2))
+    await asyncio.sleep(0)
+    gone.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await gone
+    recorder.held[1].set()
+    await asyncio.wait_for(asyncio.gather(blocker, kept), 5)
+    assert recorder.groups == [[0], [2]]
 
 
 async def test_concurrent_publishes_outside_a_unit_of_work_all_arrive_once(tmp_path: Path) -> None:
