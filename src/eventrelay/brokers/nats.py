@@ -233,6 +233,21 @@ class NatsBroker(Broker):
         with contextlib.suppress(Exception):
             await self._nc.close()
 
+    async def _add_stream(self, config: api.StreamConfig, tries: int = 5) -> None:
+        """Create the stream, trying again after a server error (500). nats-server 2.9 removes an account's
+        stream folder when its last stream is deleted; a stream created meanwhile fails with "error
+        creating store for stream" (its log: "mkdir .../streams: no such file or directory"), and the next
+        try creates the folder again (seen in `make soak`)."""
+        for attempt in range(1, tries + 1):
+            try:
+                await self._js.add_stream(config)
+                return
+            except nats.js.errors.ServerError as exc:
+                if attempt == tries:
+                    raise
+                logger.warning("NATS could not create stream %r, trying again: %s", self.stream, exc)
+                await asyncio.sleep(0.05 * attempt)
+
     async def _declare(self, again: bool = False) -> None:
         """Create the stream (or check the one there); after a reconnect, also the consumers again."""
         subjects, interest = [f"{self.prefix}.>"], api.RetentionPolicy.INTEREST
@@ -247,7 +262,7 @@ class NatsBroker(Broker):
         )
         try:
             try:
-                await self._js.add_stream(config)
+                await self._add_stream(config)
             except nats.js.errors.BadRequestError:  # it exists with other limits: fine if it routes alike
                 found = (await self._js.stream_info(self.stream)).config
                 if (found.subjects, found.retention) != (subjects, interest):
