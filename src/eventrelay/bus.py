@@ -103,7 +103,7 @@ class DistributedEventBus:
         )
         self.consumer = Consumer(self)
         # Publishes outside a unit of work that arrive while one commits share the next transaction.
-        self._alone: GroupCommit[tuple[Message, datetime]] = GroupCommit(self._commit_alone)
+        self._alone: GroupCommit[tuple[Message, datetime | None]] = GroupCommit(self._commit_alone)
         self._specs: dict[str, HandlerSpec] = {}
         self._by_event: dict[str, list[HandlerSpec]] = {}
         self._tasks: list[asyncio.Task[None]] = []
@@ -187,7 +187,7 @@ class DistributedEventBus:
             async def publish_entity_events() -> None:
                 for change in await tracker.collect(uow):
                     message = self._message(change.event, None, None, change.key, None, change.tenant_id)
-                    uow.add(message, use_outbox=True, available_at=utcnow())
+                    uow.add(message, use_outbox=True)
                     uow.after_commit(self.relay.wake)
 
             uow.before_commit(publish_entity_events)
@@ -220,22 +220,21 @@ class DistributedEventBus:
         due = _due(delay, at)
         if due is not None and not use_outbox:
             raise ConfigurationError("A delayed event waits in the outbox: drop use_outbox=False")
-        available_at = due or utcnow()
         uow = current_unit_of_work()
         uow = uow if uow is not None and uow.owner is self else None
         if uow is not None and on_unit_of_work_complete:
-            uow.add(message, use_outbox=use_outbox, available_at=available_at)
+            uow.add(message, use_outbox=use_outbox, available_at=due)
             uow.after_commit(self.relay.wake)
         elif use_outbox and uow is not None:
-            await self._write_outbox(uow.transaction, [message], available_at)
+            await self._write_outbox(uow.transaction, [message], due or utcnow())
             uow.after_commit(self.relay.wake)
         elif use_outbox:
-            await self._alone.write((message, available_at))
+            await self._alone.write((message, due))
         else:
             await self._send_now([message])
         return message.id
 
-    async def _commit_alone(self, pending: list[tuple[Message, datetime]]) -> None:
+    async def _commit_alone(self, pending: list[tuple[Message, datetime | None]]) -> None:
         async with self.new_unit_of_work() as own:
             for message, available_at in pending:
                 own.add(message, use_outbox=True, available_at=available_at)

@@ -282,11 +282,13 @@ class Consumer:
                                     if not new:
                                         logger.debug("Duplicate %s for %s skipped", message.id, spec.name)
                                         continue
-                                    async with uow.savepoint():
+                                    async with uow.savepoint(spec.name):
                                         await self._within_time_limit(spec.invoke(event, context))
                                 ran.append((spec.name, message))
                                 continue
                             except Exception as exc:
+                                if not tx.usable:  # only a rollback is left: the batch goes one by one
+                                    raise
                                 verdict = self._judge(spec, message, attempt, exc)
                             if isinstance(verdict, float):
                                 await store.unclaim_inbox(tx, service, spec.name, message.id)

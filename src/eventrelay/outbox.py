@@ -23,9 +23,10 @@ MAX_DEFERRAL = 300.0  # seconds: the longest a row the broker refused waits befo
 class Relay:
     """Moves the outbox to the broker. Wakes at once on `wake()` (after a local commit); polls as a fallback.
 
-    A batch is claimed with a lease in one short transaction, published outside any transaction, and its
-    rows deleted in a second short one: no lock is held while the broker confirms, so a hung broker does not
-    hold up the service's units of work (on SQLite the lock is the whole database's). A claim skips leased
+    A batch is claimed with a lease in one short transaction and published outside any transaction; its rows
+    are deleted in the transaction that claims the next batch (or in one of their own when no rows wait): no
+    lock is held while the broker confirms, so a hung broker does not hold up the service's units of work
+    (on SQLite the lock is the whole database's). A claim skips leased
     rows and a publish is given up when its lease runs out, so two relays never send a row at the same time.
     A relay that dies leaves its rows to be sent again once their lease ran out (the inbox drops the
     duplicates). A row the broker refuses is deferred with backoff, and the rows behind it go on.
@@ -51,7 +52,9 @@ class Relay:
         self.lease = lease
         self._wakeup = asyncio.Event()
         self._stopping = False
-        self.sent = 0
+        self.sent = 0  # rows sent and deleted
+        # The outcome of the last batch, settled in the next transaction: the seqs sent, the rows refused.
+        self._done: tuple[list[int], list[tuple[OutboxRecord, str]]] = ([], [])
 
     def wake(self) -> None:
         """Ask the relay to look at the outbox now."""
@@ -71,6 +74,9 @@ class Relay:
             try:
                 while (claimed := await self.run_once()) == self.batch_size:
                     pass
+                if not self._wakeup.is_set():  # no commit came meanwhile: settle now, not with the next
+                    async with self._transaction() as tx:
+                        await self._settle(tx)
                 failures = 0
             except Exception as exc:
                 failures += 1
@@ -92,17 +98,19 @@ class Relay:
                 await self._sleep()
 
     async def run_once(self) -> int:
-        """Send one batch of due rows; return how many rows were claimed."""
+        """Settle the last batch and claim the next in one transaction, then send it; return how many rows
+        were claimed."""
         deadline = asyncio.get_running_loop().time() + self.lease
         now = utcnow()
         lease_until = now + timedelta(seconds=self.lease)
         async with self._transaction() as tx:
+            await self._settle(tx)
             rows = await self.store.claim_outbox(tx, self.batch_size, now, lease_until)
         if not rows:
             return 0
         try:
             async with asyncio.timeout_at(deadline):
-                sent, refused = await self._send(rows)
+                self._done = await self._send(rows)
         except BaseException as exc:
             with contextlib.suppress(Exception):  # else they wait until the lease runs out
                 async with self._transaction() as tx:
@@ -110,13 +118,23 @@ class Relay:
             if isinstance(exc, TimeoutError):
                 raise BrokerUnavailable(f"The broker did not confirm within the {self.lease}s lease") from exc
             raise
-        async with self._transaction() as tx:
-            await self.store.delete_outbox(tx, sent)
-            for row, error in refused:
-                delay = min(MAX_DEFERRAL, 2.0 ** min(row.attempts + 1, 16))
-                await self.store.defer_outbox(tx, row.seq, utcnow() + timedelta(seconds=delay), error)
-        self.sent += len(sent)
         return len(rows)
+
+    async def _settle(self, tx: Transaction) -> None:
+        """Delete the rows the last batch sent and defer those the broker refused; forgotten once `tx`
+        commits (a rollback leaves them for the next transaction)."""
+        sent, refused = self._done
+        await self.store.delete_outbox(tx, sent)
+        for row, error in refused:
+            delay = min(MAX_DEFERRAL, 2.0 ** min(row.attempts + 1, 16))
+            await self.store.defer_outbox(tx, row.seq, utcnow() + timedelta(seconds=delay), error)
+        if sent or refused:
+            tx.after_commit(lambda: self._forget(sent))
+
+    def _forget(self, sent: list[int]) -> None:
+        if self._done[0] is sent:
+            self._done = ([], [])
+            self.sent += len(sent)
 
     async def _send(self, rows: list[OutboxRecord]) -> tuple[list[int], list[tuple[OutboxRecord, str]]]:
         """Publish `rows`; return the seqs sent and the rows the broker refused, with why."""

@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING
 
 from eventrelay.envelope import Message
 from eventrelay.errors import UnitOfWorkError
-from eventrelay.stores.base import Store, Transaction
+from eventrelay.stores.base import Store, Transaction, utcnow
 
 if TYPE_CHECKING:
     from sqlalchemy.ext.asyncio import AsyncSession
@@ -31,7 +31,7 @@ def current_unit_of_work() -> UnitOfWork | None:
 class _Pending:
     message: Message
     use_outbox: bool
-    available_at: datetime
+    available_at: datetime | None  # None: due once committed
 
 
 class UnitOfWork:
@@ -64,8 +64,8 @@ class UnitOfWork:
         """The SQLAlchemy session (raises `UnitOfWorkError` when the bus has no database)."""
         return self.transaction.session
 
-    def add(self, message: Message, *, use_outbox: bool, available_at: datetime) -> None:
-        """Buffer a message until commit."""
+    def add(self, message: Message, *, use_outbox: bool, available_at: datetime | None = None) -> None:
+        """Buffer a message until commit; `available_at` None: due at once."""
         self._pending.append(_Pending(message, use_outbox, available_at))
 
     def before_commit(self, callback: Callable[[], Awaitable[None]]) -> None:
@@ -83,15 +83,16 @@ class UnitOfWork:
         self.transaction.after_commit(callback)
 
     @contextlib.asynccontextmanager
-    async def savepoint(self) -> AsyncIterator[None]:
+    async def savepoint(self, key: str | None = None) -> AsyncIterator[None]:
         """A SAVEPOINT: an exception leaving the block undoes only what was written and published in it.
+        `key` names what runs in it (`Transaction.savepoint`).
 
         `before_commit` callbacks registered in the block run at its end, inside it, so that their failure
         too undoes only the block.
         """
         pending, before = len(self._pending), len(self._before_commit)
         try:
-            async with self.transaction.savepoint():
+            async with self.transaction.savepoint(key):
                 yield
                 # What the block left for the commit is its own too: a failure there rolls back only it.
                 callbacks = self._before_commit[before:]
@@ -110,11 +111,11 @@ class UnitOfWork:
         except BaseException:
             await self.rollback()
             raise
-        by_due: dict[datetime, list[Message]] = {}
-        direct = []
+        # One write per due time: those due at once share the commit's (one statement for them all).
+        now, by_due, direct = utcnow(), dict[datetime, list[Message]](), []
         for pending in self._pending:
             if pending.use_outbox:
-                by_due.setdefault(pending.available_at, []).append(pending.message)
+                by_due.setdefault(pending.available_at or now, []).append(pending.message)
             else:
                 direct.append(pending.message)
         self._pending.clear()

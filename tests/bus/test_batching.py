@@ -6,9 +6,12 @@ from __future__ import annotations
 
 import asyncio
 import json
+import uuid
+from typing import Any
 
-from sqlalchemy import insert
+from sqlalchemy import String, insert
 from sqlalchemy.ext.asyncio import AsyncSession
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 from eventrelay import Context, MemoryBroker, Message, Reject, Retry, RetryPolicy, event_name
 from eventrelay.codec import encode_body
@@ -312,3 +315,77 @@ async def test_a_before_commit_callback_failing_in_a_batch_runs_no_sibling_again
     async with bus:
         await wait_until_idle(bus)
     assert sorted(runs) == [(0, 1), (1, 1), (1, 2), (2, 1)]
+
+
+def orm_model() -> type[Any]:
+    """An ORM class on a table of the test's own (a service's entities)."""
+
+    class Base(DeclarativeBase):
+        pass
+
+    class Order(Base):
+        __tablename__ = f"orm_orders_{uuid.uuid4().hex[:10]}"
+        id: Mapped[int] = mapped_column(primary_key=True, autoincrement=False)
+        note: Mapped[str] = mapped_column(String(100))
+
+    return Order
+
+
+async def test_a_handler_adding_orm_objects_in_a_batch_rolls_back_only_its_own(database_url: str) -> None:
+    """A failing handler's added objects are forgotten, not flushed with a sibling's; the others commit."""
+    order = orm_model()
+    await create_table(database_url, order.__table__)
+
+    async def record(event: OrderPlaced, context: Context) -> None:
+        context.session.add(order(id=event.order_id, note="placed"))
+        if event.order_id in (2, 5):
+            raise Reject("not ours")
+
+    broker = MemoryBroker()
+    await queued(broker, [order_message(n) for n in range(8)])
+    bus = make_bus(SERVICE, broker, database_url)
+    await bus.subscribe(record)
+    async with bus:
+        await wait_until_idle(bus)
+        assert len(await bus.dead_letters()) == 2
+    ids = (
+        await count_rows(database_url, order.__table__),
+        await count_rows(database_url, order.__table__, order.__table__.c.id.in_([2, 5])),
+    )
+    assert ids == (6, 0)
+
+
+async def test_a_core_handler_that_turns_to_the_orm_and_fails_its_flush_loses_and_repeats_nothing(
+    database_url: str,
+) -> None:
+    """Its first messages write with plain statements (the store then takes cheaper savepoints for it); a
+    later one adds an object whose flush fails. That handler is retried as usual and every other message
+    takes effect once."""
+    order, table = orm_model(), business_table()
+    await create_table(database_url, order.__table__)
+    await create_table(database_url, table)
+    committed: list[int] = []
+
+    async def record(event: OrderPlaced, context: Context) -> None:
+        await context.session.execute(insert(table).values(id=event.order_id, note="placed"))
+        context.unit_of_work.after_commit(lambda: committed.append(event.order_id))
+        if event.order_id in (5, 6):
+            # Attempt 1 adds id 0, which is there already: its flush fails.
+            context.session.add(order(id=0 if context.attempt == 1 else event.order_id, note="late"))
+
+    broker = MemoryBroker()
+    await broker.bind(SERVICE, event_name(OrderPlaced))
+    bus = make_bus(SERVICE, broker, database_url, retry=RetryPolicy(max_attempts=3, initial_delay=0.01))
+    await bus.subscribe(record)
+    async with bus:
+        await broker.publish([order_message(0)])  # the first batch: id 0 in the ORM table too, below
+        await wait_until_idle(bus)
+        async with bus.unit_of_work() as uow:
+            uow.session.add(order(id=0, note="first"))
+        await broker.publish([order_message(n) for n in range(1, 10)])
+        await wait_until_idle(bus)
+        assert await bus.dead_letters() == []
+        assert await bus.store.inbox_count(SERVICE) == 10
+    assert await count_rows(database_url, table) == 10
+    assert sorted(committed) == list(range(10))
+    assert await count_rows(database_url, order.__table__) == 3  # 0, 5 and 6 (each on its second attempt)

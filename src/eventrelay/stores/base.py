@@ -77,12 +77,21 @@ class Transaction(ABC):
         """Run `callback` once the transaction has committed (not after a rollback)."""
         self._after_commit.append(callback)
 
+    @property
+    def usable(self) -> bool:
+        """False once a failure left only a rollback possible (a failed ORM flush outside a savepoint)."""
+        return True
+
     @contextlib.asynccontextmanager
-    async def savepoint(self) -> AsyncIterator[None]:
-        """A nested transaction: an exception leaving the block undoes only the writes made in it."""
+    async def savepoint(self, key: str | None = None) -> AsyncIterator[None]:
+        """A nested transaction: an exception leaving the block undoes only the writes made in it.
+
+        `key` names what runs in the block (a handler): a store may learn from one block what makes the
+        next block of that key cheaper.
+        """
         mark = len(self._after_commit)
         try:
-            async with self._savepoint():
+            async with self._savepoint(key):
                 yield
         except BaseException:
             del self._after_commit[mark:]
@@ -99,7 +108,7 @@ class Transaction(ABC):
         await self._rollback()
 
     @abstractmethod
-    def _savepoint(self) -> contextlib.AbstractAsyncContextManager[None]: ...
+    def _savepoint(self, key: str | None) -> contextlib.AbstractAsyncContextManager[None]: ...
 
     @abstractmethod
     async def _commit(self) -> None: ...

@@ -25,7 +25,7 @@ class MemoryTransaction(Transaction):
         self.undo: list[Callable[[], None]] = []
 
     @contextlib.asynccontextmanager
-    async def _savepoint(self) -> AsyncIterator[None]:
+    async def _savepoint(self, key: str | None) -> AsyncIterator[None]:
         writes, undo = len(self.writes), len(self.undo)
         try:
             yield

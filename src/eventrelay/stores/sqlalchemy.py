@@ -243,20 +243,79 @@ async def create_all(engine: AsyncEngine, metadata: MetaData) -> None:
 
 
 class SqlTransaction(Transaction):
-    """A transaction on one `AsyncSession`; user code writes through the same session."""
+    """A transaction on one `AsyncSession`; user code writes through the same session.
 
-    def __init__(self, engine: AsyncEngine) -> None:
+    A savepoint is the ORM's (`Session.begin_nested`: objects added in it are forgotten on a rollback, and
+    a failed flush in it rolls back only it), which costs more Python than a handler's own statement. So
+    for a `key` (a handler) whose blocks left no ORM object in the session, later blocks of that key on
+    SQLite (eventrelay's driver) and PostgreSQL (asyncpg) get a plain `SAVEPOINT` sent to the driver; on
+    PostgreSQL its `RELEASE` goes out with the next `SAVEPOINT`, in one round trip (or ends with the
+    commit). Such a block that uses the ORM after all is flushed at its end; if that flush fails, the
+    session can only roll back (`usable` is False), and the key goes back to the ORM's savepoints.
+    """
+
+    def __init__(self, engine: AsyncEngine, core_only: set[str]) -> None:
         super().__init__()
         self._session = AsyncSession(engine, expire_on_commit=False)
+        self._core_only = core_only  # the store's: keys whose savepoints need no ORM bookkeeping
+        self._driver: Any = None  # the driver's connection, once a plain savepoint was taken
+        self._savepoints = 0
+        self._unreleased: str | None = None  # PostgreSQL: released with the next driver statement
 
     @property
     def session(self) -> AsyncSession:
         return self._session
 
+    @property
+    def usable(self) -> bool:
+        return self._session.is_active
+
     @contextlib.asynccontextmanager
-    async def _savepoint(self) -> AsyncIterator[None]:
-        async with self._session.begin_nested():  # the ORM forgets objects added in it on a rollback, too
+    async def _savepoint(self, key: str | None) -> AsyncIterator[None]:
+        session = self._session
+        if key is None or key not in self._core_only or not await self._plain_savepoints():
+            known = len(session.identity_map)
+            async with session.begin_nested():  # the ORM forgets objects added in it on a rollback, too
+                yield
+                orm = bool(session.new or session.dirty or session.deleted)
+            if key is not None and not orm and len(session.identity_map) == known:
+                self._core_only.add(key)
+            return
+        self._savepoints += 1
+        name = f"eventrelay_{self._savepoints}"
+        await self._driver_sql(f"SAVEPOINT {name}")
+        try:
             yield
+            if session.new or session.dirty or session.deleted:
+                self._core_only.discard(key)  # it uses the ORM now: the next blocks get the ORM's savepoints
+                await session.flush()
+        except BaseException:
+            await self._driver_sql(f"ROLLBACK TO SAVEPOINT {name}", f"RELEASE SAVEPOINT {name}")
+            session.expunge_all()  # what the block added or changed must not be flushed later
+            raise
+        if isinstance(self._driver, sqlite_driver.Connection):
+            self._driver.execute(f"RELEASE SAVEPOINT {name}")
+        else:
+            self._unreleased = name  # what runs until then joins it: nothing rolls back to it any more
+
+    async def _plain_savepoints(self) -> bool:
+        """Whether plain savepoints can go straight to this session's driver."""
+        if self._driver is None:
+            connection = await self._session.connection()
+            driver = (await connection.get_raw_connection()).driver_connection
+            plain = isinstance(driver, sqlite_driver.Connection) or connection.dialect.driver == "asyncpg"
+            self._driver = driver if plain else False
+        return self._driver is not False
+
+    async def _driver_sql(self, *statements: str) -> None:
+        if isinstance(self._driver, sqlite_driver.Connection):
+            for statement in statements:
+                self._driver.execute(statement)
+            return
+        if self._unreleased is not None:
+            statements = (f"RELEASE SAVEPOINT {self._unreleased}", *statements)
+            self._unreleased = None
+        await self._driver.execute("; ".join(statements))  # asyncpg: one round trip for them all
 
     async def _commit(self) -> None:
         try:
@@ -282,6 +341,7 @@ class SqlStore(Store):
         self.metadata = MetaData()
         self.tables = define_tables(self.metadata, prefix)
         self._dialect = self.engine.dialect.name
+        self._core_only: set[str] = set()  # savepoint keys that left no ORM object (SqlTransaction)
         inbox = self.tables.inbox
         self._inbox_insert = _insert_if_absent(inbox, self._dialect)  # built once: a hot path
         self._inbox_claim_many = self._inbox_insert.returning(inbox.c.handler, inbox.c.message_id)
@@ -311,7 +371,7 @@ class SqlStore(Store):
             await self.engine.dispose()
 
     def begin(self) -> SqlTransaction:
-        return SqlTransaction(self.engine)
+        return SqlTransaction(self.engine, self._core_only)
 
     async def add_outbox(self, tx: Transaction, messages: Sequence[Message], available_at: datetime) -> None:
         if not messages:
