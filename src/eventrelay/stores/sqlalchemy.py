@@ -46,7 +46,7 @@ from sqlalchemy import (
 from sqlalchemy.dialects import mysql, postgresql, sqlite
 from sqlalchemy.engine import URL, Connection, Row, make_url
 from sqlalchemy.exc import SQLAlchemyError
-from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, create_async_engine
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, AsyncSession, create_async_engine
 from sqlalchemy.pool import StaticPool
 
 from eventrelay.config import redact_url
@@ -261,10 +261,24 @@ class SqlTransaction(Transaction):
         self._driver: Any = None  # the driver's connection, once a plain savepoint was taken
         self._savepoints = 0
         self._unreleased: str | None = None  # PostgreSQL: released with the next driver statement
+        self._connection: AsyncConnection | None = None
 
     @property
     def session(self) -> AsyncSession:
         return self._session
+
+    async def read_committed(self) -> None:
+        """Run this transaction at READ COMMITTED (MySQL/MariaDB: no gap locks); call it first."""
+        if self._connection is None and not self._session.in_transaction():
+            options = {"isolation_level": "READ COMMITTED"}
+            self._connection = await self._session.connection(execution_options=options)
+
+    async def execute(self, statement: Any, parameters: Any = None) -> Any:
+        """Run one of the store's own statements on the session's connection: SQLAlchemy Core, without
+        the ORM's autoflush and bookkeeping (the user's statements through `session` keep them)."""
+        if self._connection is None:
+            self._connection = await self._session.connection()
+        return await self._connection.execute(statement, parameters)
 
     @property
     def usable(self) -> bool:
@@ -353,6 +367,29 @@ class SqlStore(Store):
             .values(leased_until=None)
         )
         self._delete = delete(outbox).where(by_seq)
+        self._outbox_insert = insert(outbox)
+        now: Any = bindparam("b_now")
+        self._due = (
+            select(outbox)
+            .where(
+                outbox.c.available_at <= now,
+                or_(outbox.c.leased_until.is_(None), outbox.c.leased_until <= now),
+            )
+            .order_by(outbox.c.seq)
+            .with_for_update(skip_locked=True)
+            # MySQL/MariaDB: read in seq order and stop at the limit, instead of locking every due row
+            .with_hint(outbox, "FORCE INDEX (PRIMARY)", "mysql")
+            .with_hint(outbox, "FORCE INDEX (PRIMARY)", "mariadb")
+        )
+        # PostgreSQL and SQLite lease the due rows and return them in one statement (MariaDB cannot).
+        self._lease_due = (
+            update(outbox)
+            .where(outbox.c.seq.in_(self._due.with_only_columns(outbox.c.seq).limit(bindparam("b_limit"))))
+            .values(leased_until=bindparam("b_until"))
+            .returning(*outbox.c)
+            if self._dialect in ("postgresql", "sqlite")
+            else None
+        )
         self._unclaim = delete(inbox).where(
             inbox.c.subscriber == bindparam("b_subscriber"),
             inbox.c.handler == bindparam("b_handler"),
@@ -390,32 +427,31 @@ class SqlStore(Store):
             }
             for m in messages
         ]
-        await tx.session.execute(insert(self.tables.outbox), rows)
+        await _sql(tx).execute(self._outbox_insert, rows[0] if len(rows) == 1 else rows)
 
     async def claim_outbox(
         self, tx: Transaction, limit: int, now: datetime, lease_until: datetime | None = None
     ) -> list[OutboxRecord]:
-        t = self.tables.outbox
-        query = (
-            select(t)
-            .where(t.c.available_at <= now, or_(t.c.leased_until.is_(None), t.c.leased_until <= now))
-            .order_by(t.c.seq)
-            .limit(limit)
-            .with_for_update(skip_locked=True)
-            # MySQL/MariaDB: read in seq order and stop at `limit`, instead of locking every due row
-            .with_hint(t, "FORCE INDEX (PRIMARY)", "mysql")
-            .with_hint(t, "FORCE INDEX (PRIMARY)", "mariadb")
-        )
-        if self._dialect in ("mysql", "mariadb") and not tx.session.in_transaction():
-            # READ COMMITTED takes no gap locks, so new outbox rows need not wait for this relay.
-            await tx.session.connection(execution_options={"isolation_level": "READ COMMITTED"})
-        rows = list(await tx.session.execute(query))
-        if rows and lease_until is not None:
-            await self._by_seq(tx, self._lease, [row.seq for row in rows], b_until=lease_until)
+        sql = await self._relay_tx(tx)
+        if lease_until is not None and self._lease_due is not None:  # one statement: lease and read
+            values = {"b_now": now, "b_limit": limit, "b_until": lease_until}
+            rows = sorted(await sql.execute(self._lease_due, values), key=lambda row: int(row.seq))
+        else:
+            rows = list(await sql.execute(self._due.limit(limit), {"b_now": now}))
+            if rows and lease_until is not None:
+                await self._by_seq(tx, self._lease, [row.seq for row in rows], b_until=lease_until)
         return [
             OutboxRecord(row.seq, _message(row), row.available_at, row.attempts, row.last_error)
             for row in rows
         ]
+
+    async def _relay_tx(self, tx: Transaction) -> SqlTransaction:
+        """`tx` for the relay's statements: on MySQL/MariaDB at READ COMMITTED, which takes no gap locks,
+        so new outbox rows need not wait for a relay."""
+        sql = _sql(tx)
+        if self._dialect in ("mysql", "mariadb"):
+            await sql.read_committed()
+        return sql
 
     async def release_outbox(self, tx: Transaction, seqs: Sequence[int], lease_until: datetime) -> None:
         await self._by_seq(tx, self._release, seqs, b_until=lease_until)
@@ -427,11 +463,11 @@ class SqlStore(Store):
         # One row per statement (executemany): MariaDB's `seq IN (...)` also locks neighbours another
         # relay holds.
         if seqs:
-            await tx.session.execute(statement, [{"b_seq": seq, **values} for seq in seqs])
+            await (await self._relay_tx(tx)).execute(statement, [{"b_seq": seq, **values} for seq in seqs])
 
     async def defer_outbox(self, tx: Transaction, seq: int, until: datetime, error: str) -> None:
         t = self.tables.outbox
-        await tx.session.execute(
+        await (await self._relay_tx(tx)).execute(
             update(t)
             .where(t.c.seq == seq)
             .values(available_at=until, attempts=t.c.attempts + 1, last_error=error[:4000], leased_until=None)
@@ -444,12 +480,12 @@ class SqlStore(Store):
             "message_id": message_id,
             "received_at": utcnow(),
         }
-        result = await tx.session.execute(self._inbox_insert, values)
-        return bool(result.rowcount)  # type: ignore[attr-defined]
+        result = await _sql(tx).execute(self._inbox_insert, values)
+        return bool(result.rowcount)
 
     async def unclaim_inbox(self, tx: Transaction, subscriber: str, handler: str, message_id: str) -> None:
         values = {"b_subscriber": subscriber, "b_handler": handler, "b_message_id": message_id}
-        await tx.session.execute(self._unclaim, values)
+        await _sql(tx).execute(self._unclaim, values)
 
     async def claim_inbox_many(
         self, tx: Transaction, subscriber: str, claims: Sequence[tuple[str, str]]
@@ -463,7 +499,7 @@ class SqlStore(Store):
         ]
         # One statement (SQLAlchemy's "insertmanyvalues", compiled once): the rows it inserted come back;
         # the others were claimed before.
-        result = await tx.session.execute(self._inbox_claim_many, rows)
+        result = await _sql(tx).execute(self._inbox_claim_many, rows)
         new = {(row.handler, row.message_id) for row in result}
         claimed = []
         for key in claims:
@@ -473,7 +509,7 @@ class SqlStore(Store):
 
     async def add_dead_letter(self, tx: Transaction, letter: NewDeadLetter) -> None:
         m = letter.message
-        await tx.session.execute(
+        await _sql(tx).execute(
             insert(self.tables.dead_letters).values(
                 subscriber=letter.subscriber,
                 handler=letter.handler,
@@ -493,7 +529,7 @@ class SqlStore(Store):
 
     async def remove_dead_letter(self, tx: Transaction, letter_id: int) -> None:
         t = self.tables.dead_letters
-        await tx.session.execute(delete(t).where(t.c.id == letter_id))
+        await _sql(tx).execute(delete(t).where(t.c.id == letter_id))
 
     async def next_outbox_due(self) -> datetime | None:
         due: datetime | None = await self._scalar(select(func.min(self.tables.outbox.c.available_at)))
@@ -537,6 +573,12 @@ class SqlStore(Store):
     async def _scalar(self, query: Any) -> Any:
         rows = await self._read(query)
         return rows[0][0] if rows else None
+
+
+def _sql(tx: Transaction) -> SqlTransaction:
+    if not isinstance(tx, SqlTransaction):
+        raise TypeError(f"A SqlStore works in its own transactions (store.begin()), not in {tx!r}")
+    return tx
 
 
 def _insert_if_absent(table: Table, dialect: str) -> Any:
