@@ -296,6 +296,24 @@ class BrokerContract:
         assert {d.message.id for d in again} == {messages[1].id, messages[3].id}
         assert await nothing_for(broker, subscriber)
 
+    async def test_ack_many_of_a_run_leaves_the_deliveries_held_between_and_after(self, broker: Broker) -> None:
+        """A broker that acks a run with one call (RabbitMQ's `multiple`) must stop below a delivery still
+        held, and must not take the ones fetched later."""
+        name, subscriber = event_name(), subscriber_name()
+        await broker.bind(subscriber, name)
+        messages = [message(name, f'{{"n": {n}}}'.encode()) for n in range(8)]
+        await broker.publish(messages)
+        got = await collect(broker, subscriber, 6, ack=False)  # in the order they came
+        acked = [got[0], got[1], got[2], got[4]]
+
+        await broker.ack_many(acked)
+        for delivery in (got[3], got[5]):
+            await broker.release(delivery)
+
+        again = await collect(broker, subscriber, 4)
+        assert {d.message.id for d in again} == {m.id for m in messages} - {d.message.id for d in acked}
+        assert await nothing_for(broker, subscriber)
+
     async def test_retry_redelivers_after_the_delay_with_the_next_attempt(self, broker: Broker) -> None:
         name, subscriber = event_name(), subscriber_name()
         await broker.bind(subscriber, name)
