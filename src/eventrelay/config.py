@@ -22,6 +22,11 @@ class Settings:
     """Retry policy of handlers subscribed without one."""
     max_in_flight: int = 100
     """Messages fetched but not finished, per bus: the bound on memory and concurrency."""
+    max_batches: int = 1
+    """Batches (the messages of one fetch, in one unit of work) handled at once, per bus. While one runs, the
+    messages that arrive wait and make the next batch larger: fewer round trips a message under load (on
+    PostgreSQL + RabbitMQ here, 2 at once made batches of 22 on average instead of 82, and cost more CPU per
+    message). Handlers subscribed with `batch=False` run beside them, up to `max_in_flight`."""
     max_message_bytes: int = 1024 * 1024
     """Bodies larger than this are dead-lettered before decoding."""
     fetch_timeout: float = 1.0
@@ -70,7 +75,7 @@ class Settings:
         return cls(**values)
 
     def __post_init__(self) -> None:
-        for name in ("max_in_flight", "max_message_bytes", "relay_batch_size"):
+        for name in ("max_in_flight", "max_batches", "max_message_bytes", "relay_batch_size"):
             if getattr(self, name) < 1:
                 raise ConfigurationError(f"Settings.{name} must be at least 1")
         for name in (

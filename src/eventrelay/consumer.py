@@ -51,6 +51,7 @@ class Consumer:
         # Per ordering key, what waits its turn: a delivery, and the retry delay when its handler failed.
         self._lanes: dict[str, deque[tuple[Delivery, float | None]]] = {}
         self._tasks: set[asyncio.Task[None]] = set()
+        self._batches = 0  # batches running
 
     @property
     def idle(self) -> bool:
@@ -63,7 +64,7 @@ class Consumer:
         failures = 0
         while not self._stopping.is_set():
             free = settings.max_in_flight - self.in_flight
-            if free <= 0:
+            if free <= 0 or self._batches >= settings.max_batches:
                 self._slot_free.clear()
                 await self._until_stopped(self._slot_free.wait())
                 continue
@@ -153,6 +154,7 @@ class Consumer:
                 self._schedule(delivery)
         if together:
             self.in_flight += len(together)
+            self._batches += 1
             self._spawn(self._settle_batch(together, keys))
 
     def _batchable(self, delivery: Delivery) -> bool:
@@ -206,6 +208,9 @@ class Consumer:
             raise
         except Exception:  # the one-by-one path below runs it again and logs it as usual
             logger.debug("A batch of %d failed; handling it one by one", len(deliveries), exc_info=True)
+        finally:
+            self._batches -= 1
+            self._slot_free.set()
         for delivery, failed_after in left:
             key = delivery.message.key
             if key is not None:

@@ -296,7 +296,7 @@ class BrokerContract:
         assert {d.message.id for d in again} == {messages[1].id, messages[3].id}
         assert await nothing_for(broker, subscriber)
 
-    async def test_ack_many_of_a_run_leaves_the_deliveries_held_between_and_after(self, broker: Broker) -> None:
+    async def test_ack_many_of_a_run_leaves_the_ones_held_between_and_after(self, broker: Broker) -> None:
         """A broker that acks a run with one call (RabbitMQ's `multiple`) must stop below a delivery still
         held, and must not take the ones fetched later."""
         name, subscriber = event_name(), subscriber_name()
