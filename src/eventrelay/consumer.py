@@ -236,7 +236,7 @@ class Consumer:
         jobs: list[tuple[Delivery, list[tuple[HandlerSpec, Any]] | None]] = []
         for delivery in deliveries:
             message = delivery.message
-            specs = bus.handlers_for(message.name)
+            specs = [] if delivery.undecodable else bus.handlers_for(message.name)
             try:
                 decoded = [(s, decode(message, s.events[message.name], limit)) for s in specs]
             except DecodeError:
@@ -378,6 +378,10 @@ class Consumer:
         `failed_after`: a handler already failed this attempt (in a batch); retry after that many seconds.
         """
         message, broker = delivery.message, self.bus.broker
+        if delivery.undecodable is not None:
+            await self.dead_letter(None, message, delivery.attempt, f"cannot decode: {delivery.undecodable}")
+            await broker.ack(delivery)
+            return
         specs = self.bus.handlers_for(message.name)
         if not specs:
             reason = f"no handler for event {message.name!r} in service {self.bus.service!r}"

@@ -55,8 +55,13 @@ class Message(TracingHeaders):
 
 @dataclass(eq=False, slots=True)
 class Delivery:
-    """A message handed to one subscriber. `attempt` is 1 the first time; `token` belongs to the broker."""
+    """A message handed to one subscriber. `attempt` is 1 the first time; `token` belongs to the broker.
+
+    `undecodable` is set by a broker that could not decode all of the message (its properties, say), to why:
+    the bus dead-letters such a delivery with that reason, unhandled.
+    """
 
     message: Message
     attempt: int = 1
     token: object = None
+    undecodable: str | None = None
