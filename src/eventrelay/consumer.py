@@ -17,6 +17,7 @@ import traceback
 from collections import deque
 from collections.abc import Awaitable, Coroutine, Iterator, Sequence
 from contextvars import ContextVar
+from dataclasses import replace
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from eventrelay.brokers.base import reconnect_pause
@@ -24,7 +25,7 @@ from eventrelay.codec import decode
 from eventrelay.envelope import Delivery, Message
 from eventrelay.errors import BrokerError, BrokerUnavailable, DecodeError, HandlerTimeout
 from eventrelay.handlers import Context, HandlerSpec, Reject, Retry
-from eventrelay.stores.base import NewDeadLetter
+from eventrelay.stores.base import DEAD_LETTER_BODY_MAX, TRUNCATED_FROM, NewDeadLetter
 
 if TYPE_CHECKING:
     from eventrelay.bus import DistributedEventBus
@@ -292,8 +293,8 @@ class Consumer:
                                 await store.unclaim_inbox(tx, service, spec.name, message.id)
                                 delays.append(verdict)
                             else:
-                                reason, error = verdict
-                                letter = NewDeadLetter(service, spec.name, message, attempt, reason, error)
+                                kept, reason = self._bounded(message, verdict[0])
+                                letter = NewDeadLetter(service, spec.name, kept, attempt, reason, verdict[1])
                                 await store.add_dead_letter(tx, letter)
                                 letters.append((spec.name, message, reason))
                     if not delays:
@@ -457,14 +458,28 @@ class Consumer:
     ) -> None:
         """Store a dead letter; for a handler, also mark the message done for it so it is not run again."""
         store = self.bus.store
+        kept, reason = self._bounded(message, reason)
         async with self.bus.new_unit_of_work() as uow:
             tx = uow.transaction
             if handler is not None and not await store.claim_inbox(tx, self.bus.service, handler, message.id):
                 return
             await store.add_dead_letter(
-                tx, NewDeadLetter(self.bus.service, handler, message, attempts, reason, error)
+                tx, NewDeadLetter(self.bus.service, handler, kept, attempts, reason, error)
             )
         self._dead_lettered(handler, message, reason)
+
+    def _bounded(self, message: Message, reason: str) -> tuple[Message, str]:
+        """What a dead letter keeps of `message`, and its reason: of a body over both the size limit and
+        DEAD_LETTER_BODY_MAX, its start and its size (in the TRUNCATED_FROM header) only, so a flood of huge
+        messages cannot fill the store. A smaller one stays whole: replayable once the limit is raised."""
+        headers = message.headers
+        if TRUNCATED_FROM in headers:  # ours to set: one a publisher sent would block its letter's replay
+            headers = {k: v for k, v in headers.items() if k != TRUNCATED_FROM}
+        if len(message.body) <= max(self.bus.settings.max_message_bytes, DEAD_LETTER_BODY_MAX):
+            return (message if headers is message.headers else replace(message, headers=headers)), reason
+        headers = {**headers, TRUNCATED_FROM: str(len(message.body))}
+        kept = replace(message, body=message.body[:DEAD_LETTER_BODY_MAX], headers=headers)
+        return kept, f"{reason}; the dead letter keeps its first {DEAD_LETTER_BODY_MAX} bytes"
 
     def _dead_lettered(self, handler: str | None, message: Message, reason: str) -> None:
         self.bus.metrics.dead_lettered(handler, message)
