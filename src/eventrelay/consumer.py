@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 from eventrelay.brokers.base import reconnect_pause
 from eventrelay.codec import decode
-from eventrelay.envelope import Delivery, Message
+from eventrelay.envelope import Delivery, Message, printable
 from eventrelay.errors import BrokerError, BrokerUnavailable, DecodeError, HandlerTimeout
 from eventrelay.handlers import Context, HandlerSpec, Reject, Retry
 from eventrelay.stores.base import DEAD_LETTER_BODY_MAX, TRUNCATED_FROM, NewDeadLetter
@@ -281,7 +281,8 @@ class Consumer:
                                 with self._handling(spec, message, attempt, uow) as context:
                                     bus.tracing.inbox_checked(new, *claimed_ns)
                                     if not new:
-                                        logger.debug("Duplicate %s for %s skipped", message.id, spec.name)
+                                        shown = printable(message.id)
+                                        logger.debug("Duplicate %s for %s skipped", shown, spec.name)
                                         continue
                                     async with uow.savepoint():
                                         await self._within_time_limit(spec.invoke(event, context))
@@ -324,7 +325,9 @@ class Consumer:
         try:
             await self.bus.broker.retry(delivery, delay)
         except Exception:
-            logger.exception("Could not hand %s back; the broker will deliver it again", delivery.message.id)
+            logger.exception(
+                "Could not hand %s back; the broker will deliver it again", printable(delivery.message.id)
+            )
 
     async def _give_back(self, delivery: Delivery, failed_after: float | None = None) -> None:
         """Back to the broker, not handled (shutting down); one whose handler failed counts that attempt."""
@@ -334,7 +337,9 @@ class Consumer:
             else:
                 await self.bus.broker.release(delivery)
         except Exception:
-            logger.exception("Could not release %s; the broker will deliver it again", delivery.message.id)
+            logger.exception(
+                "Could not release %s; the broker will deliver it again", printable(delivery.message.id)
+            )
         finally:
             self._finished()
 
@@ -359,15 +364,18 @@ class Consumer:
                 try:
                     await self.dead_letter(None, message, delivery.attempt, reason, error)
                 except Exception:  # the store may be down: the message must come again, not be lost
-                    logger.exception("Could not dead-letter %s; it will come again", message.id)
+                    logger.exception("Could not dead-letter %s; it will come again", printable(message.id))
                 else:
                     await self.bus.broker.ack(delivery)
                     return
             else:
-                logger.error("Could not settle message %s; it will come again", message.id, exc_info=exc)
+                logger.error(
+                    "Could not settle message %s; it will come again", printable(message.id), exc_info=exc
+                )
             await self.bus.broker.retry(delivery, policy.delay(delivery.attempt))
         except Exception:
-            logger.exception("Could not hand %s back; the broker will deliver it again", message.id)
+            shown = printable(message.id)
+            logger.exception("Could not hand %s back; the broker will deliver it again", shown)
 
     def _finished(self) -> None:
         self.in_flight -= 1
@@ -386,6 +394,8 @@ class Consumer:
         specs = self.bus.handlers_for(message.name)
         if not specs:
             reason = f"no handler for event {message.name!r} in service {self.bus.service!r}"
+            if not message.name.isprintable():  # no event can be declared so: a forged log line, say
+                reason = f"cannot decode: the event name {message.name!r} has control characters"
             await self.dead_letter(None, message, delivery.attempt, reason)
             await broker.ack(delivery)
             return
@@ -425,7 +435,7 @@ class Consumer:
                     if not await self.bus.tracing.inbox_check(
                         self.bus.store.claim_inbox(uow.transaction, self.bus.service, spec.name, message.id)
                     ):
-                        logger.debug("Duplicate %s for %s skipped", message.id, spec.name)
+                        logger.debug("Duplicate %s for %s skipped", printable(message.id), spec.name)
                         return None
                     await self._within_time_limit(spec.invoke(event, context))
             self.bus.metrics.handled(spec.name, message, started)
@@ -445,7 +455,9 @@ class Consumer:
             return f"rejected by handler: {exc.reason}", None
         if attempt < policy.max_attempts:
             if not isinstance(exc, Retry):
-                logger.warning("%s failed on %s (attempt %d): %r", spec.name, message.id, attempt, exc)
+                logger.warning(
+                    "%s failed on %s (attempt %d): %r", spec.name, printable(message.id), attempt, exc
+                )
             self.bus.metrics.retried(spec.name, message)
             return exc.after if isinstance(exc, Retry) else policy.delay(attempt)
         if isinstance(exc, Retry):
@@ -483,9 +495,10 @@ class Consumer:
 
     def _dead_lettered(self, handler: str | None, message: Message, reason: str) -> None:
         self.bus.metrics.dead_lettered(handler, message)
-        logger.error(
-            "Dead letter: %s (%s) for %s: %s", message.id, message.name, handler or self.bus.service, reason
-        )
+        # Each from the message (the reason quotes its fields): escaped, so none can forge a log line.
+        where = handler or self.bus.service
+        shown = printable(message.id), printable(message.name), printable(reason)
+        logger.error("Dead letter: %s (%s) for %s: %s", shown[0], shown[1], where, shown[2])
 
     async def replay(
         self, specs: Sequence[HandlerSpec], message: Message, letter_id: int, claim: bool

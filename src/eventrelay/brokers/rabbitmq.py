@@ -67,7 +67,7 @@ from eventrelay.brokers import amqp_guard
 from eventrelay.brokers.amqp_guard import UndecodableHeaders
 from eventrelay.brokers.base import Broker
 from eventrelay.config import redact_url
-from eventrelay.envelope import CORRELATION_ID, Delivery, Message, new_message_id
+from eventrelay.envelope import CORRELATION_ID, Delivery, Message, new_message_id, printable
 from eventrelay.errors import BrokerUnavailable, ConfigurationError, EventRelayError, PublishFailed
 
 try:
@@ -348,7 +348,9 @@ class RabbitMQBroker(Broker):
                 await self._send(queue, _outgoing(message, attempt, due))
                 await msg.ack()
             except Exception as exc:
-                logger.warning("Could not hold back %s; it comes again: %s", message.id, self._scrub(exc))
+                logger.warning(
+                    "Could not hold back %s; it comes again: %s", printable(message.id), self._scrub(exc)
+                )
         else:
             sub.buffer.append(msg)
             sub.wake()
