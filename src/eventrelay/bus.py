@@ -363,8 +363,9 @@ class DistributedEventBus:
         if (size := letter.truncated_from) is not None:
             raise ConfigurationError(
                 f"Dead letter {letter_id} keeps only the first {len(letter.message.body)} of its {size} "
-                "bytes (it was over max_message_bytes), so it cannot be replayed faithfully: discard it, and "
-                "have its publisher send it again within the limit"
+                "bytes (it was over max_message_bytes), so it cannot be replayed faithfully: discard it "
+                f"(`eventrelay dead-letters purge SERVICE {letter_id}`) and have its publisher send it again "
+                "within the limit"
             )
         if letter.handler is not None:
             spec = self._specs.get(letter.handler)
