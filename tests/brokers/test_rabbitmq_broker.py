@@ -594,8 +594,9 @@ UNDECODABLE = {
 }
 
 
+@pytest.mark.parametrize("options", ["", "queue_type=quorum&retry_delays=0.2"], ids=["classic", "quorum"])
 async def test_a_message_whose_properties_cannot_be_decoded_is_dead_lettered_and_the_next_is_handled(
-    topology: Topology, sqlite_url: str, caplog: pytest.LogCaptureFixture
+    topology: Topology, sqlite_url: str, caplog: pytest.LogCaptureFixture, options: str
 ) -> None:
     handled: list[int] = []
 
@@ -603,7 +604,7 @@ async def test_a_message_whose_properties_cannot_be_decoded_is_dead_lettered_and
         handled.append(event.number)
 
     async with (
-        topology.broker() as broker,
+        topology.broker(options) as broker,
         DistributedEventBus(subscriber_name(), broker=broker, database=sqlite_url, settings=FAST) as bus,
     ):
         await bus.subscribe(record)
