@@ -353,11 +353,19 @@ class DistributedEventBus:
     async def replay(self, letter_id: int) -> None:
         """Handle a dead letter again, now, in one unit of work that deletes it if the handler succeeds.
 
-        Raises what the handler raises (the letter stays), or `ConfigurationError` if nothing handles it.
+        Raises what the handler raises (the letter stays), or `ConfigurationError` if nothing handles it or
+        the letter keeps only the start of its body.
         """
         letter = await self.store.dead_letter(letter_id)
         if letter is None or letter.subscriber != self.service:
             raise ConfigurationError(f"No dead letter {letter_id} in service {self.service!r}")
+        if (size := letter.truncated_from) is not None:
+            raise ConfigurationError(
+                f"Dead letter {letter_id} keeps only the first {len(letter.message.body)} of its {size} "
+                "bytes (it was over max_message_bytes), so it cannot be replayed faithfully: discard it "
+                f"(`eventrelay dead-letters purge SERVICE {letter_id}`) and have its publisher send it again "
+                "within the limit"
+            )
         if letter.handler is not None:
             spec = self._specs.get(letter.handler)
             if spec is None or letter.message.name not in spec.events:

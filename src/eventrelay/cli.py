@@ -14,8 +14,10 @@ from typing import Any, TypeVar
 import click
 from rich.console import Console
 from rich.table import Table
+from rich.text import Text
 
 from eventrelay.config import redact_url
+from eventrelay.envelope import printable
 from eventrelay.errors import EventRelayError
 from eventrelay.service import Service
 from eventrelay.stores.base import DeadLetter, Store, utcnow
@@ -58,12 +60,18 @@ def load_service(target: str) -> Service:
     return service
 
 
+def _cell(value: object) -> Text:
+    """Text for rich, from another service or a message: never read as markup (`[/]` would crash the table,
+    `[link=...]` would render), with its control characters escaped so none reaches the terminal."""
+    return Text(printable("-" if value is None else value))
+
+
 def run_async(coro: Callable[[], Awaitable[T]]) -> T:
     """Run a coroutine; library errors become one line and exit code 1."""
     try:
         return asyncio.run(coro())  # type: ignore[arg-type]
-    except EventRelayError as exc:
-        raise click.ClickException(str(exc)) from exc
+    except EventRelayError as exc:  # its text may quote a message's fields
+        raise click.ClickException(printable(exc)) from exc
 
 
 async def _opened(service: Service) -> Service:
@@ -165,14 +173,14 @@ def events(target: str, as_json: bool) -> None:
             json.dumps({"service": service.name, "publishes": service.published_events, "handles": handled})
         )
         return
-    table = Table(title=f"Events of {service.name}")
+    table = Table(title=_cell(f"Events of {service.name}"))
     table.add_column("event", overflow="fold")
     table.add_column("direction")
     table.add_column("handlers", overflow="fold")
     for name in service.published_events:
-        table.add_row(name, "publishes", "")
+        table.add_row(_cell(name), "publishes", "")
     for name, handlers in handled.items():
-        table.add_row(name, "handles", "\n".join(handlers))
+        table.add_row(_cell(name), "handles", Text("\n").join(_cell(h) for h in handlers))
     Console().print(table)
 
 
@@ -226,12 +234,12 @@ def dead_letters_list(target: str, limit: int, as_json: bool) -> None:
         click.echo(json.dumps([_letter_dict(letter, full=False) for letter in letters]))
         return
     more = " (the oldest; --limit shows more)" if len(letters) == limit else ""
-    table = Table(title=f"{len(letters)} dead letter(s) of {target}{more}")
+    table = Table(title=_cell(f"{len(letters)} dead letter(s) of {target}{more}"))
     for column in ("id", "event", "handler", "attempts", "reason", "created_at"):
         table.add_column(column, overflow="fold")
     for letter in letters:
         row = _letter_dict(letter, full=False)
-        table.add_row(*(str(row[c] if row[c] is not None else "-") for c in list(row)[:6]))
+        table.add_row(*(_cell(row[c]) for c in list(row)[:6]))
     Console().print(table)
 
 
@@ -252,8 +260,8 @@ def dead_letters_show(target: str, letter_id: int, as_json: bool) -> None:
     if as_json:
         click.echo(json.dumps(data))
         return
-    for field, value in data.items():
-        click.echo(f"{field}: {value}")
+    for field, value in data.items():  # a body or a traceback keeps its lines; the rest is one line each
+        click.echo(f"{field}: {printable(value, lines=field in ('body', 'error'))}")
 
 
 @dead_letters.command("replay")
@@ -286,7 +294,8 @@ def dead_letters_replay(target: str, letter_ids: Sequence[int], replay_all: bool
         click.echo(json.dumps([{"id": i, "replayed": e is None, "error": e} for i, e in results]))
     else:
         for letter_id, error in results:
-            click.echo(f"{letter_id}: " + ("replayed" if error is None else f"not replayed: {error}"))
+            outcome = "replayed" if error is None else f"not replayed: {printable(error)}"
+            click.echo(f"{letter_id}: {outcome}")
     if any(error for _, error in results):
         sys.exit(1)
 

@@ -17,14 +17,15 @@ import traceback
 from collections import deque
 from collections.abc import Awaitable, Coroutine, Iterator, Sequence
 from contextvars import ContextVar
+from dataclasses import replace
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from eventrelay.brokers.base import reconnect_pause
 from eventrelay.codec import decode
-from eventrelay.envelope import Delivery, Message
+from eventrelay.envelope import Delivery, Message, printable
 from eventrelay.errors import BrokerError, BrokerUnavailable, DecodeError, HandlerTimeout
 from eventrelay.handlers import Context, HandlerSpec, Reject, Retry
-from eventrelay.stores.base import NewDeadLetter
+from eventrelay.stores.base import DEAD_LETTER_BODY_MAX, TRUNCATED_FROM, NewDeadLetter
 
 if TYPE_CHECKING:
     from eventrelay.bus import DistributedEventBus
@@ -241,7 +242,7 @@ class Consumer:
         jobs: list[tuple[Delivery, list[tuple[HandlerSpec, Any]] | None]] = []
         for delivery in deliveries:
             message = delivery.message
-            specs = bus.handlers_for(message.name)
+            specs = [] if delivery.undecodable else bus.handlers_for(message.name)
             try:
                 decoded = [(s, decode(message, s.events[message.name], limit)) for s in specs]
             except DecodeError:
@@ -285,7 +286,8 @@ class Consumer:
                                 with self._handling(spec, message, attempt, uow) as context:
                                     bus.tracing.inbox_checked(new, *claimed_ns)
                                     if not new:
-                                        logger.debug("Duplicate %s for %s skipped", message.id, spec.name)
+                                        shown = printable(message.id)
+                                        logger.debug("Duplicate %s for %s skipped", shown, spec.name)
                                         continue
                                     async with uow.savepoint(spec.name):
                                         await self._within_time_limit(spec.invoke(event, context))
@@ -299,8 +301,8 @@ class Consumer:
                                 await store.unclaim_inbox(tx, service, spec.name, message.id)
                                 delays.append(verdict)
                             else:
-                                reason, error = verdict
-                                letter = NewDeadLetter(service, spec.name, message, attempt, reason, error)
+                                kept, reason = self._bounded(message, verdict[0])
+                                letter = NewDeadLetter(service, spec.name, kept, attempt, reason, verdict[1])
                                 await store.add_dead_letter(tx, letter)
                                 letters.append((spec.name, message, reason))
                     if not delays:
@@ -330,7 +332,9 @@ class Consumer:
         try:
             await self.bus.broker.retry(delivery, delay)
         except Exception:
-            logger.exception("Could not hand %s back; the broker will deliver it again", delivery.message.id)
+            logger.exception(
+                "Could not hand %s back; the broker will deliver it again", printable(delivery.message.id)
+            )
 
     async def _give_back(self, delivery: Delivery, failed_after: float | None = None) -> None:
         """Back to the broker, not handled (shutting down); one whose handler failed counts that attempt."""
@@ -340,7 +344,9 @@ class Consumer:
             else:
                 await self.bus.broker.release(delivery)
         except Exception:
-            logger.exception("Could not release %s; the broker will deliver it again", delivery.message.id)
+            logger.exception(
+                "Could not release %s; the broker will deliver it again", printable(delivery.message.id)
+            )
         finally:
             self._finished()
 
@@ -365,15 +371,18 @@ class Consumer:
                 try:
                     await self.dead_letter(None, message, delivery.attempt, reason, error)
                 except Exception:  # the store may be down: the message must come again, not be lost
-                    logger.exception("Could not dead-letter %s; it will come again", message.id)
+                    logger.exception("Could not dead-letter %s; it will come again", printable(message.id))
                 else:
                     await self.bus.broker.ack(delivery)
                     return
             else:
-                logger.error("Could not settle message %s; it will come again", message.id, exc_info=exc)
+                logger.error(
+                    "Could not settle message %s; it will come again", printable(message.id), exc_info=exc
+                )
             await self.bus.broker.retry(delivery, policy.delay(delivery.attempt))
         except Exception:
-            logger.exception("Could not hand %s back; the broker will deliver it again", message.id)
+            shown = printable(message.id)
+            logger.exception("Could not hand %s back; the broker will deliver it again", shown)
 
     def _finished(self) -> None:
         self.in_flight -= 1
@@ -385,9 +394,15 @@ class Consumer:
         `failed_after`: a handler already failed this attempt (in a batch); retry after that many seconds.
         """
         message, broker = delivery.message, self.bus.broker
+        if delivery.undecodable is not None:
+            await self.dead_letter(None, message, delivery.attempt, f"cannot decode: {delivery.undecodable}")
+            await broker.ack(delivery)
+            return
         specs = self.bus.handlers_for(message.name)
         if not specs:
             reason = f"no handler for event {message.name!r} in service {self.bus.service!r}"
+            if not message.name.isprintable():  # no event can be declared so: a forged log line, say
+                reason = f"cannot decode: the event name {message.name!r} has control characters"
             await self.dead_letter(None, message, delivery.attempt, reason)
             await broker.ack(delivery)
             return
@@ -427,7 +442,7 @@ class Consumer:
                     if not await self.bus.tracing.inbox_check(
                         self.bus.store.claim_inbox(uow.transaction, self.bus.service, spec.name, message.id)
                     ):
-                        logger.debug("Duplicate %s for %s skipped", message.id, spec.name)
+                        logger.debug("Duplicate %s for %s skipped", printable(message.id), spec.name)
                         return None
                     await self._within_time_limit(spec.invoke(event, context))
             self.bus.metrics.handled(spec.name, message, started)
@@ -447,7 +462,9 @@ class Consumer:
             return f"rejected by handler: {exc.reason}", None
         if attempt < policy.max_attempts:
             if not isinstance(exc, Retry):
-                logger.warning("%s failed on %s (attempt %d): %r", spec.name, message.id, attempt, exc)
+                logger.warning(
+                    "%s failed on %s (attempt %d): %r", spec.name, printable(message.id), attempt, exc
+                )
             self.bus.metrics.retried(spec.name, message)
             return exc.after if isinstance(exc, Retry) else policy.delay(attempt)
         if isinstance(exc, Retry):
@@ -460,20 +477,35 @@ class Consumer:
     ) -> None:
         """Store a dead letter; for a handler, also mark the message done for it so it is not run again."""
         store = self.bus.store
+        kept, reason = self._bounded(message, reason)
         async with self.bus.new_unit_of_work() as uow:
             tx = uow.transaction
             if handler is not None and not await store.claim_inbox(tx, self.bus.service, handler, message.id):
                 return
             await store.add_dead_letter(
-                tx, NewDeadLetter(self.bus.service, handler, message, attempts, reason, error)
+                tx, NewDeadLetter(self.bus.service, handler, kept, attempts, reason, error)
             )
         self._dead_lettered(handler, message, reason)
 
+    def _bounded(self, message: Message, reason: str) -> tuple[Message, str]:
+        """What a dead letter keeps of `message`, and its reason: of a body over both the size limit and
+        DEAD_LETTER_BODY_MAX, its start and its size (in the TRUNCATED_FROM header) only, so a flood of huge
+        messages cannot fill the store. A smaller one stays whole: replayable once the limit is raised."""
+        headers = message.headers
+        if TRUNCATED_FROM in headers:  # ours to set: one a publisher sent would block its letter's replay
+            headers = {k: v for k, v in headers.items() if k != TRUNCATED_FROM}
+        if len(message.body) <= max(self.bus.settings.max_message_bytes, DEAD_LETTER_BODY_MAX):
+            return (message if headers is message.headers else replace(message, headers=headers)), reason
+        headers = {**headers, TRUNCATED_FROM: str(len(message.body))}
+        kept = replace(message, body=message.body[:DEAD_LETTER_BODY_MAX], headers=headers)
+        return kept, f"{reason}; the dead letter keeps its first {DEAD_LETTER_BODY_MAX} bytes"
+
     def _dead_lettered(self, handler: str | None, message: Message, reason: str) -> None:
         self.bus.metrics.dead_lettered(handler, message)
-        logger.error(
-            "Dead letter: %s (%s) for %s: %s", message.id, message.name, handler or self.bus.service, reason
-        )
+        # Each from the message (the reason quotes its fields): escaped, so none can forge a log line.
+        where = handler or self.bus.service
+        shown = printable(message.id), printable(message.name), printable(reason)
+        logger.error("Dead letter: %s (%s) for %s: %s", shown[0], shown[1], where, shown[2])
 
     async def replay(
         self, specs: Sequence[HandlerSpec], message: Message, letter_id: int, claim: bool

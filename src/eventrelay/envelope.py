@@ -18,6 +18,18 @@ COMMITTED_AT = "x-eventrelay-committed-at"
 RESERVED_HEADERS = frozenset({CORRELATION_ID, CAUSATION_ID, TENANT_ID})
 
 
+def printable(text: object, *, lines: bool = False) -> str:
+    """`text` safe to show on a terminal or in one log line: each character that is not printable (ESC and
+    the other control characters, CR and LF, bidirectional overrides) becomes an escape as `repr` writes it,
+    such as `\\x1b`. With `lines`, newlines and tabs stay (a body, a traceback). Message fields come from
+    other services: pass them through this before printing or logging them."""
+    value = str(text)
+    if value.isprintable():
+        return value
+    keep = "\n\t" if lines else ""
+    return "".join(c if c.isprintable() or c in keep else repr(c)[1:-1] for c in value)
+
+
 def new_message_id() -> str:
     """A fresh message id: 32 lowercase hex digits, like ABP's `Guid.ToString("N")`."""
     return uuid.uuid4().hex
@@ -55,8 +67,13 @@ class Message(TracingHeaders):
 
 @dataclass(eq=False, slots=True)
 class Delivery:
-    """A message handed to one subscriber. `attempt` is 1 the first time; `token` belongs to the broker."""
+    """A message handed to one subscriber. `attempt` is 1 the first time; `token` belongs to the broker.
+
+    `undecodable` is set by a broker that could not decode all of the message (its properties, say), to why:
+    the bus dead-letters such a delivery with that reason, unhandled.
+    """
 
     message: Message
     attempt: int = 1
     token: object = None
+    undecodable: str | None = None

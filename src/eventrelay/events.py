@@ -37,6 +37,8 @@ def validate_event_name(name: object) -> str:
         raise ConfigurationError(f"An event name must be a string, not {type(name).__name__}: {name!r}")
     if not name.strip() or name != name.strip():
         raise ConfigurationError(f"An event name must be non-empty with no surrounding spaces: {name!r}")
+    if not name.isprintable():  # it is shown in terminals and logs, and routed by brokers
+        raise ConfigurationError(f"An event name must have no control characters or line breaks: {name!r}")
     if len(name) > MAX_NAME_LENGTH:
         raise ConfigurationError(
             f"Event name is {len(name)} characters; the limit is {MAX_NAME_LENGTH}: {name[:60]!r}..."

@@ -9,7 +9,7 @@ from collections.abc import AsyncIterator, Sequence
 from datetime import timedelta
 
 from eventrelay.brokers.base import Broker, reconnect_pause
-from eventrelay.envelope import Message
+from eventrelay.envelope import Message, printable
 from eventrelay.errors import BrokerUnavailable, PublishFailed
 from eventrelay.metrics import NoMetrics
 from eventrelay.stores.base import OutboxRecord, Store, Transaction, utcnow
@@ -150,7 +150,10 @@ class Relay:
                 sent.append(row.seq)
             except PublishFailed as exc:
                 logger.error(
-                    "Broker refused outbox message %s (%s): %s", row.message.id, row.message.name, exc
+                    "Broker refused outbox message %s (%s): %s",
+                    printable(row.message.id),
+                    printable(row.message.name),
+                    printable(exc),
                 )
                 refused.append((row, str(exc)))
         return sent, refused

@@ -9,6 +9,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import struct
+import sys
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from decimal import Decimal
@@ -16,13 +18,15 @@ from pathlib import Path
 from uuid import UUID
 
 import aio_pika
+import pamqp.frame
 import pytest
 from aiormq import spec
+from pamqp.header import ContentHeader
 from pydantic import ConfigDict
 from pydantic.alias_generators import to_camel
 
 from eventrelay import Context, DistributedEventBus, Event, RetryPolicy, Settings
-from eventrelay.brokers import broker_from_url
+from eventrelay.brokers import amqp_guard, broker_from_url
 from eventrelay.brokers.base import Broker
 from eventrelay.brokers.rabbitmq import RabbitMQBroker
 from eventrelay.envelope import CORRELATION_ID, Delivery, Message, new_message_id
@@ -37,6 +41,7 @@ from tests.brokers.contract import (
     nothing_for,
     subscriber_name,
 )
+from tests.brokers.raw_amqp import content_header, nested_table, publish_raw, short_string
 from tests.faultproxy import FaultProxy
 from tests.servers import require_server
 
@@ -573,3 +578,74 @@ async def test_every_service_gets_each_event_and_instances_of_one_service_share_
     assert sorted(order_instances[0] + order_instances[1]) == list(range(30)), "lost or handled twice"
     assert order_instances[0], "the other instance took everything"
     assert order_instances[1], "the other instance took everything"
+
+
+# --- a message whose properties cannot be decoded ----------------------------------------------------------
+
+# RabbitMQ takes each from a publisher (it does not decode properties it does not route on); pamqp cannot
+# decode them, and before issue 15 each one closed the connection at every delivery: the next never came.
+UNDECODABLE = {
+    "headers nested 3,000 deep": {"headers": nested_table(3000), "message_id": short_string(b"deep-headers")},
+    "message id not UTF-8": {"message_id": short_string(b"\xff\xfe")},
+    "timestamp past the year 9999": {
+        "timestamp": struct.pack(">Q", 2**63 - 1),
+        "message_id": short_string(b"ts"),
+    },
+}
+
+
+@pytest.mark.parametrize("options", ["", "queue_type=quorum&retry_delays=0.2"], ids=["classic", "quorum"])
+async def test_a_message_whose_properties_cannot_be_decoded_is_dead_lettered_and_the_next_is_handled(
+    topology: Topology, sqlite_url: str, caplog: pytest.LogCaptureFixture, options: str
+) -> None:
+    handled: list[int] = []
+
+    async def record(event: OrderPlacedEto) -> None:
+        handled.append(event.number)
+
+    async with (
+        topology.broker(options) as broker,
+        DistributedEventBus(subscriber_name(), broker=broker, database=sqlite_url, settings=FAST) as bus,
+    ):
+        await bus.subscribe(record)
+        name = "BookStore.Orders.OrderPlaced"
+        for properties in UNDECODABLE.values():
+            await publish_raw(PORT, broker.exchange, name, properties, b'{"number": 1}')
+        await publish_when_back(broker, [Message(new_message_id(), name, b'{"number": 2}')])
+        async with asyncio.timeout(PATIENCE):
+            while True:
+                if handled and len(letters := await bus.dead_letters()) == len(UNDECODABLE):
+                    break
+                await asyncio.sleep(0.05)
+        await wait_until_idle(bus, timeout=PATIENCE)
+        assert await broker.pending_count(bus.service) == 0  # acked, not coming again
+
+    assert handled == [2]  # the one after them; they were never handled
+    assert "Lost the connection" not in caplog.text  # the connection held
+    assert [(letter.message.name, letter.message.body) for letter in letters] == [
+        (name, b'{"number": 1}')
+    ] * 3
+    deep, not_utf8, late = (letter.reason for letter in letters)
+    dropped = "cannot decode: AMQP properties that cannot be decoded were dropped: "
+    assert (letters[0].message.id, deep) == ("deep-headers", f"{dropped}headers (nested too deeply)")
+    assert not_utf8.startswith(f"{dropped}message_id (UnicodeDecodeError: ")
+    assert letters[2].message.id == "ts"
+    assert late.startswith(f"{dropped}timestamp (ValueError: ")
+
+
+def test_near_the_recursion_limit_the_guard_decodes_headers_or_drops_them_never_raises() -> None:
+    # pamqp recurses twice per level: where it fails depends on how deep the stack already is, and the guard
+    # decodes again from a shallower one. At every depth around the limit the frame must come out decoded.
+    assert amqp_guard.install()
+    limit = sys.getrecursionlimit() // 2
+    outcomes = set()
+    for depth in range(limit - 40, limit + 10):
+        properties = {"headers": nested_table(depth), "message_id": short_string(b"m")}
+        _, channel, frame = pamqp.frame.unmarshal(content_header(3, 2, properties))
+        assert isinstance(frame, ContentHeader), depth
+        assert (channel, frame.body_size, frame.properties.message_id) == (3, 2, "m")
+        headers = frame.properties.headers
+        outcomes.add(type(headers))
+        if isinstance(headers, amqp_guard.UndecodableHeaders):
+            assert (dict(headers), headers.reason) == ({}, amqp_guard.REASON + "headers (nested too deeply)")
+    assert outcomes == {dict, amqp_guard.UndecodableHeaders}  # both sides of the limit were tried

@@ -31,6 +31,7 @@ from sqlalchemy import inspect
 from sqlalchemy.ext.asyncio import create_async_engine
 
 from eventrelay.cli import load_service, main
+from eventrelay.envelope import Message
 from eventrelay.service import Service
 from eventrelay.testing import wait_until_idle
 
@@ -165,11 +166,12 @@ def shop(make_shop: Callable[[str], Shop], sqlite_url: str) -> Shop:
     return make_shop(sqlite_url)
 
 
-async def cli(*args: str, input: str | None = None) -> Result:
+async def cli(*args: str, input: str | None = None, columns: int = 250) -> Result:
     """Run `eventrelay ARGS` through click's runner, in a thread (the command runs its own event loop)."""
     runner = CliRunner()
     # A wide terminal, so rich does not fold names in tables.
-    return await asyncio.to_thread(runner.invoke, main, list(args), input=input, env={"COLUMNS": "250"})
+    env = {"COLUMNS": str(columns)}
+    return await asyncio.to_thread(runner.invoke, main, list(args), input=input, env=env)
 
 
 def succeeded(result: Result) -> str:
@@ -396,6 +398,45 @@ async def test_dead_letters_show_body_headers_and_error(shop: Shop) -> None:
     assert data["headers"]
     assert data["key"] is None
     assert "RuntimeError: ledger offline for o-42" in data["error"]
+
+
+# Rich markup (a link, a closing tag that closes nothing), terminal codes (clear screen, an OSC 8 hyperlink,
+# a bell), a bidirectional override and a line break that would forge a log line.
+HOSTILE = "[link=https://evil.example]x[/link] [/] \x1b[2J\x1b]8;;https://evil.example\x07y \u202ez"
+TERMINAL_CODES = ("\x1b", "\x07", "\u202e")
+
+
+async def test_hostile_text_in_a_dead_letter_is_shown_literally_and_logged_on_one_line(
+    shop: Shop, caplog: pytest.LogCaptureFixture
+) -> None:
+    name = f"{HOSTILE}\nERROR forged"
+    running: Service = shop.module.make_orders()
+    async with running:  # a message from the broker no event can be declared to match: a dead letter
+        await running.bus.broker.bind("Orders", name)
+        body = json.dumps({"note": HOSTILE + "\nsecond line"}).encode()
+        await running.bus.broker.publish([Message(f"id-{HOSTILE}\n", name, body, {"x-note": HOSTILE})])
+        await wait_until_idle(running.bus, timeout=30)
+    # Before issue 15: `[/]` crashed `dead-letters list` (MarkupError), `[link=...]` rendered, ESC and OSC
+    # sequences reached the terminal, and the log line of the dead letter broke in two.
+    listed = succeeded(await cli("dead-letters", "list", shop.orders, columns=2000))
+    for code in TERMINAL_CODES:
+        assert code not in listed
+    assert "[link=https://evil.example]x[/link] [/] \\x1b[2J" in listed  # as it came, escaped
+    assert "\\nERROR forged" in listed
+    [letter] = await letters(shop.orders)
+    assert "has control characters" in letter["reason"]
+    shown = succeeded(await cli("dead-letters", "show", shop.orders, str(letter["id"])))
+    for code in TERMINAL_CODES:
+        assert code not in shown
+    lines = shown.splitlines()
+    assert not [line for line in lines if line.startswith("ERROR forged")]  # one line per field...
+    assert [line for line in lines if line.startswith("body: ")] == [f"body: {body.decode()}"]  # JSON: \n
+    assert "[link=https://evil.example]x[/link] [/]" in shown
+    logged = [record.getMessage() for record in caplog.records if record.name.startswith("eventrelay")]
+    assert [line for line in logged if line.startswith("Dead letter: id-[link=")], logged
+    for line in logged:
+        assert "\n" not in line, line
+        assert "\x1b" not in line, line
 
 
 async def test_dead_letters_show_of_a_missing_id(shop: Shop) -> None:

@@ -25,6 +25,8 @@ from pydantic import BaseModel
 
 from eventrelay import Context, DistributedEventBus, DynamicEvent, Event, RetryPolicy, Settings
 from eventrelay.envelope import Message, new_message_id
+from eventrelay.errors import ConfigurationError
+from eventrelay.stores.base import DEAD_LETTER_BODY_MAX
 from tests.conftest import POSTGRESQL_PORT
 from tests.faultproxy import FaultProxy
 from tests.reliability.harness import BrokerUnderTest, Figures, Report, Scenario, adapter_kind
@@ -65,8 +67,8 @@ def test_the_guard_finds_what_it_looks_for(tmp_path: Path) -> None:
     assert len(_unsafe(sample)) == 4
 
 
-LIMIT = 64 * 1024
-HUGE = b"[" * (8 * LIMIT)  # invalid JSON, and large: parsing it would be the waste a limit prevents
+LIMIT = 128 * 1024  # over what a dead letter keeps of a body over the limit
+HUGE = b"[" * (4 * LIMIT)  # invalid JSON, and large: parsing it would be the waste a limit prevents
 
 
 class Sized(Event, name="Security.Sized"):
@@ -114,10 +116,19 @@ async def test_an_oversized_body_is_dead_lettered_without_being_parsed(
                     break
                 await asyncio.sleep(0.02)
         monkeypatch.undo()
+        for letter in letters:  # a truncated body cannot be handled as it was sent
+            with pytest.raises(ConfigurationError, match="cannot be replayed faithfully"):
+                await bus.replay(letter.id)
+        assert len(await bus.dead_letters()) == len(sent)  # and the letters stay
     assert {letter.message.id for letter in letters} == {m.id for m in sent}
     for letter in letters:
-        assert letter.reason == f"cannot decode: message is {len(HUGE)} bytes, over the limit of {LIMIT}"
-        assert letter.message.body == HUGE  # the original bytes are kept
+        assert letter.reason == (
+            f"cannot decode: message is {len(HUGE)} bytes, over the limit of {LIMIT}; "
+            f"the dead letter keeps its first {DEAD_LETTER_BODY_MAX} bytes"
+        )
+        # Issue 15: the whole body was stored; a flood of them filled the store. Its start and size are kept.
+        assert letter.message.body == HUGE[:DEAD_LETTER_BODY_MAX]
+        assert letter.truncated_from == len(HUGE)
     assert not [size for size in parsed if size >= len(HUGE)], "a body over the limit was parsed"
     report.add(
         Figures(
@@ -128,7 +139,8 @@ async def test_an_oversized_body_is_dead_lettered_without_being_parsed(
             0,
             len(letters),
             None,
-            f"{len(HUGE) // 1024} KiB of invalid JSON, limit {LIMIT // 1024} KiB: dead letters, never parsed",
+            f"{len(HUGE) // 1024} KiB of invalid JSON, limit {LIMIT // 1024} KiB: dead letters keep the "
+            f"first {DEAD_LETTER_BODY_MAX // 1024} KiB and the size; never parsed, replay refused",
         )
     )
 

@@ -194,6 +194,17 @@ def test_an_empty_or_padded_name_fails_at_declaration(name: str) -> None:
             pass
 
 
+@pytest.mark.parametrize(
+    "name", ["Forged\nERROR line", "Red.\x1b[31m", "Spoof\u202eed"], ids=["lf", "esc", "bidi"]
+)
+def test_a_name_with_control_characters_fails_at_declaration(name: str) -> None:
+    # Names are shown in terminals and logs (issue 15): a message named so can then have no handler.
+    with pytest.raises(ConfigurationError, match="no control characters or line breaks"):
+
+        class Hostile(Event, name=name):
+            pass
+
+
 def test_two_live_classes_with_one_name_fail_at_declaration() -> None:
     class First(Event, name=f"{PREFIX}.Duplicate"):
         pass

@@ -63,9 +63,11 @@ from typing import Any
 
 from yarl import URL
 
+from eventrelay.brokers import amqp_guard
+from eventrelay.brokers.amqp_guard import UndecodableHeaders
 from eventrelay.brokers.base import Broker
 from eventrelay.config import redact_url
-from eventrelay.envelope import CORRELATION_ID, Delivery, Message, new_message_id
+from eventrelay.envelope import CORRELATION_ID, Delivery, Message, new_message_id, printable
 from eventrelay.errors import BrokerUnavailable, ConfigurationError, EventRelayError, PublishFailed
 
 try:
@@ -148,6 +150,7 @@ class RabbitMQBroker(Broker):
     # --- the connection ------------------------------------------------------------------------------
 
     async def start(self) -> None:
+        amqp_guard.install()  # a message whose properties cannot be decoded must not close the connection
         self._closed = False
         if self._conn is None:
             async with self._translate("connect to"):
@@ -319,7 +322,8 @@ class RabbitMQBroker(Broker):
                 attempt += 1  # delivered before and not given back: its consumer died
             lease = _Lease(sub, incoming)
             sub.leased.add(lease)
-            batch.append(Delivery(message, attempt, lease))
+            unread = incoming.headers.reason if isinstance(incoming.headers, UndecodableHeaders) else None
+            batch.append(Delivery(message, attempt, lease, unread))
         return batch
 
     async def _consume(self, sub: _Subscriber, conn: AbstractConnection) -> None:
@@ -344,7 +348,9 @@ class RabbitMQBroker(Broker):
                 await self._send(queue, _outgoing(message, attempt, due))
                 await msg.ack()
             except Exception as exc:
-                logger.warning("Could not hold back %s; it comes again: %s", message.id, self._scrub(exc))
+                logger.warning(
+                    "Could not hold back %s; it comes again: %s", printable(message.id), self._scrub(exc)
+                )
         else:
             sub.buffer.append(msg)
             sub.wake()

@@ -31,6 +31,13 @@ class OutboxRecord:
     last_error: str | None = None
 
 
+TRUNCATED_FROM = "x-eventrelay-truncated-from"
+"""A dead letter's header: the size in bytes of the body of which it keeps only the start (over the limit)."""
+
+DEAD_LETTER_BODY_MAX = 64 * 1024
+"""The most a dead letter keeps of a body over `Settings.max_message_bytes`, in bytes (its start)."""
+
+
 @dataclass(frozen=True)
 class DeadLetter:
     """A message a subscriber gave up on, with why. `handler` is None when no handler could take it."""
@@ -43,6 +50,12 @@ class DeadLetter:
     reason: str
     error: str | None
     created_at: datetime
+
+    @property
+    def truncated_from(self) -> int | None:
+        """The original body's size when the letter keeps only its start; None when it keeps it whole."""
+        size = self.message.headers.get(TRUNCATED_FROM)
+        return int(size) if isinstance(size, str) and size.isdigit() else None
 
 
 @dataclass(frozen=True)
