@@ -39,7 +39,7 @@ _TOKEN = r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+"
 REQUEST_LINE = re.compile(rf"(?P<method>{_TOKEN}) (?P<target>/[!-~]*) HTTP/1\.(?P<minor>[01])")
 HEADER_NAME = re.compile(_TOKEN)
 BAD_VALUE = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")  # control characters; a tab is allowed
-DIGITS = re.compile(r"[0-9]+")  # ASCII only: int() also takes "+5", " 5", "1_000" and "²"
+DIGITS = re.compile(r"[0-9]+")  # ASCII only: int() also takes "+5", " 5", "1_000" and other scripts' digits
 SINGLE = ("host", "content-length")  # given twice, a proxy and this server could read different requests
 # An IPv6 address in brackets, or a name or IPv4 address; then an optional port.
 HOST_HEADER = re.compile(r"(?P<host>\[[0-9A-Fa-f:.]+\]|[^\[\]:@/#?]*)(?::[0-9]{1,5})?")
