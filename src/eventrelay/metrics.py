@@ -31,7 +31,7 @@ from typing import TYPE_CHECKING, Any
 
 from eventrelay.envelope import COMMITTED_AT, Message
 from eventrelay.errors import ConfigurationError
-from eventrelay.http import Request, Response, serve, text
+from eventrelay.http import Request, Response, is_loopback, names_loopback, serve, text
 from eventrelay.stores.base import utcnow
 
 if TYPE_CHECKING:
@@ -204,9 +204,16 @@ async def scrape(bus: DistributedEventBus) -> tuple[bytes, str]:
 
 
 async def serve_metrics(bus: DistributedEventBus, host: str, port: int) -> asyncio.Server:
-    """Serve `GET /metrics` for `bus` on `host:port`; close the returned server to stop."""
+    """Serve `GET /metrics` for `bus` on `host:port`; close the returned server to stop.
+
+    On a loopback `host` it answers only to a loopback Host (`127.0.0.1:9464`, `localhost:9464`), so that no
+    web page can read it through a DNS name rebound to 127.0.0.1.
+    """
+    loopback = is_loopback(host)
 
     async def handle(request: Request) -> Response:
+        if loopback and not names_loopback(request.headers.get("host", "")):
+            return text(403, f"Listening on {host}, the metrics answer only to http://127.0.0.1 or localhost")
         if request.path != "/metrics":
             return text(404, "Not found: the metrics are at /metrics")
         if request.method not in ("GET", "HEAD"):

@@ -13,7 +13,6 @@ from urllib.parse import urlencode
 from eventrelay import Context, Event, MemoryBroker, Reject, RetryPolicy, Settings
 from eventrelay.dashboard import Dashboard
 from eventrelay.envelope import Message, new_message_id
-from eventrelay.http import serve
 from eventrelay.service import Service
 from tests.bus.helpers import eventually
 
@@ -86,6 +85,22 @@ class Reply:
         return unescape(found.group(1))
 
 
+async def exchange(port: int, data: bytes, end: bool = True) -> Reply:
+    """Send `data` as it is on a new connection to `port` (then end the sending side, unless `end` is false),
+    and read the whole answer."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    writer.write(data)
+    if end:
+        writer.write_eof()
+    await writer.drain()
+    raw = await asyncio.wait_for(reader.read(), 30)
+    writer.close()
+    head, _, content = raw.partition(b"\r\n\r\n")
+    status_line, *header_lines = head.decode("latin-1").split("\r\n")
+    headers = [(k.strip(), v.strip()) for k, _, v in (line.partition(":") for line in header_lines)]
+    return Reply(int(status_line.split()[1]), headers, content.decode())
+
+
 class Client:
     """HTTP/1.1 over a real socket to the dashboard, keeping its session cookie like a browser."""
 
@@ -100,6 +115,7 @@ class Client:
         form: list[tuple[str, str]] | None = None,
         origin: str | None = None,
         host: str | None = None,
+        headers: list[tuple[str, str]] | None = None,
     ) -> Reply:
         body = urlencode(form or []).encode()
         lines = [f"{method} {path} HTTP/1.1", f"Host: {host or f'127.0.0.1:{self.port}'}"]
@@ -107,21 +123,15 @@ class Client:
             lines.append(f"Cookie: {self.cookie}")
         if origin:
             lines.append(f"Origin: {origin}")
+        lines += [f"{name}: {value}" for name, value in headers or []]
         if form is not None:
             lines += ["Content-Type: application/x-www-form-urlencoded", f"Content-Length: {len(body)}"]
-        reader, writer = await asyncio.open_connection("127.0.0.1", self.port)
-        writer.write(("\r\n".join(lines) + "\r\n\r\n").encode() + body)
-        await writer.drain()
-        raw = await asyncio.wait_for(reader.read(), 30)
-        writer.close()
-        head, _, content = raw.partition(b"\r\n\r\n")
-        status_line, *header_lines = head.decode("latin-1").split("\r\n")
-        headers = [(k.strip(), v.strip()) for k, _, v in (line.partition(":") for line in header_lines)]
-        for name, value in headers:
+        reply = await exchange(self.port, ("\r\n".join(lines) + "\r\n\r\n").encode() + body)
+        for name, value in reply.headers:
             if name.lower() == "set-cookie":
                 pair = value.split(";", 1)[0]
                 self.cookie = pair if pair.split("=", 1)[1] else None
-        return Reply(int(status_line.split()[1]), headers, content.decode())
+        return reply
 
     async def get(self, path: str) -> Reply:
         return await self.request("GET", path)
@@ -135,7 +145,7 @@ async def dashboard(services: list[Service], token: str | None = None) -> AsyncI
     """The dashboard of `services`, served on a free port; a client for it."""
     board = Dashboard(services, token)
     await board.open()
-    server = await serve(board.handle, "127.0.0.1", 0)
+    server = await board.serve("127.0.0.1", 0)
     try:
         yield Client(server.sockets[0].getsockname()[1])
     finally:

@@ -1,6 +1,7 @@
-"""DNS rebinding (issue 15, item 1): without a token the dashboard answers only to a Host that is a literal
-loopback address or `localhost`, and starts without a token only on such a host. A name that merely starts
-with `127.` can resolve anywhere, or be rebound to 127.0.0.1 by whoever owns it."""
+"""DNS rebinding (issue 15, items 1 and 8): without a token the dashboard answers only to a Host that is a
+literal loopback address or `localhost`, and starts without a token only on such a host; metrics served on
+loopback answer only such a Host too. A name that merely starts with `127.` can resolve anywhere, or be
+rebound to 127.0.0.1 by whoever owns it."""
 
 from __future__ import annotations
 
@@ -8,10 +9,12 @@ from pathlib import Path
 
 import pytest
 
+from eventrelay import DistributedEventBus, MemoryBroker, Settings
 from eventrelay.dashboard import run_dashboard
-from eventrelay.dashboard.app import is_loopback, names_loopback
 from eventrelay.errors import ConfigurationError
-from tests.dashboard.support import Shop, dashboard, service
+from eventrelay.http import is_loopback, names_loopback
+from eventrelay.metrics import serve_metrics
+from tests.dashboard.support import Shop, dashboard, exchange, service
 
 HOSTILE_HOSTS = [
     "127.attacker.example",
@@ -73,3 +76,20 @@ async def test_without_a_token_a_rebound_name_starting_with_127_is_refused(datab
 async def test_starting_on_a_name_that_starts_with_127_demands_a_token(database: str) -> None:
     with pytest.raises(ConfigurationError, match="needs --token"):
         await run_dashboard([service(database, Shop())], "127.foo", 0, None)
+
+
+async def test_metrics_on_loopback_answer_only_a_loopback_host() -> None:
+    async with DistributedEventBus("Rebound", broker=MemoryBroker(), settings=Settings(metrics=True)) as bus:
+        server = await serve_metrics(bus, "127.0.0.1", 0)
+        port = server.sockets[0].getsockname()[1]
+        try:
+            for host in ["127.attacker.example", f"127.0.0.1.evil.com:{port}", f"attacker.example:{port}"]:
+                rebound = await exchange(port, f"GET /metrics HTTP/1.1\r\nHost: {host}\r\n\r\n".encode())
+                assert rebound.status == 403, host
+                assert "eventrelay_" not in rebound.body
+            for host in [f"127.0.0.1:{port}", f"localhost:{port}"]:
+                scrape = await exchange(port, f"GET /metrics HTTP/1.1\r\nHost: {host}\r\n\r\n".encode())
+                assert scrape.status == 200, host
+        finally:
+            server.close()
+            await server.wait_closed()

@@ -38,7 +38,7 @@ def value(bus: DistributedEventBus, name: str, **labels: str) -> float | None:
 
 async def http_get(port: int, path: str) -> tuple[int, bytes]:
     reader, writer = await asyncio.open_connection("127.0.0.1", port)
-    writer.write(f"GET {path} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+    writer.write(f"GET {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n\r\n".encode())
     await writer.drain()
     answer = await asyncio.wait_for(reader.read(), 10)
     writer.close()

@@ -782,6 +782,21 @@ class StoreContract:
         assert await store.dead_letters(limit=3) == added[:3]
         assert [d.id for d in added] == sorted(d.id for d in added)
 
+    async def test_dead_letters_are_counted_by_subscriber_and_since_a_time(self, store: Store) -> None:
+        for subscriber in ("order-service", "order-service", "audit-service"):
+            await self.add_dead_letter(store, NewDeadLetter(subscriber, "H", message(), 1, "early"))
+        await _tick()
+        cut = utcnow()
+        await _tick()
+        await self.add_dead_letter(store, NewDeadLetter("order-service", "H", message(), 1, "late"))
+
+        assert await store.count_dead_letters() == 4
+        assert await store.count_dead_letters("order-service") == 3
+        assert await store.count_dead_letters("order-service", since=cut) == 1
+        assert await store.count_dead_letters(since=cut) == 1
+        assert await store.count_dead_letters("audit-service", since=cut) == 0
+        assert await store.count_dead_letters("billing-service") == 0
+
     async def test_unknown_dead_letter_is_none(self, store: Store) -> None:
         assert await store.dead_letter(424242) is None
 

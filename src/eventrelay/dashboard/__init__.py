@@ -13,9 +13,9 @@ import logging
 import signal
 from collections.abc import Sequence
 
-from eventrelay.dashboard.app import Dashboard, is_loopback
+from eventrelay.dashboard.app import Dashboard
 from eventrelay.errors import ConfigurationError
-from eventrelay.http import serve
+from eventrelay.http import is_loopback
 from eventrelay.service import Service
 
 logger = logging.getLogger(__name__)
@@ -30,7 +30,7 @@ async def run_dashboard(services: Sequence[Service], host: str, port: int, token
         )
     dashboard = Dashboard(services, token or None)
     await dashboard.open()
-    server = await serve(dashboard.handle, host, port)
+    server = await dashboard.serve(host, port)
     loop = asyncio.get_running_loop()
     stopping = asyncio.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):

@@ -56,9 +56,8 @@ class ServiceStats:
     oldest_age: float | None
     inbox: int | None
     handled_last_minute: int | None
-    dead_letters: str
-    """How many, or `10000+` past the count limit."""
-    dead_last_minute: int | None
+    dead_letters: int
+    dead_last_minute: int
 
 
 def layout(title: str, body: str, csrf: str | None = None, refresh: int | None = None) -> str:
@@ -96,7 +95,7 @@ def overview(stats: Sequence[ServiceStats]) -> str:
         f'<tr><td><a href="{h(service_url(s.name))}">{h(s.name)}</a></td>'
         f'<td class="num">{h(s.outbox)}</td><td class="num">{_age(s.oldest_age)}</td>'
         f'<td class="num">{_count(s.inbox)}</td><td class="num">{_count(s.handled_last_minute)}</td>'
-        f'<td class="num{" bad" if s.dead_letters != "0" else ""}">{h(s.dead_letters)}</td>'
+        f'<td class="num{" bad" if s.dead_letters else ""}">{h(s.dead_letters)}</td>'
         f'<td class="num">{_count(s.dead_last_minute)}</td></tr>'
         for s in stats
     )

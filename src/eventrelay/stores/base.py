@@ -214,6 +214,10 @@ class Store(ABC):
         """Dead letters, oldest first, optionally of one subscriber."""
 
     @abstractmethod
+    async def count_dead_letters(self, subscriber: str | None = None, since: datetime | None = None) -> int:
+        """How many dead letters (of `subscriber`, stored at or after `since`): counted, none loaded."""
+
+    @abstractmethod
     async def dead_letter(self, letter_id: int) -> DeadLetter | None:
         """One dead letter by id."""
 

@@ -196,6 +196,13 @@ class MemoryStore(Store):
         letters = [d for d in self._letters.values() if subscriber is None or d.subscriber == subscriber]
         return letters[:limit]
 
+    async def count_dead_letters(self, subscriber: str | None = None, since: datetime | None = None) -> int:
+        return sum(
+            1
+            for d in self._letters.values()
+            if (subscriber is None or d.subscriber == subscriber) and (since is None or d.created_at >= since)
+        )
+
     async def dead_letter(self, letter_id: int) -> DeadLetter | None:
         return self._letters.get(letter_id)
 

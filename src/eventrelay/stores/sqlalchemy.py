@@ -547,6 +547,15 @@ class SqlStore(Store):
             query = query.where(t.c.subscriber == subscriber)
         return [_dead_letter(row) for row in await self._read(query)]
 
+    async def count_dead_letters(self, subscriber: str | None = None, since: datetime | None = None) -> int:
+        t = self.tables.dead_letters
+        query = select(func.count()).select_from(t)
+        if subscriber is not None:
+            query = query.where(t.c.subscriber == subscriber)
+        if since is not None:
+            query = query.where(t.c.created_at >= since)
+        return int(await self._scalar(query) or 0)
+
     async def dead_letter(self, letter_id: int) -> DeadLetter | None:
         t = self.tables.dead_letters
         rows = await self._read(select(t).where(t.c.id == letter_id))
