@@ -1,9 +1,18 @@
 """What every benchmark process shares: the job it is given, the talk with the runner, pacing, counting.
 
 The runner spawns each publisher and consumer as an OS process running :func:`main`, and talks to it over a
-pipe. A child says `("ready", info)` when set up; a publisher then waits for `"go"`, publishes, says
-`("published", figures)`; a consumer says `("done", figures)` when every event arrived or its time ran out.
-Both then wait for `"stop"`, shut down and say `("stopped", None)`. A failure is `("error", traceback)`.
+pipe. A child says `("ready", info)` when set up; both then wait for `"go"` (the consumer's comes just before
+the publisher's; a backlog's consumer, started on events already waiting, gets none); the publisher publishes
+and says `("published", figures)`; the consumer says `("arrived", None)` when every event arrived or its time
+ran out, then `("done", figures)` after its checks. Both then wait for `"stop"` (the publisher's comes as soon
+as the consumer said "arrived"), shut down and say `("stopped", figures)`. A failure is
+`("error", traceback)`.
+
+Each child clocks its own process's CPU (`time.process_time`: every thread of the process, so SQLite's worker
+threads too) over its part of the round: the consumer from "go" (a backlog's consumer from its start, as its
+events/s do) until every event arrived; the publisher from "go" until its "stop", so the relay's work for the
+last events is in, plus a pipe's round trip of idling. The consumer reports its CPU seconds in "done", the
+publisher in "stopped".
 """
 
 from __future__ import annotations
@@ -69,6 +78,9 @@ class Job:
     per message (the hand-written baseline: its per-fetch or per-message consumer)."""
     latencies: bool = True
     """Whether the consumer keeps every event's latency (off for the backlog)."""
+    go: bool = True
+    """Whether the consumer waits for the runner's "go" and starts its CPU clock there (off for the backlog:
+    its events wait before it starts, so its clock runs from its start)."""
 
 
 def main(role: str, job: Job, conn: Connection) -> None:
@@ -157,6 +169,12 @@ class Tally:
         self.started_ns = time.time_ns()
         self.last_ns = 0
         self.complete = asyncio.Event()
+        self.cpu_started = time.process_time()
+        self.cpu_done: float | None = None
+
+    def go(self) -> None:
+        """Start the CPU clock now: the publisher is about to start."""
+        self.cpu_started = time.process_time()
 
     def record(self, seq: int, sent_ns: int) -> None:
         """One delivery of event `seq`, stamped `sent_ns` by its publisher."""
@@ -173,6 +191,7 @@ class Tally:
         if self.keep_latencies:
             self.latencies_ms.append((now - sent_ns) / 1e6)
         if self.distinct == self.n:
+            self.cpu_done = time.process_time()
             self.complete.set()
 
     async def wait(self, timeout: float) -> None:
@@ -190,6 +209,7 @@ class Tally:
             "last_ns": self.last_ns,
             "latencies_ms": self.latencies_ms,
             "peak_rss_kib": peak_rss_kib(),
+            "cpu_s": (time.process_time() if self.cpu_done is None else self.cpu_done) - self.cpu_started,
             **extra,
         }
 
@@ -197,14 +217,16 @@ class Tally:
 async def serve_publisher(
     job: Job, conn: Connection, send: Callable[[int], Awaitable[None]], close: Callable[[], Awaitable[None]]
 ) -> None:
-    """A publisher's part of the talk: ready, publish on "go", report, close on "stop"."""
+    """A publisher's part of the talk: ready, publish on "go", report, close on "stop" and report its CPU."""
     conn.send(("ready", None))
     await until(conn, "go")
+    cpu_started = time.process_time()
     start_ns, end_ns = await drive(job, send)
     conn.send(("published", {"start_ns": start_ns, "end_ns": end_ns}))
     await until(conn, "stop")
+    cpu_s = time.process_time() - cpu_started
     await close()
-    conn.send(("stopped", None))
+    conn.send(("stopped", {"cpu_s": cpu_s}))
 
 
 async def serve_consumer(
@@ -214,10 +236,14 @@ async def serve_consumer(
     close: Callable[[], Awaitable[None]],
     check: Callable[[], Awaitable[dict[str, Any]]] | None = None,
 ) -> None:
-    """A consumer's part of the talk, once it consumes: ready, wait for every event (bounded), report with
-    what `check` adds, close on "stop"."""
+    """A consumer's part of the talk, once it consumes: ready, "go" (unless `job.go` is off), wait for every
+    event (bounded), say so, report with what `check` adds, close on "stop"."""
     conn.send(("ready", None))
+    if job.go:
+        await until(conn, "go")
+        tally.go()
     await tally.wait(job.timeout)
+    conn.send(("arrived", None))
     conn.send(("done", tally.figures(**(await check() if check else {}))))
     await until(conn, "stop")
     await close()

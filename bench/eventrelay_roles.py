@@ -91,12 +91,13 @@ async def fill(job: Job, conn: Connection) -> None:
                 ]
             )
 
-    start_ns = time.time_ns()
+    start_ns, cpu_started = time.time_ns(), time.process_time()
     await asyncio.gather(*(batch(first) for first in range(0, job.n, FILL_BATCH)))
+    cpu_s = time.process_time() - cpu_started  # its part ends here: the consumer starts after it
     conn.send(("published", {"start_ns": start_ns, "end_ns": time.time_ns()}))
     await until(conn, "stop")
     await broker.close()
-    conn.send(("stopped", None))
+    conn.send(("stopped", {"cpu_s": cpu_s}))
 
 
 async def _sql(url: str, statement: str) -> None:

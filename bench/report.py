@@ -15,10 +15,22 @@ from rich.table import Table
 
 from bench.plot import bar_chart
 from bench.run import RoundResult
-from bench.scenarios import BARE_SQLITE, EVENTRELAY, FASTSTREAM, HAND_WRITTEN, PLOTTED, RAW, Scenario
+from bench.scenarios import (
+    AT_HALF,
+    AT_RATE,
+    BARE_SQLITE,
+    DURABLE_RATE,
+    EVENTRELAY,
+    FASTSTREAM,
+    HAND_WRITTEN,
+    PLOTTED,
+    RAW,
+    Scenario,
+)
 from bench.stats import Spread
 
 BEGIN, END = "<!-- bench:begin -->", "<!-- bench:end -->"
+NONE = Spread(math.nan, math.nan, math.nan)
 
 
 @dataclass(frozen=True)
@@ -33,6 +45,12 @@ class Row:
     p99_ms: Spread
     peak_mib: Spread
     duplicates: int
+    rate: Spread = NONE
+    """Events/s the latency rounds were paced at (a half-rate row's differs from round to round)."""
+    consumer_cpu_us: Spread = NONE
+    publisher_cpu_us: Spread = NONE
+    skipped: int = 0
+    """Rounds not run (a half-rate row without a throughput to halve); not in `rounds`."""
 
 
 @dataclass(frozen=True)
@@ -45,21 +63,27 @@ class Target:
 
 
 def summarize(scenarios: Sequence[Scenario], results: Sequence[RoundResult]) -> list[Row]:
-    """A row per scenario, from its successful rounds (failed rounds are counted, not averaged)."""
+    """A row per scenario, from its successful rounds (failed rounds are counted, not averaged; skipped ones
+    are counted apart)."""
     rows = []
     for scenario in scenarios:
         mine = [r for r in results if r.key == scenario.key and r.system == scenario.system]
-        good = [r for r in mine if r.ok]
+        ran = [r for r in mine if not r.skipped]
+        good = [r for r in ran if r.ok]
         rows.append(
             Row(
                 scenario,
-                rounds=len(mine),
-                failed=len(mine) - len(good),
+                rounds=len(ran),
+                failed=len(ran) - len(good),
                 throughput=Spread.of([r.throughput for r in good]),
                 p50_ms=Spread.of([r.p50_ms for r in good]),
                 p99_ms=Spread.of([r.p99_ms for r in good]),
                 peak_mib=Spread.of([r.peak_mib for r in good]),
                 duplicates=sum(r.duplicates for r in good),
+                rate=Spread.of([r.rate for r in good]),
+                consumer_cpu_us=Spread.of([r.consumer_cpu_us for r in good]),
+                publisher_cpu_us=Spread.of([r.publisher_cpu_us for r in good]),
+                skipped=len(mine) - len(ran),
             )
         )
     return rows
@@ -128,13 +152,16 @@ def targets(rows: Sequence[Row]) -> list[Target]:
         name = f"E2 {what}, default subscribe >= 0.8x hand-written (per fetch) at {per_unit}/txn"
         ratio(name, _find(rows, f"e2.rabbitmq.uow{per_unit}"), hand, 0.8)
     ratio("E2 100 events/UoW >= 0.7x raw aio-pika direct", _find(rows, "e2.rabbitmq.uow100"), raw_t, 0.7)
-    for key, label in (("e2.rabbitmq.latency", "E2"), ("e3.sqlite.latency", "E3")):
-        row = _find(rows, key)
-        at = f" at {row.scenario.rate:,.0f}/s" if row and row.scenario.rate else ""
-        p50 = row.p50_ms.median if row else math.nan
-        p99 = row.p99_ms.median if row else math.nan
-        for q, v, ceiling in (("p50", p50, 5.0), ("p99", p99, 25.0)):
-            add(f"{label} commit to handler {q} < {ceiling:.0f} ms{at}", v, v < ceiling, f"{v:.2f} ms", row)
+    for prefix, label in (("e2.rabbitmq", "E2"), ("e3.sqlite", "E3")):
+        for suffix, at in ((AT_RATE, f"{DURABLE_RATE:,.0f}/s"), (AT_HALF, "half the measured throughput")):
+            row = _find(rows, f"{prefix}.{suffix}")
+            paced = f" at {row.rate.median:,.0f}/s" if row and row.scenario.half_of else ""
+            for q, v, ceiling in (
+                ("p50", row.p50_ms.median if row else math.nan, 5.0),
+                ("p99", row.p99_ms.median if row else math.nan, 25.0),
+            ):
+                name = f"{label} commit to handler {q} < {ceiling:.0f} ms at {at}"
+                add(name, v, v < ceiling, f"{v:.2f} ms{paced}", row)
     backlog = _find(rows, "backlog.rabbitmq")
     if backlog:
         peak = backlog.peak_mib.high
@@ -201,6 +228,7 @@ HEADERS = (
     "p50 ms",
     "p99 ms",
     "peak MiB",
+    "CPU us/ev c/p",
     "vs by hand",
     "vs raw",
     "vs FastStream",
@@ -208,11 +236,16 @@ HEADERS = (
 
 
 def cells(row: Row, rows: Sequence[Row]) -> list[str]:
-    """The row as table cells: medians with (min-max) over the successful rounds."""
+    """The row as table cells: medians with (min-max) over the successful rounds; CPU per event as the
+    consumer's and the publisher's medians."""
     s = row.scenario
     rounds = f"{row.rounds - row.failed}/{row.rounds}" + (f", {row.duplicates} dup" if row.duplicates else "")
+    if row.skipped:
+        rounds += f", {row.skipped} skipped"
+    title = f"{s.title}: {_fmt(row.rate)}/s" if s.half_of and not math.isnan(row.rate.median) else s.title
+    cpu = row.consumer_cpu_us.median, row.publisher_cpu_us.median
     return [
-        s.title,
+        title,
         s.broker,
         s.system,
         f"{s.n:,}",
@@ -221,6 +254,7 @@ def cells(row: Row, rows: Sequence[Row]) -> list[str]:
         _fmt(row.p50_ms, 2),
         _fmt(row.p99_ms, 2),
         _fmt(row.peak_mib),
+        "" if math.isnan(cpu[0]) else f"{cpu[0]:,.0f}/{cpu[1]:,.0f}",
         _by_hand_ratio(row, rows),
         *_ratios(row, rows),
     ]
@@ -284,7 +318,9 @@ def _figure(value: float, digits: int) -> float | None:
 def json_rows(rows: Sequence[Row]) -> list[dict[str, Any]]:
     """Every row as plain data for `--json`: medians over the successful rounds, None where a row has no such
     figure (a latency row has no events/s, a throughput row no p50), so a script can check the ratios.
-    `rounds` counts the successful rounds, `failed` the others."""
+    `rate_per_s` is the pace of a latency row (a half-rate row's median); `consumer_cpu_us` and
+    `publisher_cpu_us` are each process's CPU per event in microseconds. `rounds` counts the successful
+    rounds, `failed` the others, `skipped` those not run."""
     return [
         {
             "key": row.scenario.key,
@@ -294,8 +330,12 @@ def json_rows(rows: Sequence[Row]) -> list[dict[str, Any]]:
             "events_per_s": _figure(row.throughput.median, 1),
             "p50_ms": _figure(row.p50_ms.median, 3),
             "p99_ms": _figure(row.p99_ms.median, 3),
+            "rate_per_s": _figure(row.rate.median, 1),
+            "consumer_cpu_us": _figure(row.consumer_cpu_us.median, 1),
+            "publisher_cpu_us": _figure(row.publisher_cpu_us.median, 1),
             "rounds": row.rounds - row.failed,
             "failed": row.failed,
+            "skipped": row.skipped,
         }
         for row in rows
     ]

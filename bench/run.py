@@ -8,10 +8,11 @@ from __future__ import annotations
 import asyncio
 import math
 import multiprocessing
+import statistics
 import tempfile
 import time
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from multiprocessing.process import BaseProcess
 from pathlib import Path
 from typing import Any
@@ -43,6 +44,15 @@ class RoundResult:
     p99_ms: float = math.nan
     peak_mib: float = math.nan
     duplicates: int = 0
+    rate: float = math.nan
+    """Events/s the publisher was paced at (latency rows)."""
+    consumer_cpu_us: float = math.nan
+    """The consumer process's CPU per event, in microseconds (bench/child.py says over what part)."""
+    publisher_cpu_us: float = math.nan
+    """The publisher process's CPU per event, in microseconds."""
+    skipped: bool = False
+    """Not run, and not a failure: a half-rate latency row without a throughput to halve (`problem` says
+    why)."""
 
 
 class Process:
@@ -83,6 +93,8 @@ class Process:
 
 def run_round(scenario: Scenario, kafka: str | None) -> RoundResult:
     """One round of `scenario` on fresh names; never raises for a failed round, reports it."""
+    if scenario.measure == "latency" and not scenario.rate:
+        raise ValueError(f"{scenario.key}: a latency row needs its rate (see `paced`)")
     suffix = uuid.uuid4().hex[:10]
     with tempfile.TemporaryDirectory(prefix="eventrelay-bench-") as folder:
         plan = setup(scenario, suffix, Path(folder), kafka)
@@ -130,17 +142,19 @@ def _round(scenario: Scenario, consumer_job: Job, publisher_job: Job) -> RoundRe
             publisher = Process(publish, publisher_job)
             started.append(publisher)
             publisher.expect("ready", START_TIMEOUT)
+            consumer.say("go")  # its CPU clock starts: the publisher's first event comes after this
             publisher.say("go")
             published = publisher.expect("published", scenario.timeout)
-        figures = consumer.expect("done", scenario.timeout + 15)
-        for process in started:
-            process.say("stop")
-        for process in started:
-            process.expect("stopped", STOP_TIMEOUT)
+        consumer.expect("arrived", scenario.timeout + 15)
+        publisher.say("stop")  # its CPU clock stops: its part is done
+        figures = consumer.expect("done", STOP_TIMEOUT)
+        consumer.say("stop")
+        publisher_cpu_s = publisher.expect("stopped", STOP_TIMEOUT)["cpu_s"]
+        consumer.expect("stopped", STOP_TIMEOUT)
     finally:
         for process in started:
             process.end()
-    return _result(scenario, published, figures)
+    return _result(scenario, published, figures | {"publisher_cpu_s": publisher_cpu_s})
 
 
 def _result(scenario: Scenario, published: dict[str, int], figures: dict[str, Any]) -> RoundResult:
@@ -167,17 +181,54 @@ def _result(scenario: Scenario, published: dict[str, int], figures: dict[str, An
         p99_ms=percentile(latencies, 99) if scenario.measure == "latency" else math.nan,
         peak_mib=figures["peak_rss_kib"] / 1024 if scenario.measure == "backlog" else math.nan,
         duplicates=figures["duplicates"],
+        rate=scenario.rate or math.nan,
+        consumer_cpu_us=figures["cpu_s"] / n * 1e6,
+        publisher_cpu_us=figures["publisher_cpu_s"] / n * 1e6,
     )
+
+
+def paced(scenario: Scenario, done: list[RoundResult], this_round: list[RoundResult]) -> Scenario | str:
+    """`scenario` with its rate: for a half-rate latency row, half the events/s of its throughput row in
+    `this_round`, or (if that round failed) the median of its rounds in `done`; a note saying why not when
+    there is none (its throughput row was not run, under `--only`, or failed every round so far)."""
+    if scenario.half_of is None:
+        return scenario
+
+    def measured(results: list[RoundResult]) -> list[float]:
+        return [
+            r.throughput
+            for r in results
+            if (r.key, r.system, r.ok) == (scenario.half_of, scenario.system, True)
+        ]
+
+    if now := measured(this_round):
+        rate = now[-1] / 2
+    elif so_far := measured(done):
+        rate = statistics.median(so_far) / 2
+    else:
+        return (
+            f"no throughput of {scenario.half_of} ({scenario.system}) in this run to halve:"
+            f" run it too (--only ={scenario.half_of})"
+        )
+    return replace(scenario, rate=rate)
 
 
 def run_all(scenarios: list[Scenario], rounds: int, kafka: str | None, log: Any) -> list[RoundResult]:
     """Every scenario `rounds` times, interleaved (round 1 of all, then round 2...) so that a noisy minute
-    on the machine touches every system alike. The backlog runs once per round too."""
+    on the machine touches every system alike. The backlog runs once per round too. A half-rate latency row
+    runs at half its throughput row's figure of the same round (that row comes before it in the list), or is
+    skipped with a note (`paced`)."""
     results: list[RoundResult] = []
     for number in range(1, rounds + 1):
+        this_round: list[RoundResult] = []
         for scenario in scenarios:
             began = time.monotonic()
-            result = run_round(scenario, kafka)
+            chosen = paced(scenario, results, this_round)
+            if isinstance(chosen, str):
+                result = RoundResult(scenario.key, scenario.system, ok=False, problem=chosen, skipped=True)
+            else:
+                result = run_round(chosen, kafka)
             results.append(result)
+            this_round.append(result)
             log(number, scenario, result, time.monotonic() - began)
     return results

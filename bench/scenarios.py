@@ -22,6 +22,11 @@ PLOTTED = (*SYSTEMS, BARE_SQLITE, HAND_WRITTEN)
 """Every system, in the order of the plot's bars."""
 E1_RATE = 500.0
 """Events/s of the E1 latency runs: well under every system's throughput here, so latency is not queueing."""
+DURABLE_RATE = 200.0
+"""Events/s of the first latency row of each durable system (issue 16: a rate each system sustains); the
+second runs at half the throughput of the same system's 1 event/UoW row in the same round."""
+AT_RATE, AT_HALF = f"latency{DURABLE_RATE:.0f}", "latency-half"
+"""The last part of the keys of those two rows, e.g. `e2.rabbitmq.latency200`, `e3.sqlite.latency-half`."""
 
 
 @dataclass(frozen=True)
@@ -45,11 +50,15 @@ class Scenario:
     batch: bool = True
     """The consumer's `subscribe(..., batch=...)`: True (the default) handles the messages of one fetch in one
     unit of work; False gives each message a unit of work of its own."""
+    half_of: str | None = None
+    """For a latency row paced at half a measured throughput: the key of that throughput row (same system),
+    which runs before it in each round. Its `rate` is None until the runner sets it (bench/run.py)."""
 
     @property
     def timeout(self) -> float:
-        """How long a round may wait for its events: generous, but bounded."""
-        return 60.0 + self.n / 250
+        """How long a round may wait for its events: generous, but bounded (and longer by the time that
+        pacing takes)."""
+        return 60.0 + self.n / 250 + (self.n / self.rate if self.rate else 0.0)
 
     def scaled(self, factor: float) -> Scenario:
         """The same scenario with `factor` times the events (whole units of work, at least one per window)."""
@@ -78,14 +87,26 @@ def _rabbitmq_direct() -> list[Scenario]:
     return throughput + latency
 
 
-def _durable(
-    broker: str, label: str, n: int, latency_rate: float, one_by_one: bool = False
-) -> list[Scenario]:
-    """E2 (or E3) on `broker` with the default subscribe; with `one_by_one`, each again with the consumer's
-    `batch=False` (a unit of work per message)."""
+def _durable(broker: str, label: str, n: int, one_by_one: bool = False) -> list[Scenario]:
+    """E2 (or E3) on `broker` with the default subscribe: throughput at 1 and 100 events/UoW, then commit to
+    handler at `DURABLE_RATE` and at half the 1 event/UoW row's throughput (as many events as that row, so
+    about twice its time). With `one_by_one`, the consumer's `batch=False` (a unit of work per message) again:
+    its throughput rows and its latency at `DURABLE_RATE`."""
+    uow1 = f"{label}.{broker}.uow1"
+    latency = Scenario(
+        f"{label}.{broker}.{AT_RATE}",
+        f"{label.upper()} durable, commit to handler at {DURABLE_RATE:,.0f}/s",
+        "latency",
+        EVENTRELAY,
+        broker,
+        int(3 * DURABLE_RATE),
+        durable=True,
+        window=64,
+        rate=DURABLE_RATE,
+    )
     plain = [
         Scenario(
-            f"{label}.{broker}.uow1",
+            uow1,
             f"{label.upper()} durable, 1 event/UoW, 8 publishers",
             "throughput",
             EVENTRELAY,
@@ -105,22 +126,22 @@ def _durable(
             per_unit=100,
             window=2,
         ),
-        Scenario(
-            f"{label}.{broker}.latency",
-            f"{label.upper()} durable, commit to handler at {latency_rate:,.0f}/s",
-            "latency",
-            EVENTRELAY,
-            broker,
-            int(3 * latency_rate),
-            durable=True,
-            window=64,
-            rate=latency_rate,
+        latency,
+        replace(
+            latency,
+            key=f"{label}.{broker}.{AT_HALF}",
+            title=f"{label.upper()} durable, commit to handler at half the 1 event/UoW throughput",
+            n=n,
+            rate=None,
+            half_of=uow1,
         ),
     ]
     if not one_by_one:
         return plain
     return plain + [
-        replace(s, key=f"{s.key}.one-by-one", title=f"{s.title}, batch=False", batch=False) for s in plain
+        replace(s, key=f"{s.key}.one-by-one", title=f"{s.title}, batch=False", batch=False)
+        for s in plain
+        if s.half_of is None
     ]
 
 
@@ -142,12 +163,17 @@ def _bare_sqlite(n: int) -> list[Scenario]:
     ]
 
 
-def _hand_written(n: int, latency_rate: float) -> list[Scenario]:
+def _hand_written(n: int) -> list[Scenario]:
     """The E2 rows on RabbitMQ again, written by hand with asyncpg and aio-pika: same events, same windows,
-    with the per-fetch consumer; the throughput rows again with the per-message one."""
+    with the per-fetch consumer (its half-rate latency row halves its own throughput); the throughput rows
+    again with the per-message one."""
+
+    def hand(key: str) -> str:
+        return key.replace("e2.rabbitmq.", "e2.rabbitmq.hand.")
+
     per_fetch = [
-        replace(s, key=s.key.replace("e2.rabbitmq.", "e2.rabbitmq.hand."), system=HAND_WRITTEN)
-        for s in _durable("rabbitmq", "e2", n, latency_rate)
+        replace(s, key=hand(s.key), system=HAND_WRITTEN, half_of=hand(s.half_of) if s.half_of else None)
+        for s in _durable("rabbitmq", "e2", n)
     ]
     return per_fetch + [
         replace(s, key=f"{s.key}.per-message", title=f"{s.title}, per message", batch=False)
@@ -185,13 +211,13 @@ def all_scenarios(backlog: int) -> list[Scenario]:
     """Every scenario at its default size, in the order the table shows them."""
     found = (
         _rabbitmq_direct()
-        + _durable("rabbitmq", "e2", 2_000, 500.0, one_by_one=True)
-        + _hand_written(2_000, 500.0)
-        + _durable("sqlite", "e3", 2_000, 1000.0, one_by_one=True)
+        + _durable("rabbitmq", "e2", 2_000, one_by_one=True)
+        + _hand_written(2_000)
+        + _durable("sqlite", "e3", 2_000, one_by_one=True)
         + _bare_sqlite(2_000)
     )
     for broker in ("nats", "redis", "kafka"):
-        found += _direct(broker) + _durable(broker, "e2", 1_500, 500.0)
+        found += _direct(broker) + _durable(broker, "e2", 1_500)
     found.append(
         Scenario(
             "backlog.rabbitmq",
@@ -287,7 +313,7 @@ def setup(scenario: Scenario, suffix: str, folder: Path, kafka: str | None) -> S
         latencies=scenario.measure == "latency",
     )
     return Setup(
-        consumer=replace(common, database=consumer_db),
+        consumer=replace(common, database=consumer_db, go=scenario.measure != "backlog"),
         publisher=replace(
             common,
             publisher_database=publisher_db,
