@@ -431,10 +431,9 @@ class RabbitMQBroker(Broker):
         text = f"Could not {action} RabbitMQ at {redact_url(self._url)}: {self._scrub(exc)}"
         if isinstance(exc, amqp.ChannelPreconditionFailed):
             return ConfigurationError(f"{text} (an exchange or queue exists with other settings)")
-        # A connection closed under a call (reset, broker gone) before the supervisor noticed: aio-pika then
+        # A connection lost under a call (reset, broker gone) before the supervisor noticed: aio-pika then
         # raises what it likes (RuntimeError "... closed" opening a channel), and it is no refusal.
-        lost = self._conn is None or self._conn.is_closed
-        lost = lost or isinstance(exc, asyncio.CancelledError | amqp.ChannelInvalidStateError)
+        lost = _gone(self._conn) or isinstance(exc, asyncio.CancelledError | amqp.ChannelInvalidStateError)
         if lost or isinstance(exc, ConnectionError | OSError | TimeoutError | amqp.AMQPConnectionError):
             return BrokerUnavailable(text)
         return PublishFailed(text)
@@ -442,6 +441,13 @@ class RabbitMQBroker(Broker):
     def _scrub(self, exc: BaseException) -> str:
         text = f"{type(exc).__name__}: {exc}"
         return text.replace(self._secret, "***") if self._secret else text
+
+
+def _gone(conn: AbstractConnection | None) -> bool:
+    """Whether `conn` is closed or lost: aio-pika's `is_closed` only says we closed it; aiormq knows of a lost
+    connection some event-loop rounds before aio-pika's callback tells the supervisor (`_on_lost`)."""
+    transport = None if conn is None or conn.is_closed else conn.transport
+    return transport is None or transport.connection.is_closed
 
 
 def _outgoing(message: Message, attempt: int = 1, due: int | None = None) -> aio_pika.Message:
