@@ -270,15 +270,18 @@ class SqlTransaction(Transaction):
     async def read_committed(self) -> None:
         """Run this transaction at READ COMMITTED (MySQL/MariaDB: no gap locks); call it first."""
         if self._connection is None and not self._session.in_transaction():
-            options = {"isolation_level": "READ COMMITTED"}
-            self._connection = await self._session.connection(execution_options=options)
+            await self._connect(isolation_level="READ COMMITTED")
 
     async def execute(self, statement: Any, parameters: Any = None) -> Any:
         """Run one of the store's own statements on the session's connection: SQLAlchemy Core, without
         the ORM's autoflush and bookkeeping (the user's statements through `session` keep them)."""
+        return await (await self._connect()).execute(statement, parameters)
+
+    async def _connect(self, **options: Any) -> AsyncConnection:
+        """The session's connection, held for the transaction; `options` apply when it is the first call."""
         if self._connection is None:
-            self._connection = await self._session.connection()
-        return await self._connection.execute(statement, parameters)
+            self._connection = await self._session.connection(execution_options=options or None)
+        return self._connection
 
     @property
     def usable(self) -> bool:
@@ -315,7 +318,7 @@ class SqlTransaction(Transaction):
     async def _plain_savepoints(self) -> bool:
         """Whether plain savepoints can go straight to this session's driver."""
         if self._driver is None:
-            connection = await self._session.connection()
+            connection = await self._connect()
             driver = (await connection.get_raw_connection()).driver_connection
             plain = isinstance(driver, sqlite_driver.Connection) or connection.dialect.driver == "asyncpg"
             self._driver = driver if plain else False
