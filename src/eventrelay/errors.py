@@ -17,6 +17,8 @@ EventRelayError
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 
 class EventRelayError(Exception):
     """Base class of every exception eventrelay raises."""
@@ -35,7 +37,15 @@ class BrokerUnavailable(BrokerError):
 
 
 class PublishFailed(BrokerError):
-    """The broker refused a message."""
+    """The broker refused a message.
+
+    `refused` maps the positions (in the published sequence) of the messages the broker refused to why; the
+    others of that publish were accepted. `None`: the adapter cannot tell which, so none counts as accepted.
+    """
+
+    def __init__(self, text: str, refused: Mapping[int, str] | None = None) -> None:
+        super().__init__(text)
+        self.refused = refused
 
 
 class StoreError(EventRelayError):

@@ -142,21 +142,39 @@ class Relay:
             await self._publish([row.message for row in rows])
             return [row.seq for row in rows], []
         except PublishFailed as exc:
-            logger.warning("Broker refused a batch of %d, sending one by one: %s", len(rows), exc)
+            if exc.refused is None:
+                logger.warning("Broker refused a batch of %d, sending one by one: %s", len(rows), exc)
+                return await self._send_one_by_one(rows)
+            refused = {position: (rows[position], why) for position, why in exc.refused.items()}
+        for row, why in refused.values():
+            self._refused(row, why)
+        accepted = [row for position, row in enumerate(rows) if position not in refused]
+        self.metrics.relayed([row.message for row in accepted])
+        return [row.seq for row in accepted], list(refused.values())
+
+    async def _send_one_by_one(
+        self, rows: list[OutboxRecord]
+    ) -> tuple[list[int], list[tuple[OutboxRecord, str]]]:
+        """Find the rows the broker refuses (it did not say which); the others go on."""
         sent, refused = [], []
-        for row in rows:  # find the rows the broker refuses; the others go on
+        for row in rows:
             try:
                 await self._publish([row.message])
                 sent.append(row.seq)
             except PublishFailed as exc:
-                logger.error(
-                    "Broker refused outbox message %s (%s): %s",
-                    printable(row.message.id),
-                    printable(row.message.name),
-                    printable(exc),
-                )
+                self._refused(row, str(exc))
                 refused.append((row, str(exc)))
         return sent, refused
+
+    @staticmethod
+    def _refused(row: OutboxRecord, why: str) -> None:
+        message = row.message
+        logger.error(
+            "Broker refused outbox message %s (%s): %s",
+            printable(message.id),
+            printable(message.name),
+            printable(why),
+        )
 
     @contextlib.asynccontextmanager
     async def _transaction(self) -> AsyncIterator[Transaction]:

@@ -201,11 +201,41 @@ async def test_with_the_abp_profile_a_message_nobody_binds_fails_to_publish(topo
         await broker.bind(subscriber, name)
         bound, unbound = message(name), message(event_name())
 
-        with pytest.raises(PublishFailed, match="no queue is bound"):
+        with pytest.raises(PublishFailed, match=r"1 of 2 refused.*no queue is bound") as refused:
             await broker.publish([bound, unbound])
 
-        # The batch's other message went out; the relay sends rows one by one after a refusal.
+        # It says which came back: the batch's other message went out.
+        assert refused.value.refused is not None
+        assert list(refused.value.refused) == [1]
         assert [d.message for d in await collect(broker, subscriber, 1)] == [bound]
+
+
+class Watched(Event, name="RabbitMQTests.Watched"):
+    n: int
+
+
+class Unwatched(Event, name="RabbitMQTests.Unwatched"):
+    n: int
+
+
+async def test_the_relay_sends_again_only_the_message_rabbitmq_returned(topology: Topology) -> None:
+    """ABP's consumers keep no inbox: a confirmed row sent twice is a duplicate effect there."""
+    async with topology.broker("profile=abp") as broker:
+        watcher = subscriber_name()
+        await broker.bind(watcher, Watched.__event_name__)
+        async with DistributedEventBus(subscriber_name(), broker=broker, settings=FAST) as bus:
+            async with bus.unit_of_work():  # one batch: nobody binds its second message
+                for event in (Watched(n=1), Unwatched(n=2), Watched(n=3)):
+                    await bus.publish(event)
+            copies = await collect(broker, watcher, 2)
+            assert sorted(json.loads(d.message.body)["n"] for d in copies) == [1, 3]
+            assert await nothing_for(broker, watcher)  # once each, on the wire
+            assert (await bus.store.outbox_backlog())[0] == 1  # deferred, and sent once something binds it
+
+            await broker.bind(watcher, Unwatched.__event_name__)
+            late = await collect(broker, watcher, 1)
+            assert [json.loads(d.message.body)["n"] for d in late] == [2]
+            assert await nothing_for(broker, watcher)
 
 
 # --- retry queues -----------------------------------------------------------------------------------------

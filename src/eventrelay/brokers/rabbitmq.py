@@ -15,11 +15,7 @@ messages per subscriber: also the bound on its in-flight handlers), `retry_delay
 pass through; another option is an error.
 TLS: `amqps://` (port 5671) with aio-pika's `cafile`, `certfile`, `keyfile` and `no_verify_ssl`.
 
-Mapping: `message_id` = Message.id, `correlation_id` = the `x-correlation-id` header, persistent,
-`application/json`; the other headers go as AMQP headers, the ordering key as `x-eventrelay-key`. The adapter
-adds `x-eventrelay-attempt` (our own count: `x-death` counts are unreliable), `x-eventrelay-name` and
-`x-eventrelay-due` on retries. A message without them (as ABP publishes it) is named by its routing key, takes
-its correlation id from the property and is attempt 1. `docs/wire-format.md` has the ABP profile in full.
+Mapping: `rabbitmq_wire.py`. `docs/wire-format.md` has the ABP profile in full.
 
 A routing key nobody binds: RabbitMQ would drop the message and still confirm it. So the adapter publishes
 with `mandatory` and declares the exchange with the alternate exchange `<exchange>.unrouted` (fanout), whose
@@ -57,7 +53,7 @@ import functools
 import logging
 import time
 from collections import deque
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Awaitable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -67,20 +63,26 @@ from eventrelay.brokers import amqp_guard
 from eventrelay.brokers.amqp_guard import UndecodableHeaders
 from eventrelay.brokers.base import Broker
 from eventrelay.config import redact_url
-from eventrelay.envelope import CORRELATION_ID, Delivery, Message, new_message_id, printable
+from eventrelay.envelope import Delivery, Message, printable
 from eventrelay.errors import BrokerUnavailable, ConfigurationError, EventRelayError, PublishFailed
 
 try:
     import aio_pika
-    from aio_pika.abc import AbstractChannel, AbstractConnection, AbstractIncomingMessage, AbstractQueue
+    from aio_pika.abc import (
+        AbstractChannel,
+        AbstractConnection,
+        AbstractExchange,
+        AbstractIncomingMessage,
+        AbstractQueue,
+    )
     from aiormq import exceptions as amqp
+
+    from eventrelay.brokers import rabbitmq_wire as wire
 except ImportError as exc:  # pragma: no cover
     raise ImportError("RabbitMQ support needs an extra: pip install 'eventrelay[rabbitmq]'") from exc
 
 logger = logging.getLogger(__name__)
 
-ATTEMPT, NAME, KEY, DUE = "x-eventrelay-attempt", "x-eventrelay-name", "x-eventrelay-key", "x-eventrelay-due"
-_BROKER_HEADERS = ("x-death", "x-first-death-", "x-last-death-", "x-delivery-count")
 _OPTIONS = {"exchange", "exchange_type", "queue_type", "prefetch", "retry_delays", "publish_timeout"}
 _OPTIONS |= {"profile", "single_active_consumer"}
 _PASS_THROUGH = {"heartbeat", "name", "cafile", "capath", "cadata", "certfile", "keyfile", "no_verify_ssl"}
@@ -135,6 +137,7 @@ class RabbitMQBroker(Broker):
         self._conn: AbstractConnection | None = None
         self._admin: AbstractChannel | None = None
         self._publisher: AbstractChannel | None = None
+        self._publishing: tuple[AbstractChannel, AbstractExchange] | None = None
         self._ready, self._lost = asyncio.Event(), asyncio.Event()
         self._supervisor: asyncio.Task[None] | None = None
         self._closed = False
@@ -205,7 +208,7 @@ class RabbitMQBroker(Broker):
 
     def _forget(self) -> None:
         """Drop what belonged to the connection that is gone: its channels, buffers and leases."""
-        self._conn = self._admin = self._publisher = None
+        self._conn = self._admin = self._publisher = self._publishing = None
         self._ready.clear()
         for sub in self._subscribers.values():
             self._give_back_buffer(sub)
@@ -278,18 +281,34 @@ class RabbitMQBroker(Broker):
         if not messages:
             return
         async with self._translate("publish to"):
-            exchange = await (await self._channel("_publisher")).get_exchange(self.exchange, ensure=False)
+            exchange = await self._exchange()
+            sending = [
+                exchange.publish(wire.outgoing(m), m.name, timeout=self.publish_timeout) for m in messages
+            ]
             # All at once, so their confirms come back together; the channel keeps them in order.
-            sending = [exchange.publish(_outgoing(m), m.name, timeout=self.publish_timeout) for m in messages]
-            outcomes = await asyncio.gather(*sending, return_exceptions=True)
-        for message, outcome in zip(messages, outcomes, strict=True):
+            if len(sending) == 1:
+                outcomes: list[object] = [await _outcome(sending[0])]
+            else:
+                outcomes = await asyncio.gather(*sending, return_exceptions=True)
+        refused: dict[int, str] = {}
+        for position, (message, outcome) in enumerate(zip(messages, outcomes, strict=True)):
             if isinstance(outcome, amqp.PublishError):  # mandatory, and returned
-                raise PublishFailed(
+                refused[position] = (
                     f"RabbitMQ returned {message.id}: no queue is bound to {message.name!r} on exchange "
                     f"{self.exchange!r}, which has no alternate exchange"
-                ) from outcome
-            if isinstance(outcome, BaseException):
+                )
+            elif isinstance(outcome, BaseException):
                 raise self._error("publish to", outcome) from outcome
+        if refused:
+            first = refused[min(refused)]
+            raise PublishFailed(f"{len(refused)} of {len(messages)} refused; the first: {first}", refused)
+
+    async def _exchange(self) -> AbstractExchange:
+        """The exchange to publish to, on the publisher channel; looked up once per channel."""
+        channel = await self._channel("_publisher")
+        if self._publishing is None or self._publishing[0] is not channel:
+            self._publishing = channel, await channel.get_exchange(self.exchange, ensure=False)
+        return self._publishing[1]
 
     async def _send(self, queue: str, message: aio_pika.Message) -> None:
         """Publish straight to a queue (through the default exchange), confirmed."""
@@ -317,7 +336,7 @@ class RabbitMQBroker(Broker):
         batch: list[Delivery] = []
         while sub.buffer and len(batch) < max_count:
             incoming = sub.buffer.popleft()
-            message, attempt = _incoming(incoming)
+            message, attempt = wire.incoming(incoming)
             if incoming.redelivered and not self._returned.pop(message.id, False):
                 attempt += 1  # delivered before and not given back: its consumer died
             lease = _Lease(sub, incoming)
@@ -340,12 +359,12 @@ class RabbitMQBroker(Broker):
     ) -> None:
         if sub.channel is not channel:
             return  # from a channel given up on; it comes again
-        due = (msg.headers or {}).get(DUE)  # epoch milliseconds (AMQP floats are 32-bit)
+        due = (msg.headers or {}).get(wire.DUE)  # epoch milliseconds (AMQP floats are 32-bit)
         if isinstance(due, int) and due > time.time() * 1000 + 1:  # not due yet: another round
-            message, attempt = _incoming(msg)
+            message, attempt = wire.incoming(msg)
             queue = self._retry_queue(sub.name, due / 1000 - time.time())
             try:
-                await self._send(queue, _outgoing(message, attempt, due))
+                await self._send(queue, wire.outgoing(message, attempt, due))
                 await msg.ack()
             except Exception as exc:
                 logger.warning(
@@ -377,7 +396,7 @@ class RabbitMQBroker(Broker):
         due = round((time.time() + delay) * 1000) if delay > self.retry_delays[-1] else None
         async with self._translate("retry on"):
             _ = lease.incoming.channel  # raises if the lease was lost: then it comes again, without a copy
-            await self._send(queue, _outgoing(delivery.message, delivery.attempt + 1, due))
+            await self._send(queue, wire.outgoing(delivery.message, delivery.attempt + 1, due))
             await lease.incoming.ack()
 
     def _let_go(self, delivery: Delivery) -> _Lease:
@@ -450,38 +469,12 @@ def _gone(conn: AbstractConnection | None) -> bool:
     return transport is None or transport.connection.is_closed
 
 
-def _outgoing(message: Message, attempt: int = 1, due: int | None = None) -> aio_pika.Message:
-    headers: dict[str, Any] = dict(message.headers)
-    if message.key is not None:
-        headers[KEY] = message.key
-    if attempt > 1 or due is not None:
-        headers |= {ATTEMPT: attempt, NAME: message.name} | ({} if due is None else {DUE: due})
-    return aio_pika.Message(
-        message.body,
-        headers=headers,
-        content_type="application/json",
-        delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
-        message_id=message.id,
-        correlation_id=message.correlation_id,
-    )
-
-
-def _incoming(incoming: AbstractIncomingMessage) -> tuple[Message, int]:
-    """The message and its attempt as published (a redelivery not counted yet)."""
-    # Values go as they came: one that is not a string makes the bus dead-letter the message, with the reason.
-    headers = {k: v for k, v in (incoming.headers or {}).items() if not k.startswith(_BROKER_HEADERS)}
-    name, key, attempt = headers.pop(NAME, None), headers.pop(KEY, None), headers.pop(ATTEMPT, 1)
-    headers.pop(DUE, None)
-    if incoming.correlation_id and CORRELATION_ID not in headers:
-        headers[CORRELATION_ID] = incoming.correlation_id
-    message = Message(
-        incoming.message_id or new_message_id(),
-        str(name or incoming.routing_key or ""),
-        incoming.body,
-        headers,  # type: ignore[arg-type]
-        None if key is None else str(key),
-    )
-    return message, attempt if isinstance(attempt, int) and attempt > 1 else 1
+async def _outcome(sending: Awaitable[object]) -> object:
+    """What `sending` returned or raised (one message needs no task of its own)."""
+    try:
+        return await sending
+    except Exception as exc:
+        return exc
 
 
 def _choice(query: dict[str, str], option: str, choices: tuple[str, ...]) -> str:
