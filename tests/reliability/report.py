@@ -4,6 +4,8 @@
     python -m tests.reliability.report --write docs/reliability.md   # and put it in the document
                                                      # (the CI-size or the full-size table, as the run was)
     python -m tests.reliability.report a.json b.json   # one table of several runs (parts of the suite)
+    python -m tests.reliability.report f.json --write docs/reliability.md --section full-crashes
+                                                     # a part re-run, into a section of its own
 
 The suite prints the same table (the same function renders both) at the end of its run.
 """
@@ -16,7 +18,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-MARKERS = "<!-- figures:{run}:begin -->", "<!-- figures:{run}:end -->"  # run: "ci" or "full"
+MARKERS = "<!-- figures:{run}:begin -->", "<!-- figures:{run}:end -->"  # run: "ci", "full" or a section
 BROKERS = ("memory", "sqlite", "postgresql", "rabbitmq", "redis", "nats", "kafka")  # the table's order
 COLUMNS = ("scenario", "broker", "sent", "delivered", "duplicates", "dead letters", "recovery (s)", "notes")
 
@@ -70,6 +72,7 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     parser.add_argument("figures", nargs="*", type=Path, help="JSON files of runs (default: the last run)")
     parser.add_argument("--write", type=Path, metavar="DOCUMENT", help="put the table into DOCUMENT")
+    parser.add_argument("--section", help="the markers to write between (default: ci or full, as run)")
     args = parser.parse_args(argv)
     files: list[Path] = args.figures or [report_path()]
     if missing := [str(path) for path in files if not path.exists()]:
@@ -78,7 +81,7 @@ def main(argv: list[str] | None = None) -> None:
     table = render(data)
     print(table)
     if args.write:
-        write(args.write, table, "full" if data["full"] else "ci")
+        write(args.write, table, args.section or ("full" if data["full"] else "ci"))
         print(f"\nwritten to {args.write}")
 
 
