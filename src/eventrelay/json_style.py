@@ -111,7 +111,9 @@ def _make_plan(cls: type[BaseModel]) -> _Plan:
         wire = info.serialization_alias or info.alias or camel_case(dotnet_name(name))
         if not info.exclude:
             fields.append((name, wire))
-        target = info.validation_alias if isinstance(info.validation_alias, str) else info.alias or name
+        if info.validation_alias is not None and not isinstance(info.validation_alias, str):
+            continue  # AliasChoices / AliasPath: the body's keys go to pydantic as they came
+        target = info.validation_alias or info.alias or name
         for key in (name, wire, info.alias, target):
             if key is not None:
                 keys.setdefault(key.lower(), target)

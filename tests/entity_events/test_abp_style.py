@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from eventrelay import DistributedEventBus, Event, Message
-from eventrelay.entity_events import EntityEvents
+from eventrelay.entity_events import EntityEvents, EntityUpdatedEto
 from eventrelay.envelope import new_message_id
 from eventrelay.synchronizer import EntitySynchronizer
 from eventrelay.testing import RecordingBroker, wait_until_idle
@@ -96,6 +96,35 @@ async def test_the_synchronizer_ignores_an_abp_event_older_than_its_copy(tmp_pat
         assert await order_service.dead_letters() == []
     assert copy is not None
     assert (copy.name, copy.user_name, copy.entity_version) == ("Three", "three", 3)
+
+
+class VersionedUserEto(Event, name="AbpStyleTests.Users.User"):
+    """A user ETO with ABP's `IHasEntityVersion` as a field of its own."""
+
+    id: uuid.UUID
+    name: str
+    entity_version: int
+
+
+class VersionedCopies(EntitySynchronizer[VersionedUserEto, Buyer]):
+    """Buyers kept from ETOs that carry their own version."""
+
+
+async def test_the_synchronizer_takes_the_version_an_eto_carries_itself(tmp_path: Path) -> None:
+    broker = RecordingBroker()
+    publisher = DistributedEventBus("IdentityService", broker=broker, settings=settings())
+    order_service = orders(f"sqlite+aiosqlite:///{tmp_path}/orders.db", broker)
+    await order_service.subscribe(VersionedCopies)
+    user_id = uuid.uuid4()
+    async with publisher, order_service:
+        await create_models(order_service, OrderBase.metadata)
+        for name, version in (("Three", 3), ("Two", 2)):  # "Two" comes late; no event-level version
+            user = VersionedUserEto(id=user_id, name=name, entity_version=version)
+            await publisher.publish(EntityUpdatedEto[VersionedUserEto](entity=user), key="User:1")
+            await wait_until_idle(publisher, order_service)
+        copy = await buyer(order_service, user_id)
+    assert copy is not None
+    assert (copy.name, copy.entity_version) == ("Three", 3)
 
 
 class Greeted(Event, name="AbpStyleTests.Greeted"):

@@ -8,7 +8,8 @@ from decimal import Decimal
 from uuid import UUID
 
 import pytest
-from pydantic import Field
+from pydantic import ConfigDict, Field
+from pydantic.alias_generators import to_pascal
 
 from eventrelay import ConfigurationError, Event, Settings
 from eventrelay.codec import decode, encode_body
@@ -52,6 +53,15 @@ class AcronymEto(Event, name="JsonStyleTests.Acronyms"):
     productID: int  # named as the .NET property ProductID
     url_value: str = Field(alias="URLValue")
     io_stream: str = Field(alias="ioStream")
+
+
+class GeneratedAliasEto(Event, name="JsonStyleTests.GeneratedAlias"):
+    """A class that opted into an alias generator before the style existed: its aliases still win."""
+
+    model_config = ConfigDict(alias_generator=to_pascal, populate_by_name=True)
+
+    order_id: int
+    note: str = ""
 
 
 class CartEto(Event, name="JsonStyleTests.Cart"):
@@ -115,6 +125,12 @@ def test_acronyms_and_explicit_aliases_keep_abps_exact_names() -> None:
     eto = AcronymEto(productID=7, URLValue="u", ioStream="s")
     assert encode_body(eto, "abp") == b'{"productID":7,"URLValue":"u","ioStream":"s"}'
     assert decode(message(b'{"ProductID":7,"urlvalue":"u","IOSTREAM":"s"}'), AcronymEto, 1000, "abp") == eto
+
+
+def test_an_alias_generator_of_the_class_wins_too() -> None:
+    eto = GeneratedAliasEto(order_id=1, note="n")
+    assert encode_body(eto, "abp") == b'{"OrderId":1,"Note":"n"}'
+    assert decode(message(b'{"orderId":1,"note":"n"}'), GeneratedAliasEto, 1000, "abp") == eto
 
 
 def test_a_body_as_abp_writes_it_is_read_ignoring_case_with_7_digit_times_and_decimal_numbers() -> None:
