@@ -13,6 +13,8 @@ them ignoring case. Under the "abp" style:
 - Datetimes go out as .NET writes them: `2024-05-01T12:00:00.5Z` (fraction without trailing zeros, `Z` for
   UTC, `+02:00` for another offset, nothing for a naive one); in, up to 7 fractional digits are read (the
   7th, .NET's 100 ns, is dropped), with or without an offset.
+- A timedelta is a .NET TimeSpan both ways: `"1.02:03:04.5000000"` (`[-][d.]hh:mm:ss[.fffffff]`).
+- A float that is NaN or infinite is written `null`, as pydantic writes it.
 - A field a class lists in `__abp_inside__` (`{"entity_version": "entity"}` on the entity events) travels
   inside the object of the named field, as ABP's `IHasEntityVersion` puts `entityVersion` inside the entity.
 
@@ -24,13 +26,14 @@ per class is done once and cached. A model with serializers of its own (`@field_
 from __future__ import annotations
 
 import json
+import re
 import types
 import typing
 import unicodedata
 import weakref
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import datetime, timedelta
 from decimal import Decimal
 from enum import Enum
 from typing import Any, Literal, TypeVar
@@ -134,11 +137,14 @@ def _make_plan(cls: type[BaseModel]) -> _Plan:
 
 
 def _renamer(annotation: Any) -> Callable[[Any], Any] | None:
-    """What renames the body keys of the models an annotation holds, or None if it holds none."""
+    """What renames the body keys of the models an annotation holds (and reads .NET TimeSpans), or None if
+    it holds neither."""
     origin, args = typing.get_origin(annotation), typing.get_args(annotation)
     if isinstance(annotation, type) and issubclass(annotation, BaseModel):
         model = annotation
         return lambda value: _rename(value, model)
+    if annotation is timedelta:
+        return _read_timespan
     if origin is typing.Annotated:
         return _renamer(args[0])
     if origin is typing.Union or origin is types.UnionType:
@@ -202,6 +208,8 @@ def _write(value: Any, out: list[bytes]) -> None:
         out.append(format(value, "f").encode())
     elif isinstance(value, datetime):
         out.append(_dotnet_datetime(value))
+    elif isinstance(value, timedelta):
+        out.append(_dotnet_timespan(value))
     elif isinstance(value, Enum):
         _write(value.value, out)
     elif isinstance(value, dict):
@@ -219,7 +227,7 @@ def _write(value: Any, out: list[bytes]) -> None:
             _write(item, out)
         out.append(b"]")
     else:
-        out.append(to_json(value))
+        out.append(to_json(value, inf_nan_mode="null"))  # as pydantic writes them: JSON has no NaN
 
 
 def _write_model(model: BaseModel, out: list[bytes], extra: dict[str, Any] | None) -> None:
@@ -275,3 +283,36 @@ def _dotnet_datetime(value: datetime) -> bytes:
             sign = "-" if minutes < 0 else "+"
             text += f"{sign}{abs(minutes) // 60:02d}:{abs(minutes) % 60:02d}"
     return f'"{text}"'.encode()
+
+
+_TICKS_PER = {"day": 864_000_000_000, "hour": 36_000_000_000, "minute": 600_000_000, "second": 10_000_000}
+_TIMESPAN = re.compile(r"(-)?(?:(\d+)\.)?(\d{1,2}):(\d{2}):(\d{2})(?:\.(\d{1,7}))?")
+
+
+def _dotnet_timespan(value: timedelta) -> bytes:
+    """As System.Text.Json writes a TimeSpan (its "c" format): `[-][d.]hh:mm:ss[.fffffff]`."""
+    ticks = (value // timedelta(microseconds=1)) * 10
+    sign, ticks = ("-" if ticks < 0 else ""), abs(ticks)
+    days, ticks = divmod(ticks, _TICKS_PER["day"])
+    hours, ticks = divmod(ticks, _TICKS_PER["hour"])
+    minutes, ticks = divmod(ticks, _TICKS_PER["minute"])
+    seconds, ticks = divmod(ticks, _TICKS_PER["second"])
+    text = f"{sign}{f'{days}.' if days else ''}{hours:02d}:{minutes:02d}:{seconds:02d}"
+    return f'"{text}.{ticks:07d}"'.encode() if ticks else f'"{text}"'.encode()
+
+
+def _read_timespan(value: Any) -> Any:
+    """A .NET TimeSpan's text as a timedelta (its 7th fractional digit, 100 ns, dropped); other values as
+    they came, for pydantic."""
+    match = _TIMESPAN.fullmatch(value) if isinstance(value, str) else None
+    if match is None:
+        return value
+    sign, days, hours, minutes, seconds, fraction = match.groups()
+    span = timedelta(
+        days=int(days or 0),
+        hours=int(hours),
+        minutes=int(minutes),
+        seconds=int(seconds),
+        microseconds=int((fraction or "0").ljust(7, "0")[:6]),
+    )
+    return -span if sign else span

@@ -186,6 +186,26 @@ def test_datetimes_are_written_as_dotnet_writes_them() -> None:
     )
 
 
+class TimedEto(Event, name="JsonStyleTests.Timed"):
+    took: timedelta
+    limit: timedelta | None = None
+
+
+@pytest.mark.parametrize(
+    ("span", "text"),
+    [
+        (timedelta(minutes=1, seconds=30), "00:01:30"),
+        (timedelta(days=1, hours=2, minutes=3, seconds=4, milliseconds=500), "1.02:03:04.5000000"),
+        (timedelta(microseconds=1), "00:00:00.0000010"),
+        (-timedelta(minutes=1, seconds=30), "-00:01:30"),
+    ],
+)
+def test_a_timedelta_is_a_dotnet_timespan_both_ways(span: timedelta, text: str) -> None:
+    body = f'{{"took":"{text}","limit":"{text}"}}'.encode()
+    assert encode_body(TimedEto(took=span, limit=span), "abp") == body
+    assert decode(message(body), TimedEto, 1000, "abp") == TimedEto(took=span, limit=span)
+
+
 def test_entity_events_carry_the_version_inside_the_entity_as_abp_does() -> None:
     body = (
         b'{"entity":{"id":"3a0f2b1c-7d5e-4f60-9a8b-1c2d3e4f5a6b","tenantId":null,"userName":"alice",'
@@ -276,3 +296,13 @@ def test_settings_take_the_json_style_from_the_environment_and_check_it() -> Non
     assert Settings.from_env("SVC_", {"SVC_JSON_STYLE": "abp"}).json_style == "abp"
     with pytest.raises(ConfigurationError, match="json_style is one of eventrelay, abp"):
         Settings(json_style="camel")  # type: ignore[arg-type]
+
+
+class MeasuredEto(Event, name="JsonStyleTests.Measured"):
+    value: float
+
+
+def test_a_float_json_has_no_number_for_is_written_null_as_pydantic_writes_it() -> None:
+    assert encode_body(MeasuredEto(value=float("nan")), "abp") == b'{"value":null}'
+    assert encode_body(MeasuredEto(value=float("nan"))) == b'{"value":null}'
+    assert encode_body(MeasuredEto(value=0.1), "abp") == b'{"value":0.1}'
