@@ -31,6 +31,7 @@ from eventrelay.errors import ConfigurationError
 from eventrelay.events import DynamicEvent, Event, event_name, validate_event_name
 from eventrelay.group_commit import GroupCommit
 from eventrelay.handlers import DistributedEventHandler, HandlerSpec, RetryPolicy, resolve_handler
+from eventrelay.json_style import JsonStyle
 from eventrelay.metrics import Metrics, NoMetrics, committed_stamp
 from eventrelay.outbox import Relay
 from eventrelay.stores.base import DeadLetter, Store, Transaction, utcnow
@@ -84,6 +85,9 @@ class DistributedEventBus:
         self._owns_broker = isinstance(broker, str)
         self.broker_url = broker if isinstance(broker, str) else f"{type(broker).__name__} instance"
         self.broker = broker_from_url(broker) if isinstance(broker, str) else broker
+        abp = self.settings.json_style == "abp" or getattr(self.broker, "profile", None) == "abp"
+        self.json_style: JsonStyle = "abp" if abp else "eventrelay"
+        """The conventions of this bus's bodies: `Settings.json_style`, or "abp" on a `profile=abp` broker."""
         self._owns_store = not isinstance(database, Store)
         self.store = _store(database)
         if entity_events is not None and (database is None or isinstance(self.store, MemoryStore)):
@@ -264,7 +268,7 @@ class DistributedEventBus:
         if isinstance(event, Event):
             if data is not None:
                 raise ConfigurationError("Pass data only with an event name: publish('Name', {...})")
-            name, body = event_name(event), encode_body(event)
+            name, body = event_name(event), encode_body(event, self.json_style)
         elif isinstance(event, str):
             name = validate_event_name(event)
             body = encode_body(DynamicEvent(name, dict(data or {})))

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 from collections.abc import Mapping
+from datetime import date, datetime
+from decimal import Decimal
 from typing import Any
 
 from pydantic import ValidationError
@@ -11,10 +13,18 @@ from pydantic import ValidationError
 from eventrelay.envelope import Message
 from eventrelay.errors import ConfigurationError, DecodeError
 from eventrelay.events import DynamicEvent, Event
+from eventrelay.json_style import JsonStyle, decode_abp, encode_abp
 
 
-def encode_body(event: Event | DynamicEvent) -> bytes:
-    """The JSON body of an event (field aliases applied)."""
+def encode_body(event: Event | DynamicEvent, style: JsonStyle = "eventrelay") -> bytes:
+    """The JSON body of an event (field aliases applied), in `style`'s conventions (`json_style.py`).
+
+    A dynamic event's dict is written as it is in either style."""
+    if style == "abp" and isinstance(event, Event):
+        try:
+            return encode_abp(event)
+        except ValueError as exc:
+            raise ConfigurationError(f"{type(event).__name__} cannot be written as JSON: {exc}") from exc
     if isinstance(event, DynamicEvent):
         try:
             return json.dumps(event.data, separators=(",", ":"), ensure_ascii=False).encode()
@@ -33,8 +43,73 @@ def check_headers(headers: Mapping[Any, Any]) -> dict[str, str]:
     return dict(headers)
 
 
-def decode(message: Message, event_type: type[Event] | None, max_bytes: int) -> Event | DynamicEvent:
-    """Turn a message into `event_type`, or into a `DynamicEvent` when `event_type` is None.
+def text_headers(headers: Mapping[Any, Any]) -> tuple[dict[str, str], str | None]:
+    """Headers a broker delivered with values of any type (an AMQP table: ABP's `headersArguments` may
+    hold ints, booleans, tables), as the strings the bus carries, and why not, if some cannot be.
+
+    A string stays; `True`/`False` become `true`/`false`; an int and a Decimal their decimal text (`7`,
+    `9.99`); a float its shortest exact text (`0.1`, `inf`); a datetime or date ISO 8601
+    (`2024-05-01T12:00:00+00:00`); bytes their text if UTF-8; a nested table or list compact JSON (its
+    decimals as numbers, its datetimes and UTF-8 bytes as strings: `{"a":1,"b":[true]}`); None (AMQP's
+    void) is left out. What cannot be carried so (bytes that are not UTF-8, a name that is not a string, a
+    type none of these) is kept as its `repr` and named in the reason: the message is then a dead letter,
+    unhandled.
+    """
+    text: dict[str, str] = {}
+    bad: list[str] = []
+    for name, value in headers.items():
+        if value is None:
+            continue
+        try:
+            if not isinstance(name, str):
+                raise TypeError(f"a header name is {type(name).__name__}, not a string")
+            text[name] = value if isinstance(value, str) else _header_text(value)
+        except (TypeError, ValueError) as exc:
+            text[str(name)] = repr(value)
+            bad.append(f"{name!r} ({exc})")
+    return text, (f"header values that cannot be carried as text: {', '.join(bad)}" if bad else None)
+
+
+def _header_text(value: object) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int):
+        return str(int(value))
+    if isinstance(value, float):
+        return float.__repr__(value)
+    if isinstance(value, Decimal):  # AMQP's decimal: a scale and an integer, so `f` never needs an exponent
+        return format(value, "f") if value.is_finite() else str(value)
+    if isinstance(value, dict | list | tuple):
+        return json.dumps(_json_ready(value), separators=(",", ":"), ensure_ascii=False)
+    return str(_json_ready(value))  # datetime, date, bytes: their text; anything else raised
+
+
+def _json_ready(value: object) -> Any:
+    if value is None or isinstance(value, str | bool | int | float):
+        return value
+    if isinstance(value, Decimal):  # AMQP's decimal holds at most 10 digits: a float keeps its value
+        return int(value) if value.is_finite() and value == value.to_integral_value() else float(value)
+    if isinstance(value, datetime | date):
+        return value.isoformat()
+    if isinstance(value, bytes | bytearray | memoryview):
+        try:
+            return bytes(value).decode()
+        except UnicodeDecodeError:
+            raise ValueError("bytes that are not UTF-8 text") from None
+    if isinstance(value, dict):
+        if not all(isinstance(k, str) for k in value):
+            raise ValueError("a table with a name that is not a string")
+        return {k: _json_ready(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_json_ready(v) for v in value]
+    raise ValueError(f"a value of type {type(value).__name__}")
+
+
+def decode(
+    message: Message, event_type: type[Event] | None, max_bytes: int, style: JsonStyle = "eventrelay"
+) -> Event | DynamicEvent:
+    """Turn a message into `event_type`, or into a `DynamicEvent` when `event_type` is None, reading the body
+    in `style`'s conventions (a `DynamicEvent`'s dict is the body as it is, in either style).
 
     Raises `DecodeError` with a readable reason for oversize, non-JSON, too deeply nested or invalid bodies
     and bad headers, and for any other exception decoding raises: such a message is dead-lettered at once.
@@ -57,6 +132,8 @@ def decode(message: Message, event_type: type[Event] | None, max_bytes: int) -> 
             raise DecodeError(f"body of {message.name!r} is not a JSON object")
         return DynamicEvent(message.name, data)
     try:
+        if style == "abp":
+            return decode_abp(message.body, event_type)
         return event_type.model_validate_json(message.body)
     except ValidationError as exc:
         raise DecodeError(
@@ -65,6 +142,8 @@ def decode(message: Message, event_type: type[Event] | None, max_bytes: int) -> 
         ) from exc
     except RecursionError as exc:  # a validator of the event's own that recurses per level
         raise DecodeError(f"body of {message.name!r} is nested too deeply to decode") from exc
+    except ValueError as exc:  # only json.loads (style "abp") lets one through: pydantic's are wrapped
+        raise DecodeError(f"body of {message.name!r} is not JSON: {exc}") from exc
     except Exception as exc:  # a validator raised what pydantic lets through (not ValueError, AssertionError)
         raise DecodeError(f"body of {message.name!r} cannot be decoded: {_named(exc)}") from exc
 

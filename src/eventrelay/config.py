@@ -12,6 +12,7 @@ from typing import Any, Self
 
 from eventrelay.errors import ConfigurationError
 from eventrelay.handlers import RetryPolicy
+from eventrelay.json_style import JSON_STYLES, JsonStyle
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -51,6 +52,11 @@ class Settings:
     metrics_port: int = 0
     """When above 0, metrics are on and `Service.run` serves them at `http://{metrics_host}:{port}/metrics`."""
     metrics_host: str = "127.0.0.1"
+    json_style: JsonStyle = "eventrelay"
+    """How event bodies are written and read: `"eventrelay"` (field names as declared, read exactly) or
+    `"abp"` (ABP's System.Text.Json conventions: camelCase out, any case in, decimals as numbers; see
+    `eventrelay.json_style`). A bus on a broker with `profile=abp` (RabbitMQ) uses `"abp"` whatever this
+    says."""
 
     @classmethod
     def from_env(cls, prefix: str = "EVENTRELAY_", environ: Mapping[str, str] | None = None) -> Self:
@@ -87,6 +93,10 @@ class Settings:
         ):
             if getattr(self, name) <= 0:
                 raise ConfigurationError(f"Settings.{name} must be more than 0 seconds")
+        if self.json_style not in JSON_STYLES:
+            raise ConfigurationError(
+                f"Settings.json_style is one of {', '.join(JSON_STYLES)}: {self.json_style!r}"
+            )
         if not 0 <= self.metrics_port <= 65535:
             raise ConfigurationError("Settings.metrics_port must be from 0 (off) to 65535")
         for name in ("inbox_retention", "inbox_cleanup_interval"):  # <= 0 would purge every inbox record

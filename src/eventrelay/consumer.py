@@ -29,6 +29,7 @@ from eventrelay.stores.base import DEAD_LETTER_BODY_MAX, TRUNCATED_FROM, NewDead
 
 if TYPE_CHECKING:
     from eventrelay.bus import DistributedEventBus
+    from eventrelay.events import DynamicEvent, Event
     from eventrelay.uow import UnitOfWork
 
 logger = logging.getLogger(__name__)
@@ -237,14 +238,14 @@ class Consumer:
         behind an earlier one of its key left so),
         `(delivery, delay)` for a keyed delivery whose handler failed and retries in place after `delay`.
         """
-        bus, limit = self.bus, self.bus.settings.max_message_bytes
+        bus = self.bus
         store, service = bus.store, bus.service
         jobs: list[tuple[Delivery, list[tuple[HandlerSpec, Any]] | None]] = []
         for delivery in deliveries:
             message = delivery.message
             specs = [] if delivery.undecodable else bus.handlers_for(message.name)
             try:
-                decoded = [(s, decode(message, s.events[message.name], limit)) for s in specs]
+                decoded = [(s, self._decode(message, s.events[message.name])) for s in specs]
             except DecodeError:
                 decoded = []
             # Undecodable, or its handlers left since the fetch: dead-lettered on the usual path, in order.
@@ -384,6 +385,13 @@ class Consumer:
             shown = printable(message.id)
             logger.exception("Could not hand %s back; the broker will deliver it again", shown)
 
+    def _decode(self, message: Message, event_type: type[Event] | None) -> Event | DynamicEvent:
+        """The event of `message`, its body read in the bus's JSON style."""
+        limit, style = self.bus.settings.max_message_bytes, self.bus.json_style
+        if style == "eventrelay":  # decode's call as it was before styles: the default path unchanged
+            return decode(message, event_type, limit)
+        return decode(message, event_type, limit, style)
+
     def _finished(self) -> None:
         self.in_flight -= 1
         self._slot_free.set()
@@ -429,7 +437,7 @@ class Consumer:
     async def _run_one(self, spec: HandlerSpec, message: Message, attempt: int) -> float | None:
         """Run one handler once; return None when done with the message, or seconds to wait before again."""
         try:
-            event = decode(message, spec.events[message.name], self.bus.settings.max_message_bytes)
+            event = self._decode(message, spec.events[message.name])
         except DecodeError as exc:
             await self.dead_letter(spec.name, message, attempt, f"cannot decode: {exc}")
             return None
@@ -523,7 +531,7 @@ class Consumer:
                 tx = uow.transaction
                 await store.remove_dead_letter(tx, letter_id)
                 for spec in specs:
-                    event = decode(message, spec.events[message.name], self.bus.settings.max_message_bytes)
+                    event = self._decode(message, spec.events[message.name])
                     if claim and not await store.claim_inbox(tx, self.bus.service, spec.name, message.id):
                         continue
                     with self._handling(spec, message, 1, uow) as context:

@@ -21,7 +21,7 @@ from __future__ import annotations
 import enum
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Generic, Self, TypeVar
+from typing import TYPE_CHECKING, Any, ClassVar, Generic, Self, TypeVar
 
 from sqlalchemy import event, inspect
 from sqlalchemy.orm import Session
@@ -35,14 +35,23 @@ E = TypeVar("E", bound=Event)
 
 
 class EntityEto(Event, name="Volo.Abp.Domain.Entities.Events.Distributed.EntityEto"):
-    """What an entity selected without a mapping publishes: its type name and keys (ABP's `EntityEto`)."""
+    """What an entity selected without a mapping publishes: its type name and keys (ABP's `EntityEto`;
+    `{"entityType": ..., "keysAsString": ...}` in the "abp" JSON style)."""
 
     entity_type: str
     keys_as_string: str
 
 
+# In the "abp" JSON style the version travels inside the entity, as ABP's `IHasEntityVersion` ETOs carry it:
+# {"entity": {..., "entityVersion": 3}}; read back from there into `entity_version` (`json_style.py`).
+_VERSION_INSIDE_ENTITY = {"entity_version": "entity"}
+
+
 class EntityCreatedEto(Event, Generic[E], name_postfix=".Created"):
-    """An entity was created. `entity_version` is the entity's version after the change, if it has one."""
+    """An entity was created. `entity_version` is the entity's version after the change, if it has one:
+    beside `entity` in the "eventrelay" JSON style, inside it as `entityVersion` in the "abp" style."""
+
+    __abp_inside__: ClassVar[dict[str, str]] = _VERSION_INSIDE_ENTITY
 
     entity: E
     entity_version: int | None = None
@@ -51,12 +60,16 @@ class EntityCreatedEto(Event, Generic[E], name_postfix=".Created"):
 class EntityUpdatedEto(Event, Generic[E], name_postfix=".Updated"):
     """An entity was updated (one event per unit of work, with the final state)."""
 
+    __abp_inside__: ClassVar[dict[str, str]] = _VERSION_INSIDE_ENTITY
+
     entity: E
     entity_version: int | None = None
 
 
 class EntityDeletedEto(Event, Generic[E], name_postfix=".Deleted"):
     """An entity was deleted; `entity` is its state before the delete."""
+
+    __abp_inside__: ClassVar[dict[str, str]] = _VERSION_INSIDE_ENTITY
 
     entity: E
     entity_version: int | None = None

@@ -10,7 +10,9 @@ await bus.subscribe(UserCopies)   # handles EntityCreatedEto/UpdatedEto/DeletedE
 The local model's primary key columns are read from the ETO's fields of the same names; every other ETO field
 with a matching attribute is copied (override `apply` to map differently). When the local model has an
 `entity_version` column (a plain integer, set by the synchronizer; not SQLAlchemy's `version_id_col`) and the
-events carry versions, an event older than the copy is ignored, so out-of-order delivery does no harm.
+events carry versions, an event older than the copy is ignored, so out-of-order delivery does no harm. The
+version is the event's `entity_version`, or else the ETO's own `entity_version` field (ABP's
+`IHasEntityVersion`: `"entityVersion"` inside the entity, as ABP services publish it).
 A Deleted event that overtakes the Created of the same entity is not remembered: keep events of one entity in
 order (entity events carry the entity as ordering key) rather than relying on that.
 """
@@ -72,6 +74,8 @@ class EntitySynchronizer(DistributedEventHandler[Any], Generic[E, M]):
         _, model = self._arguments()
         session = self.context.session
         eto, version = event.entity, event.entity_version
+        if version is None:  # an ETO with a version of its own (ABP's UserEto.EntityVersion)
+            version = getattr(eto, "entity_version", None)
         local = await session.get(model, self.key(eto))
         held = getattr(local, self.version_attribute, None) if local is not None else None
         if isinstance(event, EntityDeletedEto):

@@ -128,7 +128,8 @@ async def test_an_entity_without_a_mapping_publishes_entity_eto_with_its_keys(da
     assert [e.entity for e in broker.events(EntityUpdatedEto[EntityEto])] == [
         EntityEto(entity_type="tests.entity_events.support.Tag", keys_as_string="7,new"),
     ]
-    # ABP's JSON shape: the entity under "entity", its fields as declared.
+    # The default ("eventrelay") JSON style: the entity under "entity" as ABP has it, but its fields named as
+    # declared in Python. ABP's camelCase body is the "abp" style's (tests/unit/test_json_style.py).
     body = json.loads(messages[0].body)
     assert body["entity"] == {"entity_type": "tests.entity_events.support.Tag", "keys_as_string": "7,new"}
 
