@@ -18,8 +18,13 @@ class ProductPriceChangedEto(Event, name="BookStore.Product.PriceChanged"):
 
 
 class ProductEto(Event, name="BookStore.Product"):
-    """A product, as ProductService publishes it in EntityCreated/Updated/DeletedEto[ProductEto]."""
+    """A product, as ProductService publishes it in EntityCreated/Updated/DeletedEto[ProductEto].
+
+    `entity_version` is the product's version, inside the entity where ABP's ETOs carry it
+    (`IHasEntityVersion`, as `Volo.Abp.Users.UserEto` does).
+    """
 
     id: UUID
     name: str
     price: Decimal
+    entity_version: int = 0
