@@ -22,8 +22,6 @@ import pamqp.frame
 import pytest
 from aiormq import spec
 from pamqp.header import ContentHeader
-from pydantic import ConfigDict
-from pydantic.alias_generators import to_camel
 
 from eventrelay import Context, DistributedEventBus, Event, RetryPolicy, Settings
 from eventrelay.brokers import amqp_guard, broker_from_url
@@ -462,9 +460,7 @@ async def test_consuming_resumes_after_a_stall_longer_than_the_heartbeat(topolog
 
 
 class ProductPriceChangedEto(Event, name="BookStore.Products.ProductPriceChanged"):
-    """The guide's event, with ABP's JSON naming (System.Text.Json web defaults: camelCase)."""
-
-    model_config = ConfigDict(alias_generator=to_camel, validate_by_name=True)
+    """The guide's event: no alias of its own, `profile=abp` gives it ABP's JSON names (camelCase)."""
 
     product_id: UUID
     product_name: str
@@ -557,11 +553,11 @@ async def test_an_abp_service_can_handle_what_a_python_service_publishes(
     assert received.delivery_mode == aio_pika.DeliveryMode.PERSISTENT
     assert received.message_id == sent_id == UUID(hex=sent_id).hex  # ABP's inbox takes Guid "N"
     assert received.correlation_id == (received.headers or {})[CORRELATION_ID]
-    assert json.loads(received.body) == {  # property names as System.Text.Json binds them
+    assert json.loads(received.body, parse_float=Decimal) == {  # as System.Text.Json writes them
         "productId": str(product_id),
         "productName": "Dune",
-        "oldPrice": "20.00",  # a string: web defaults read numbers from strings
-        "newPrice": "15.50",
+        "oldPrice": Decimal("20.00"),  # a number, its scale kept
+        "newPrice": Decimal("15.50"),
     }
 
 

@@ -1,8 +1,9 @@
 """What the entity event tests share: the models of IdentityService and OrderService, ETOs, buses and waits.
 
-IdentityService's `User` maps to `UserEto`, named `Volo.Abp.Users.User` as ABP's, so the wire names are ABP's;
-it declares only the fields these models have (the sample's `bookstore.identity_contracts.UserEto` is ABP's
-whole shape, with a Guid tenant id and the version inside the entity). OrderService keeps `Buyer`, a local
+IdentityService's `User` maps to `UserEto`, named `Tests.Identity.User`: it declares only the fields these
+models have. The sample's `bookstore.identity_contracts.UserEto` is ABP's whole shape under ABP's name
+`Volo.Abp.Users.User` (with a Guid tenant id and the version inside the entity); tests/interop/ loads it in
+the same process, and two classes may not share a wire name. OrderService keeps `Buyer`, a local
 copy of users, in its own database.
 """
 
@@ -23,7 +24,7 @@ from eventrelay.testing import RecordingBroker, wait_until_idle
 from tests.bus.helpers import settings, sql_store
 
 
-class UserEto(Event, name="Volo.Abp.Users.User"):
+class UserEto(Event, name="Tests.Identity.User"):
     """The users' ETO of these tests: ABP's event name, the fields `User` has."""
 
     id: uuid.UUID

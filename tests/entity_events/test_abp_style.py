@@ -31,7 +31,7 @@ from tests.entity_events.support import (
     orders,
 )
 
-UPDATED = "Volo.Abp.Users.User.Updated"
+UPDATED = "Tests.Identity.User.Updated"
 
 
 class UserCopies(EntitySynchronizer[UserEto, Buyer]):

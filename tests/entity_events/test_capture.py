@@ -70,7 +70,7 @@ async def test_the_events_are_in_the_outbox_when_the_commit_is(database_url: str
             uow.session.add(user)
             uow.session.add(Book(title="Dune"))
         assert [name for name, _ in await outbox(bus)] == [
-            "Volo.Abp.Users.User.Created",
+            "Tests.Identity.User.Created",
             "EntityEventTests.Book.Created",
         ]
         assert await count(bus, User) == 1
@@ -121,7 +121,7 @@ async def test_two_updates_are_one_updated_event_with_the_final_state(database_u
             await uow.session.flush()
             loaded.email = "second@example.com"
         messages = await sent(bus, broker)
-    assert names(messages) == ["Volo.Abp.Users.User.Created", "Volo.Abp.Users.User.Updated"]
+    assert names(messages) == ["Tests.Identity.User.Created", "Tests.Identity.User.Updated"]
     (updated,) = broker.events(EntityUpdatedEto[UserEto])
     assert (updated.entity.name, updated.entity.email) == ("First", "second@example.com")
 
@@ -138,7 +138,7 @@ async def test_created_then_updated_is_one_created_event_with_the_final_state(da
             await uow.session.flush()
             user.email = "johnny@example.com"
         messages = await sent(bus, broker)
-    assert names(messages) == ["Volo.Abp.Users.User.Created"]
+    assert names(messages) == ["Tests.Identity.User.Created"]
     (created,) = broker.events(EntityCreatedEto[UserEto])
     assert (created.entity.name, created.entity.email) == ("Johnny", "johnny@example.com")
 
@@ -171,7 +171,7 @@ async def test_updated_then_deleted_is_one_deleted_event(database_url: str) -> N
             await uow.session.flush()
             await uow.session.delete(loaded)
         messages = await sent(bus, broker)
-    assert names(messages) == ["Volo.Abp.Users.User.Created", "Volo.Abp.Users.User.Deleted"]
+    assert names(messages) == ["Tests.Identity.User.Created", "Tests.Identity.User.Deleted"]
     (deleted,) = broker.events(EntityDeletedEto[UserEto])
     assert deleted.entity.id == user.id
     assert deleted.entity.name == "Last Name Before Delete"
@@ -196,7 +196,7 @@ async def test_an_update_that_changes_nothing_publishes_nothing(database_url: st
         messages = await sent(bus, broker)
     # The first unit of work did change the row at its flush (and back at commit), so it publishes;
     # the second changed nothing and publishes nothing.
-    assert names(messages) == ["Volo.Abp.Users.User.Created", "Volo.Abp.Users.User.Updated"]
+    assert names(messages) == ["Tests.Identity.User.Created", "Tests.Identity.User.Updated"]
     (updated,) = broker.events(EntityUpdatedEto[UserEto])
     assert updated.entity.email == user.email
 
@@ -356,10 +356,10 @@ async def test_the_tenant_and_the_ordering_key_travel_with_the_events(database_u
     messages = broker.published
     tenant_key = f"User:{tenant_user.id}"
     assert [(m.name, m.headers.get("x-tenant-id"), m.key) for m in messages] == [
-        ("Volo.Abp.Users.User.Created", "tenant-1", tenant_key),
-        ("Volo.Abp.Users.User.Created", None, f"User:{host_user.id}"),
-        ("Volo.Abp.Users.User.Updated", "tenant-1", tenant_key),
-        ("Volo.Abp.Users.User.Deleted", "tenant-1", tenant_key),
+        ("Tests.Identity.User.Created", "tenant-1", tenant_key),
+        ("Tests.Identity.User.Created", None, f"User:{host_user.id}"),
+        ("Tests.Identity.User.Updated", "tenant-1", tenant_key),
+        ("Tests.Identity.User.Deleted", "tenant-1", tenant_key),
     ]
     assert sorted(seen, key=str) == sorted(
         [(m.name, m.headers.get("x-tenant-id"), m.key) for m in messages], key=str
@@ -445,7 +445,7 @@ async def test_entity_events_made_by_a_handler_carry_its_correlation_and_causati
         command_id = await bus.publish(RenameUser(user_id=user.id, name="Renamed"), correlation_id="corr-1")
         await wait_until_idle(bus)
         assert await bus.dead_letters() == []
-    updated = [m for m in broker.published if m.name == "Volo.Abp.Users.User.Updated"]
+    updated = [m for m in broker.published if m.name == "Tests.Identity.User.Updated"]
     assert [e.entity.name for e in broker.events(EntityUpdatedEto[UserEto])] == ["Renamed"]
     assert [(m.headers.get("x-correlation-id"), m.headers.get("x-causation-id")) for m in updated] == [
         ("corr-1", command_id)

@@ -35,10 +35,10 @@ from tests.entity_events.support import (
 
 
 def test_entity_event_names_follow_abps_rule() -> None:
-    assert event_name(UserEto) == "Volo.Abp.Users.User"
-    assert event_name(EntityCreatedEto[UserEto]) == "Volo.Abp.Users.User.Created"
-    assert event_name(EntityUpdatedEto[UserEto]) == "Volo.Abp.Users.User.Updated"
-    assert event_name(EntityDeletedEto[UserEto]) == "Volo.Abp.Users.User.Deleted"
+    assert event_name(UserEto) == "Tests.Identity.User"
+    assert event_name(EntityCreatedEto[UserEto]) == "Tests.Identity.User.Created"
+    assert event_name(EntityUpdatedEto[UserEto]) == "Tests.Identity.User.Updated"
+    assert event_name(EntityDeletedEto[UserEto]) == "Tests.Identity.User.Deleted"
     assert (
         event_name(EntityCreatedEto[EntityEto])
         == "Volo.Abp.Domain.Entities.Events.Distributed.EntityEto.Created"
@@ -62,9 +62,9 @@ async def test_created_updated_and_deleted_leave_under_abps_names(database_url: 
             await uow.session.delete(loaded)
         messages = await sent(bus, broker)
     assert names(messages) == [
-        "Volo.Abp.Users.User.Created",
-        "Volo.Abp.Users.User.Updated",
-        "Volo.Abp.Users.User.Deleted",
+        "Tests.Identity.User.Created",
+        "Tests.Identity.User.Updated",
+        "Tests.Identity.User.Deleted",
     ]
     expected = UserEto(id=user.id, user_name="john", name="John", email="john@example.com")
     assert [e.entity for e in broker.events(EntityCreatedEto[UserEto])] == [expected]
@@ -100,7 +100,7 @@ async def test_a_mapping_of_a_base_class_maps_its_subclasses(database_url: str) 
         async with bus.unit_of_work() as uow:
             uow.session.add(admin)
         messages = await sent(bus, broker)
-    assert names(messages) == ["Volo.Abp.Users.User.Created"]
+    assert names(messages) == ["Tests.Identity.User.Created"]
     assert [e.entity.id for e in broker.events(EntityCreatedEto[UserEto])] == [admin.id]
     assert messages[0].key == f"AdminUser:{admin.id}"
 
@@ -177,7 +177,7 @@ async def test_the_most_specific_mapping_wins_whatever_the_order(database_url: s
         async with bus.unit_of_work() as uow:
             uow.session.add_all([user, admin])
         messages = await sent(bus, broker)
-    assert names(messages) == ["Volo.Abp.Users.User.Created", "EntityEventTests.AdminUser.Created"]
+    assert names(messages) == ["Tests.Identity.User.Created", "EntityEventTests.AdminUser.Created"]
     assert [e.entity for e in broker.events(EntityCreatedEto[AdminUserEto])] == [
         AdminUserEto(id=admin.id, user_name="root")
     ]

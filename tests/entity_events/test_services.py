@@ -78,7 +78,7 @@ async def _story(identity_service: DistributedEventBus, order_service: Distribut
             UserEto(id=user.id, user_name="john", name="John Smith", email="john.smith@example.com"),
             "acme",
             f"User:{user.id}",
-            "Volo.Abp.Users.User.Updated",
+            "Tests.Identity.User.Updated",
         )
     ]  # only the update: OrderService does not subscribe to Created
 

@@ -255,7 +255,7 @@ async def test_a_synchronizer_handles_the_three_entity_events_of_its_eto() -> No
     bus = DistributedEventBus("OrderService", settings=settings())
     await bus.subscribe(UserCopies)
     assert bus.event_names == [
-        "Volo.Abp.Users.User.Created",
-        "Volo.Abp.Users.User.Deleted",
-        "Volo.Abp.Users.User.Updated",
+        "Tests.Identity.User.Created",
+        "Tests.Identity.User.Deleted",
+        "Tests.Identity.User.Updated",
     ]

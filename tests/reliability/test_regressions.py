@@ -11,6 +11,8 @@
 from __future__ import annotations
 
 import asyncio
+import json
+import struct
 from datetime import datetime
 from decimal import Decimal
 from pathlib import Path
@@ -19,9 +21,12 @@ from typing import cast
 import pytest
 
 from eventrelay import Context, DistributedEventBus, Event
+from eventrelay.brokers.rabbitmq import RabbitMQBroker
 from eventrelay.brokers.sql import SqlBroker
 from eventrelay.envelope import Message, new_message_id
 from eventrelay.errors import BrokerUnavailable
+from eventrelay.testing import wait_until_idle
+from tests.brokers.raw_amqp import publish_raw, short_string
 from tests.conftest import POSTGRESQL_PORT
 from tests.faultproxy import FaultProxy
 from tests.reliability.harness import BrokerUnderTest
@@ -94,11 +99,15 @@ async def test_a_sql_broker_connection_dropped_mid_statement_is_an_outage(
 
 
 @pytest.mark.rabbitmq
-async def test_a_foreign_amqp_message_with_decimal_and_timestamp_headers_becomes_a_dead_letter(
+async def test_a_foreign_amqp_message_with_headers_that_are_not_strings_is_handled_with_them_as_text(
     rabbitmq_broker: BrokerUnderTest, tmp_path: Path
 ) -> None:
+    """ABP's `headersArguments` and other AMQP publishers send decimals, timestamps, ints and tables: once
+    dead letters, since issue 17 they arrive as text."""
+    seen: list[Context] = []
+
     async def record(event: Pinged, context: Context) -> None:
-        raise AssertionError("its headers are not strings: it must not be handled")
+        seen.append(context)
 
     database = f"sqlite+aiosqlite:///{tmp_path}/foreign.db"
     bus = DistributedEventBus(rabbitmq_broker.subscriber, broker=rabbitmq_broker.url(), database=database)
@@ -106,17 +115,46 @@ async def test_a_foreign_amqp_message_with_decimal_and_timestamp_headers_becomes
     headers: dict[str, object] = {
         "x-price": Decimal("9.99"),
         "x-sent-at": datetime(2024, 5, 1, 12, 0),
+        "x-retries": 7,
+        "x-route": {"zone": "eu", "hops": [1, True]},
         "x-eventrelay-attempt": 10**15,  # an absurd attempt count, as a foreign publisher may send
     }
     async with bus:
         sent = Message(new_message_id(), "Regressions.Pinged", b'{"n": 1}', headers)  # type: ignore[arg-type]
         await bus.broker.publish([sent])
-        async with asyncio.timeout(20):
-            while True:
-                if letters := await bus.dead_letters():
-                    break
-                await asyncio.sleep(0.05)
+        await wait_until_idle(bus, timeout=20)
+        letters = await bus.dead_letters()
+    assert not letters, letters[0].reason
+    [context] = seen
+    assert context.message_id == sent.id
+    assert {name: context.headers[name] for name in ("x-price", "x-sent-at", "x-retries")} == {
+        "x-price": "9.99",
+        "x-sent-at": "2024-05-01T12:00:00+00:00",  # an AMQP timestamp is UTC
+        "x-retries": "7",
+    }
+    assert json.loads(context.headers["x-route"]) == {"zone": "eu", "hops": [1, True]}
+
+
+@pytest.mark.rabbitmq
+async def test_a_foreign_amqp_header_that_cannot_be_text_makes_a_dead_letter_that_says_which(
+    rabbitmq_broker: BrokerUnderTest, tmp_path: Path
+) -> None:
+    async def record(event: Pinged, context: Context) -> None:
+        raise AssertionError("a header that cannot be carried: it must not be handled")
+
+    database = f"sqlite+aiosqlite:///{tmp_path}/foreign.db"
+    bus = DistributedEventBus(rabbitmq_broker.subscriber, broker=rabbitmq_broker.url(), database=database)
+    await bus.subscribe(record)
+    raw = b"\xff\xfe"  # a long string that is not UTF-8: pamqp hands it over as bytes
+    entries = b"\x05x-rawS" + struct.pack(">I", len(raw)) + raw
+    entries += b"\x06x-fineS" + struct.pack(">I", 3) + b"yes"
+    properties = {"headers": struct.pack(">I", len(entries)) + entries, "message_id": short_string(b"m-raw")}
+    async with bus:
+        assert isinstance(bus.broker, RabbitMQBroker)
+        await publish_raw(5672, bus.broker.exchange, "Regressions.Pinged", properties, b'{"n": 1}')
+        await wait_until_idle(bus, timeout=20)
+        letters = await bus.dead_letters()
     [letter] = letters
-    assert letter.message.id == sent.id
-    assert letter.reason.startswith("cannot decode: headers must be strings; these are not:")
-    assert letter.message.headers["x-price"] == "9.99"  # kept, as text
+    assert letter.message.id == "m-raw"
+    assert "header values that cannot be carried as text: 'x-raw'" in letter.reason
+    assert letter.message.headers["x-fine"] == "yes"

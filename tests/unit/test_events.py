@@ -28,7 +28,7 @@ from eventrelay.testing import RecordingBroker, wait_until_idle
 PREFIX = "tests.unit.test_events"
 
 
-class ProductPriceChangedEto(Event, name="BookStore.Product.PriceChanged"):
+class ProductPriceChangedEto(Event, name="Shop.Product.PriceChanged"):
     product_id: int
     old_price: Decimal
     new_price: Decimal
@@ -64,9 +64,9 @@ class EntityChangedEto(Event, Generic[EtoT], name_prefix="Changed:", name_postfi
 
 
 def test_an_explicit_name_is_the_wire_name() -> None:
-    assert event_name(ProductPriceChangedEto) == "BookStore.Product.PriceChanged"
+    assert event_name(ProductPriceChangedEto) == "Shop.Product.PriceChanged"
     event = ProductPriceChangedEto(product_id=1, old_price=Decimal(10), new_price=Decimal(8))
-    assert event_name(event) == "BookStore.Product.PriceChanged"
+    assert event_name(event) == "Shop.Product.PriceChanged"
 
 
 def test_without_a_name_the_wire_name_is_module_and_qualified_name() -> None:
@@ -87,7 +87,7 @@ def test_a_subclass_of_a_named_event_does_not_inherit_its_name() -> None:
         reason: str = ""
 
     assert event_name(Special).endswith(".<locals>.Special")
-    assert event_name(ProductPriceChangedEto) == "BookStore.Product.PriceChanged"
+    assert event_name(ProductPriceChangedEto) == "Shop.Product.PriceChanged"
 
 
 def test_a_generic_event_is_named_after_its_type_argument() -> None:

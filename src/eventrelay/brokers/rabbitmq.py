@@ -336,13 +336,14 @@ class RabbitMQBroker(Broker):
         batch: list[Delivery] = []
         while sub.buffer and len(batch) < max_count:
             incoming = sub.buffer.popleft()
-            message, attempt = wire.incoming(incoming)
+            message, attempt, unreadable = wire.incoming(incoming)
             if incoming.redelivered and not self._returned.pop(message.id, False):
                 attempt += 1  # delivered before and not given back: its consumer died
             lease = _Lease(sub, incoming)
             sub.leased.add(lease)
-            unread = incoming.headers.reason if isinstance(incoming.headers, UndecodableHeaders) else None
-            batch.append(Delivery(message, attempt, lease, unread))
+            if isinstance(incoming.headers, UndecodableHeaders):
+                unreadable = incoming.headers.reason
+            batch.append(Delivery(message, attempt, lease, unreadable))
         return batch
 
     async def _consume(self, sub: _Subscriber, conn: AbstractConnection) -> None:
@@ -361,7 +362,7 @@ class RabbitMQBroker(Broker):
             return  # from a channel given up on; it comes again
         due = (msg.headers or {}).get(wire.DUE)  # epoch milliseconds (AMQP floats are 32-bit)
         if isinstance(due, int) and due > time.time() * 1000 + 1:  # not due yet: another round
-            message, attempt = wire.incoming(msg)
+            message, attempt, _ = wire.incoming(msg)
             queue = self._retry_queue(sub.name, due / 1000 - time.time())
             try:
                 await self._send(queue, wire.outgoing(message, attempt, due))

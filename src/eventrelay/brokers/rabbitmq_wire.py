@@ -14,6 +14,7 @@ from typing import Any
 import aio_pika
 from aio_pika.abc import AbstractIncomingMessage
 
+from eventrelay.codec import text_headers
 from eventrelay.envelope import CORRELATION_ID, Message, new_message_id
 
 ATTEMPT, NAME, KEY, DUE = "x-eventrelay-attempt", "x-eventrelay-name", "x-eventrelay-key", "x-eventrelay-due"
@@ -37,19 +38,20 @@ def outgoing(message: Message, attempt: int = 1, due: int | None = None) -> aio_
     )
 
 
-def incoming(delivered: AbstractIncomingMessage) -> tuple[Message, int]:
-    """The message and its attempt as published (a redelivery not counted yet)."""
-    # Values go as they came: one that is not a string makes the bus dead-letter the message, with the reason.
+def incoming(delivered: AbstractIncomingMessage) -> tuple[Message, int, str | None]:
+    """The message and its attempt as published (a redelivery not counted yet), and why some of its headers
+    cannot be carried, if so (the bus then dead-letters it)."""
     headers = {k: v for k, v in (delivered.headers or {}).items() if not k.startswith(_BROKER_HEADERS)}
     name, key, attempt = headers.pop(NAME, None), headers.pop(KEY, None), headers.pop(ATTEMPT, 1)
     headers.pop(DUE, None)
-    if delivered.correlation_id and CORRELATION_ID not in headers:
-        headers[CORRELATION_ID] = delivered.correlation_id
+    text, unreadable = text_headers(headers)  # ABP's headersArguments may hold ints, booleans, tables
+    if delivered.correlation_id and CORRELATION_ID not in text:
+        text[CORRELATION_ID] = delivered.correlation_id
     message = Message(
         delivered.message_id or new_message_id(),
         str(name or delivered.routing_key or ""),
         delivered.body,
-        headers,  # type: ignore[arg-type]
+        text,
         None if key is None else str(key),
     )
-    return message, attempt if isinstance(attempt, int) and attempt > 1 else 1
+    return message, attempt if isinstance(attempt, int) and attempt > 1 else 1, unreadable
