@@ -85,16 +85,9 @@ from eventrelay.errors import BrokerUnavailable, ConfigurationError, PublishFail
 logger = logging.getLogger(__name__)
 
 _RELEASED = "eventrelay-released"  # the consumer that holds released entries until someone reclaims them
-_TEXT_OPTIONS = {
-    "client_name",
-    "username",
-    "password",
-    "lib_name",
-    "lib_version",
-    "ssl_cert_reqs",
-    "ssl_ciphers",
-}
+_TEXT_OPTIONS = {"client_name", "username", "password", "lib_name", "lib_version"}  # redis-py's text options
 _TEXT_OPTIONS |= {"ssl_keyfile", "ssl_certfile", "ssl_ca_certs", "ssl_ca_data", "ssl_ca_path", "ssl_password"}
+_TEXT_OPTIONS |= {"ssl_cert_reqs", "ssl_ciphers"}
 _LONG_IDLE = 2**36  # ms: idle enough for any visibility timeout, yet a time after the epoch as Redis wants
 
 # KEYS: the route set of each message. ARGV: prefix, maxlen, then id, name, body, headers, "-" or "+key".

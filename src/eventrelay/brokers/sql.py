@@ -121,7 +121,7 @@ class SqlBroker(Broker):
         parsed = make_url(url)
         if parsed.get_backend_name() not in ("sqlite", "postgresql"):
             raise ConfigurationError(f"The SQL broker runs on SQLite or PostgreSQL, not {redact_url(url)!r}")
-        options = UrlOptions("SQL broker", url, parsed.query, **_driver_options(parsed))
+        options = _url_options(url, parsed)
         self.lease = options.number("lease", 30.0)
         self.poll_min = options.number("poll_min", 0.001)
         self.poll_max = options.number("poll_max", 0.05)
@@ -424,24 +424,24 @@ def _fan_out_arrays(bindings: Table, deliveries: Table, dialect: Any) -> Any:
     )
 
 
-def _driver_options(url: URL) -> dict[str, Any]:
-    """What `UrlOptions` needs to know of the query options that go to the database driver: SQLite's (and,
-    with `uri=true`, those of its URI filename), asyncpg's, or for another PostgreSQL driver any."""
-    if url.get_backend_name() == "sqlite":
-        uri = asbool(url.query.get("uri", False))  # as SQLAlchemy reads it
-        return {"client": "sqlite3", "passes": _SQLITE_OPTIONS | (_SQLITE_URI_OPTIONS if uri else set())}
-    if url.get_driver_name() == "asyncpg":
-        return {"client": "asyncpg", "passes": _asyncpg_options()}
-    return {"passes": set(url.query), "note": f"other options go to {url.get_driver_name()}"}
+def _url_options(url: str, parsed: URL) -> UrlOptions:
+    """The URL's options, knowing those of the database driver: SQLite's (and, with `uri=true`, those of its
+    URI filenames), asyncpg's, or for another PostgreSQL driver any."""
+    if parsed.get_backend_name() == "sqlite":
+        uri = asbool(parsed.query.get("uri", False))  # as SQLAlchemy reads it
+        passes = _SQLITE_OPTIONS | (_SQLITE_URI_OPTIONS if uri else set())
+        return UrlOptions("SQL broker", url, parsed.query, client="sqlite3", passes=passes)
+    if parsed.get_driver_name() == "asyncpg":
+        return UrlOptions("SQL broker", url, parsed.query, client="asyncpg", passes=_asyncpg_options())
+    return UrlOptions("SQL broker", url, parsed.query, passes=set(parsed.query))  # the driver checks its own
 
 
 @functools.cache
 def _asyncpg_options() -> frozenset[str]:
-    """asyncpg's connect keywords, SQLAlchemy's for it, and the libpq TLS names `create_engine` maps."""
+    """asyncpg's connect keywords (those a URL can give), SQLAlchemy's for it, and the libpq TLS names that
+    `create_engine` turns into asyncpg's."""
     import asyncpg  # here: asyncpg is an extra, needed only for a PostgreSQL URL
 
-    sqlalchemy_options = {"prepared_statement_cache_size", "sslmode", "sslrootcert", "sslcert", "sslkey"}
-    return (
-        keyword_names(asyncpg.connect) - {"dsn", "loop", "connection_class", "record_class"}
-        | sqlalchemy_options
-    )
+    unusable = {"dsn", "loop", "connection_class", "record_class"}  # no URL text can be one
+    added = {"prepared_statement_cache_size", "sslmode", "sslrootcert", "sslcert", "sslkey"}
+    return keyword_names(asyncpg.connect) - unusable | added
