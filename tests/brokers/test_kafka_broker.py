@@ -152,9 +152,9 @@ def test_urls_choose_the_kafka_broker_and_its_options() -> None:
     assert broker.single_topic == "Abp"
     assert broker.config["bootstrap.servers"] == "h1:9092,h2:9092"
     assert broker.config["compression.type"] == "zstd"  # options with a dot go to librdkafka
-    with pytest.raises(ConfigurationError, match="session_timeout is a number above 0"):
+    with pytest.raises(ConfigurationError, match="session_timeout takes a number above 0"):
         KafkaBroker("kafka://127.0.0.1:9092?session_timeout=soon")
-    with pytest.raises(ConfigurationError, match=r"Unknown option\(s\) \['sesion_timeout'\]"):
+    with pytest.raises(ConfigurationError, match=r"option 'sesion_timeout'.*Did you mean 'session_timeout'"):
         KafkaBroker("kafka://127.0.0.1:9092?sesion_timeout=3")
 
 

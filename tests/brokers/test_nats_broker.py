@@ -101,9 +101,9 @@ def test_urls_choose_the_nats_broker() -> None:
     broker = broker_from_url("tls://someone:secret@nats.example:4222?stream=shop&ack_wait=10")
     assert isinstance(broker, NatsBroker)
     assert (broker.stream, broker.prefix, broker.options["ack_wait"]) == ("shop", "shop", 10.0)
-    with pytest.raises(ConfigurationError, match="ack_wait must be a number above 0"):
+    with pytest.raises(ConfigurationError, match="ack_wait takes a number above 0"):
         NatsBroker("nats://127.0.0.1:4222?ack_wait=soon")
-    with pytest.raises(ConfigurationError, match=r"Unknown NATS broker option\(s\) \['ackwait'\]"):
+    with pytest.raises(ConfigurationError, match=r"option 'ackwait'.*Did you mean 'ack_wait'"):
         NatsBroker("nats://127.0.0.1:4222?ackwait=3")
     with pytest.raises(ConfigurationError, match=r"prefix='shop\.\*' a subject"):
         NatsBroker("nats://127.0.0.1:4222?prefix=shop.*")

@@ -139,7 +139,7 @@ def test_urls_choose_the_rabbitmq_broker_and_options_are_checked() -> None:
     assert (broker.exchange, broker.queue_type, broker.exchange_type) == ("BookStore", "quorum", "direct")
     with pytest.raises(ConfigurationError, match="Did you mean 'prefetch'"):
         RabbitMQBroker(f"{SERVER}?prefech=10")
-    with pytest.raises(ConfigurationError, match="queue_type is one of classic, quorum"):
+    with pytest.raises(ConfigurationError, match="queue_type takes one of classic, quorum, not 'stream'"):
         RabbitMQBroker(f"{SERVER}?queue_type=stream")
     with pytest.raises(ConfigurationError, match="retry_delays takes numbers above 0"):
         RabbitMQBroker(f"{SERVER}?retry_delays=1,soon")

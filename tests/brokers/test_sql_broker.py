@@ -38,7 +38,7 @@ class TestPostgresqlBroker(BrokerContract):
 
 def test_urls_choose_the_sql_broker(tmp_path: Path) -> None:
     assert isinstance(broker_from_url(f"sqlite+aiosqlite:///{tmp_path}/b.db"), SqlBroker)
-    with pytest.raises(ConfigurationError, match="lease is a number of seconds"):
+    with pytest.raises(ConfigurationError, match="lease takes a number above 0, not 'soon'"):
         SqlBroker(f"sqlite+aiosqlite:///{tmp_path}/b.db?lease=soon")
 
 

@@ -253,7 +253,7 @@ def test_tls_files_that_cannot_be_read_are_a_configuration_error(tmp_path: Path)
     with pytest.raises(ConfigurationError, match="Cannot load the TLS files") as caught:
         create_engine(f"postgresql+asyncpg://postgres:{SECRET}@127.0.0.1/test?sslrootcert={missing}")
     assert SECRET not in str(caught.value)
-    with pytest.raises(ConfigurationError, match="tls_handshake_first is 0 or 1"):
+    with pytest.raises(ConfigurationError, match="tls_handshake_first takes 0 or 1"):
         NatsBroker("tls://127.0.0.1:4222?tls_handshake_first=yes")
 
 

@@ -37,8 +37,9 @@ what is still out comes again to the new owner (the inbox drops the duplicate) a
 
 Options: `topic_prefix` (`eventrelay.`), `single_topic`, `session_timeout` (45 s: how long a dead instance
 keeps its partitions), `partitions` (6) and `replication_factor` (-1: the broker's) of topics created here,
-`timeout` (10 s: publish acknowledgement, admin calls). Options with a dot go to librdkafka as they are;
-a consumer prefetches at most 4 MiB (`queued.max.messages.kbytes=4096`, librdkafka's default is 64 MiB).
+`timeout` (10 s: publish acknowledgement, admin calls). Options with a dot go to librdkafka as they are (it
+checks them at `start`); any other is an error when the broker is made. A consumer prefetches at most 4 MiB
+(`queued.max.messages.kbytes=4096`, librdkafka's default is 64 MiB).
 
 Why confluent-kafka (librdkafka): its idempotent producer, which lets `acks=all` retry without duplicates or
 reordering, works against Kafka and Tansu alike; aiokafka's idempotent producer and transactions fail at
@@ -88,6 +89,7 @@ except ImportError as exc:  # pragma: no cover
     raise ImportError("Kafka support needs an extra: pip install 'eventrelay[kafka]'") from exc
 
 from eventrelay.brokers.base import Broker
+from eventrelay.brokers.options import UrlOptions
 from eventrelay.config import redact_url
 from eventrelay.envelope import Delivery, Message
 from eventrelay.errors import BrokerUnavailable, ConfigurationError, PublishFailed
@@ -400,31 +402,25 @@ class KafkaBroker(Broker):
 
     def __init__(self, url: str) -> None:
         parts, self.url = urlsplit(url), redact_url(url)
-        options = dict(parse_qsl(parts.query))
-        self.topic_prefix = options.pop("topic_prefix", "eventrelay.")
-        self.single_topic = options.pop("single_topic", None) or None
-
-        def number(option: str, default: str) -> float:
-            return _number(options.pop(option, default), option=option)
-
-        self.session_timeout, self.timeout = number("session_timeout", "45"), number("timeout", "10")
-        self.partitions, self.replication_factor = (
-            int(number("partitions", "6")),
-            int(number("replication_factor", "-1")),
+        query = dict(parse_qsl(parts.query))
+        dotted = {name for name in query if "." in name}
+        options = UrlOptions("Kafka", url, query, passes=dotted, note="options with a dot go to librdkafka")
+        self.topic_prefix = options.string("topic_prefix", "eventrelay.")
+        self.single_topic = options.string("single_topic") or None
+        self.session_timeout, self.timeout = (
+            options.number("session_timeout", 45.0),
+            options.number("timeout", 10.0),
         )
-        if unknown := [name for name in options if "." not in name]:
-            raise ConfigurationError(
-                f"Unknown option(s) {unknown} in Kafka broker URL {self.url!r}; the broker's own are "
-                "topic_prefix, single_topic, session_timeout, partitions, replication_factor and timeout, "
-                "and options with a dot go to librdkafka"
-            )
+        self.partitions = options.integer("partitions", 6, minimum=1)
+        self.replication_factor = options.integer("replication_factor", -1)
+        client_options = options.finish()
         if len(self.topic_prefix) > 150:
             raise ConfigurationError(f"Kafka topic_prefix is over 150 characters: {self.topic_prefix!r}")
         self.config: dict[str, Any] = {
             "bootstrap.servers": parts.netloc.rpartition("@")[2] or "localhost:9092",
             "logger": logging.getLogger(f"{__name__}.librdkafka"),
             "log.connection.close": False,
-            **options,
+            **client_options,
         }
         if parts.username:
             self.config.setdefault("security.protocol", "SASL_PLAINTEXT")
@@ -667,15 +663,12 @@ def _lease(delivery: Delivery) -> _Lease:
     return delivery.token
 
 
-def _number(value: str | None, default: float = math.nan, *, option: str = "") -> float:
-    """`value` as a number; else `default`, or for a URL `option` a `ConfigurationError`."""
+def _number(value: str | None, default: float = math.nan) -> float:
+    """`value` (a header or commit metadata) as a number; else `default`."""
     try:
-        number = float(value) if value is not None else default
+        return float(value) if value is not None else default
     except ValueError:
-        number = default
-    if option and (not math.isfinite(number) or (number <= 0 and option != "replication_factor")):
-        raise ConfigurationError(f"Kafka broker URL option {option} is a number above 0, not {value!r}")
-    return number
+        return default
 
 
 __all__ = ["KafkaBroker", "topic_name"]

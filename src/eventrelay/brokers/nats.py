@@ -38,7 +38,8 @@ disconnected, `publish` raises `BrokerUnavailable`, and so does a `fetch` not re
 
 Options: `stream` (eventrelay), `prefix` (the stream name), `ack_wait` (30 s), `max_age` (7 days, 0 = none),
 `duplicate_window` (120 s, at most `max_age`), `max_ack_pending` (1000 per consumer), `publish_timeout`
-(5 s), `connect_timeout` (5 s), `ping_interval` (10 s; three unanswered pings drop a hung connection).
+(5 s), `connect_timeout` (5 s), `ping_interval` (10 s; three unanswered pings drop a hung connection);
+another option is an error.
 TLS: `tls://` with `tls_ca` (a CA file; the system's CAs without it), `tls_cert` and `tls_key` (a client
 certificate) and `tls_handshake_first=1` (for a server with `handshake_first`: TLS before its INFO). A
 `tls://` URL (or a `tls_*` option) to a server whose INFO does not ask for TLS is refused: nats-py would go on
@@ -75,6 +76,7 @@ except ImportError as exc:  # pragma: no cover
     raise ImportError("NATS support needs an extra: pip install 'eventrelay[nats]'") from exc
 
 from eventrelay.brokers.base import Broker
+from eventrelay.brokers.options import UrlOptions
 from eventrelay.config import redact_url
 from eventrelay.envelope import Delivery, Message
 from eventrelay.errors import BrokerUnavailable, ConfigurationError, PublishFailed
@@ -84,7 +86,7 @@ logger = logging.getLogger(__name__)
 KEY_HEADER = "Eventrelay-Key"
 OPTIONS = {"ack_wait": 30.0, "max_age": 7 * 86400.0, "duplicate_window": 120.0, "max_ack_pending": 1000.0}
 OPTIONS |= {"publish_timeout": 5.0, "connect_timeout": 5.0, "ping_interval": 10.0}
-TLS_OPTIONS = ("tls_ca", "tls_cert", "tls_key", "tls_handshake_first")
+TLS_FILES = ("tls_ca", "tls_cert", "tls_key")
 _LINGER = 1.0  # the longest a pull request stays open; close() lets the open ones end
 _ABANDONED = 300.0  # the inactive_threshold of a draining consumer, so that the server reaps an abandoned one
 _VALUE_SAFE = "".join(chr(c) for c in range(32, 127) if chr(c) != "%")  # printable ASCII stays readable
@@ -120,15 +122,15 @@ class NatsBroker(Broker):
     def __init__(self, url: str) -> None:
         parts = urlsplit(url)
         query = dict(parse_qsl(parts.query))
-        self.stream = query.pop("stream", "eventrelay")
-        self.prefix = query.pop("prefix", self.stream)
-        self._tls = {name: query.pop(name) for name in TLS_OPTIONS if name in query}
-        if self._tls.get("tls_handshake_first", "0") not in ("0", "1"):
-            raise ConfigurationError("NATS broker option tls_handshake_first is 0 or 1")
-        if unknown := sorted(set(query) - set(OPTIONS)):
-            known = sorted([*OPTIONS, *TLS_OPTIONS])
-            raise ConfigurationError(f"Unknown NATS broker option(s) {unknown}; known: {known}")
-        self.options = {name: _number(query.get(name), default, name) for name, default in OPTIONS.items()}
+        options = UrlOptions("NATS", url, query)
+        self.stream = options.string("stream", "eventrelay")
+        self.prefix = options.string("prefix", self.stream)
+        self._tls = {name: value for name in TLS_FILES if (value := options.string(name))}
+        self._handshake_first = options.flag("tls_handshake_first")
+        self.options = {
+            name: options.number(name, default, zero=name == "max_age") for name, default in OPTIONS.items()
+        }
+        options.finish()
         if not re.fullmatch(r"[\w-]+", self.stream) or not re.fullmatch(r"[\w-]+(\.[\w-]+)*", self.prefix):
             raise ConfigurationError(
                 f"NATS broker URL: stream={self.stream!r} must be a name, prefix={self.prefix!r} a subject"
@@ -137,7 +139,7 @@ class NatsBroker(Broker):
         token = parts.username is not None and parts.password is None  # nats://<token>@host
         self.safe_url = redact_url(self.url.replace(f"{parts.username}@", "***@", 1) if token else self.url)
         self._context = self._tls_context()
-        self._wants_tls = parts.scheme == "tls" or bool(self._tls)
+        self._wants_tls = parts.scheme == "tls" or bool(self._tls) or "tls_handshake_first" in query
         self._nc = Client()
         self._js = self._nc.jetstream()
         self._inbox: Subscription | None = None  # where the answers to all our pull requests come
@@ -172,7 +174,7 @@ class NatsBroker(Broker):
         for consumer in self._consumers.values():
             consumer.request = None
         whole = {name: int(max(1, self.options[name])) for name in ("ping_interval", "connect_timeout")}
-        handshake_first = self._tls.get("tls_handshake_first", "0") == "1"
+        handshake_first = self._handshake_first
         connecting = self._nc.connect(
             self.url,
             name="eventrelay",
@@ -206,7 +208,7 @@ class NatsBroker(Broker):
 
     def _tls_context(self) -> ssl.SSLContext | None:
         """The TLS context of `tls_ca`, `tls_cert` and `tls_key`; None (nats-py's default) without them."""
-        if not {"tls_ca", "tls_cert", "tls_key"} & set(self._tls):
+        if not self._tls:
             return None
         try:
             context = ssl.create_default_context(cafile=self._tls.get("tls_ca"))
@@ -582,16 +584,6 @@ def _escape(text: str, safe: str = _VALUE_SAFE, name: bool = False) -> str:
 
 def _reserved(header: str) -> bool:
     return header.lower().startswith(("nats-", "eventrelay-"))
-
-
-def _number(raw: str | None, default: float, option: str) -> float:
-    try:
-        value = default if raw is None else float(raw)
-    except ValueError:
-        value = -1.0
-    if value < 0 or (value == 0 and option != "max_age"):
-        raise ConfigurationError(f"NATS broker option {option} must be a number above 0, not {raw!r}")
-    return value
 
 
 def _retrieved(task: asyncio.Future[Any]) -> None:

@@ -48,7 +48,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import difflib
 import functools
 import logging
 import time
@@ -62,6 +61,7 @@ from yarl import URL
 from eventrelay.brokers import amqp_guard
 from eventrelay.brokers.amqp_guard import UndecodableHeaders
 from eventrelay.brokers.base import Broker
+from eventrelay.brokers.options import UrlOptions
 from eventrelay.config import redact_url
 from eventrelay.envelope import Delivery, Message, printable
 from eventrelay.errors import BrokerUnavailable, ConfigurationError, EventRelayError, PublishFailed
@@ -83,8 +83,6 @@ except ImportError as exc:  # pragma: no cover
 
 logger = logging.getLogger(__name__)
 
-_OPTIONS = {"exchange", "exchange_type", "queue_type", "prefetch", "retry_delays", "publish_timeout"}
-_OPTIONS |= {"profile", "single_active_consumer"}
 _PASS_THROUGH = {"heartbeat", "name", "cafile", "capath", "cadata", "certfile", "keyfile", "no_verify_ssl"}
 DEFAULT_RETRY_DELAYS = "0.1,0.25,0.5,1,2.5,5,10,25,60,150,300,900,3600"
 CONNECT_TIMEOUT = RECONNECT_MAX = 10.0  # seconds
@@ -117,22 +115,18 @@ class RabbitMQBroker(Broker):
 
     def __init__(self, url: str) -> None:
         parsed = URL(url)
-        query = dict(parsed.query)
-        for unknown in sorted(set(query) - _OPTIONS - _PASS_THROUGH)[:1]:
-            guess = difflib.get_close_matches(unknown, _OPTIONS | _PASS_THROUGH, n=1)
-            hint = f" Did you mean {guess[0]!r}?" if guess else ""
-            raise ConfigurationError(f"Unknown RabbitMQ URL option {unknown!r} in {redact_url(url)!r}.{hint}")
-        self.exchange = query.get("exchange", "eventrelay")
-        self.exchange_type = _choice(query, "exchange_type", ("direct", "topic"))
-        self.queue_type = _choice(query, "queue_type", ("classic", "quorum"))
-        self.profile = _choice(query, "profile", ("eventrelay", "abp"))
-        self.single_active_consumer = _choice(query, "single_active_consumer", ("0", "1")) == "1"
-        self.prefetch = int(_number(query.get("prefetch", "100"), "prefetch"))
-        self.publish_timeout = _number(query.get("publish_timeout", "30"), "publish_timeout")
-        delays = query.get("retry_delays", DEFAULT_RETRY_DELAYS).split(",")
-        self.retry_delays = sorted({_number(d, "retry_delays") for d in delays})
+        options = UrlOptions("RabbitMQ", url, parsed.query, client="aio-pika", passes=_PASS_THROUGH)
+        self.exchange = options.string("exchange", "eventrelay")
+        self.exchange_type = options.choice("exchange_type", ("direct", "topic"))
+        self.queue_type = options.choice("queue_type", ("classic", "quorum"))
+        self.profile = options.choice("profile", ("eventrelay", "abp"))
+        self.single_active_consumer = options.flag("single_active_consumer")
+        self.prefetch = options.integer("prefetch", 100, minimum=1)
+        self.publish_timeout = options.number("publish_timeout", 30)
+        self.retry_delays = sorted(set(options.numbers("retry_delays", DEFAULT_RETRY_DELAYS)))
+        client_options = options.finish()
         self.unrouted = f"{self.exchange}.unrouted"
-        self._url = str(parsed.with_query({k: v for k, v in query.items() if k in _PASS_THROUGH}))
+        self._url = str(parsed.with_query(client_options))
         self._secret = parsed.password or ""
         self._conn: AbstractConnection | None = None
         self._admin: AbstractChannel | None = None
@@ -476,18 +470,3 @@ async def _outcome(sending: Awaitable[object]) -> object:
         return await sending
     except Exception as exc:
         return exc
-
-
-def _choice(query: dict[str, str], option: str, choices: tuple[str, ...]) -> str:
-    if (value := query.get(option, choices[0])) not in choices:
-        raise ConfigurationError(f"RabbitMQ URL option {option} is one of {', '.join(choices)}: {value!r}")
-    return value
-
-
-def _number(value: str, option: str) -> float:
-    try:
-        if (number := float(value)) > 0:
-            return number
-    except ValueError:
-        pass
-    raise ConfigurationError(f"RabbitMQ URL option {option} takes numbers above 0, not {value!r}")

@@ -28,8 +28,9 @@ its delivery counter set back so that no attempt is counted.
 
 Options (query string): `prefix` (`eventrelay:`), `visibility_timeout` (30 s), `poll` (1 s: the longest a
 fetch blocks before it looks for due retries and reclaimable entries again), `maxlen` (0: no cap; n: each
-queue is capped with `XADD MAXLEN ~ n`). Other options go to redis-py (e.g. `socket_timeout`), TLS's too:
+queue is capped with `XADD MAXLEN ~ n`). redis-py's URL options go to it (e.g. `socket_timeout`), TLS's too:
 `rediss://host:6380/0?ssl_ca_certs=/ca.pem` (and `ssl_certfile`, `ssl_keyfile` for a client certificate).
+Another option is an error when the broker is made (`UrlOptions`).
 Connections: a blocking pool of `max_connections` (50); a command past them waits for a free one.
 
 Limits:
@@ -51,6 +52,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import json
 import logging
 import math
@@ -64,6 +66,8 @@ from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 try:
     from redis.asyncio import BlockingConnectionPool, Redis
+    from redis.asyncio.connection import URL_QUERY_ARGUMENT_PARSERS as TYPED_OPTIONS
+    from redis.asyncio.connection import Connection, SSLConnection, UnixDomainSocketConnection
     from redis.asyncio.retry import Retry
     from redis.backoff import ExponentialWithJitterBackoff
     from redis.exceptions import ConnectionError as RedisConnectionError
@@ -73,6 +77,7 @@ except ImportError as exc:  # pragma: no cover
     raise ImportError("Redis support needs an extra: pip install 'eventrelay[redis]'") from exc
 
 from eventrelay.brokers.base import Broker
+from eventrelay.brokers.options import UrlOptions, keyword_names
 from eventrelay.config import redact_url
 from eventrelay.envelope import Delivery, Message
 from eventrelay.errors import BrokerUnavailable, ConfigurationError, PublishFailed
@@ -80,6 +85,9 @@ from eventrelay.errors import BrokerUnavailable, ConfigurationError, PublishFail
 logger = logging.getLogger(__name__)
 
 _RELEASED = "eventrelay-released"  # the consumer that holds released entries until someone reclaims them
+_TEXT_OPTIONS = {"client_name", "username", "password", "lib_name", "lib_version"}  # redis-py's text options
+_TEXT_OPTIONS |= {"ssl_keyfile", "ssl_certfile", "ssl_ca_certs", "ssl_ca_data", "ssl_ca_path", "ssl_password"}
+_TEXT_OPTIONS |= {"ssl_cert_reqs", "ssl_ciphers"}
 _LONG_IDLE = 2**36  # ms: idle enough for any visibility timeout, yet a time after the epoch as Redis wants
 
 # KEYS: the route set of each message. ARGV: prefix, maxlen, then id, name, body, headers, "-" or "+key".
@@ -156,12 +164,16 @@ class RedisBroker(Broker):
 
     def __init__(self, url: str) -> None:
         parts = urlsplit(url)
-        options = dict(parse_qsl(parts.query))
-        self.prefix = options.pop("prefix", "eventrelay:")
-        self.visibility_timeout = _number(options.pop("visibility_timeout", "30"), "visibility_timeout")
-        self.poll = _number(options.pop("poll", "1"), "poll")
-        self.maxlen = int(_number(options.pop("maxlen", "0"), "maxlen", zero=True))
-        self.url = urlunsplit(parts._replace(query=urlencode(options)))
+        query = dict(parse_qsl(parts.query))
+        note = "ssl_* options need rediss://" if parts.scheme == "redis" else ""
+        options = UrlOptions(
+            "Redis", url, query, client="redis-py", passes=_client_options(parts.scheme), note=note
+        )
+        self.prefix = options.string("prefix", "eventrelay:")
+        self.visibility_timeout = options.number("visibility_timeout", 30.0)
+        self.poll = options.number("poll", 1.0)
+        self.maxlen = options.integer("maxlen", 0, minimum=0)
+        self.url = urlunsplit(parts._replace(query=urlencode(options.finish())))
         try:
             # Blocking: past `max_connections` (50) a command waits for a free connection, where redis-py's
             # default pool fails with "Too many connections" (a burst of concurrent publishes).
@@ -189,14 +201,8 @@ class RedisBroker(Broker):
     # --- lifecycle -----------------------------------------------------------------------------------
 
     async def start(self) -> None:
-        try:
-            async with self._translate("connect to"):
-                await self._redis.ping()
-        except TypeError as exc:  # redis-py turns unknown query options into keyword arguments
-            raise ConfigurationError(
-                f"Unknown option in Redis broker URL {redact_url(self.url)!r} ({exc}); "
-                "the broker's own are prefix, visibility_timeout, poll and maxlen"
-            ) from exc
+        async with self._translate("connect to"):
+            await self._redis.ping()
         self._tasks = [asyncio.create_task(self._renew_leases(), name="eventrelay-redis-leases")]
 
     async def close(self) -> None:
@@ -390,15 +396,14 @@ class RedisBroker(Broker):
             raise PublishFailed(f"Could not {action} Redis at {redact_url(self.url)}: {exc}") from exc
 
 
-def _number(value: str, option: str, *, zero: bool = False) -> float:
-    try:
-        number = float(value)
-    except ValueError:
-        number = math.nan
-    if not math.isfinite(number) or number < 0 or (number == 0 and not zero):
-        kind = "0 or more" if zero else "above 0"
-        raise ConfigurationError(f"Redis broker URL option {option} is a number {kind}, not {value!r}")
-    return number
+@functools.cache
+def _client_options(scheme: str) -> frozenset[str]:
+    """The query options redis-py reads for `scheme`: those it types (`socket_timeout`, ...) and the text
+    ones (names, files), where its connection class or pool for the scheme takes them (`ssl_*` only with
+    `rediss://`). Its internals (`parser_class`, ...) and `decode_responses` (the broker reads bytes) are no
+    URL options."""
+    connection = {"rediss": SSLConnection, "unix": UnixDomainSocketConnection}.get(scheme, Connection)
+    return keyword_names(connection, BlockingConnectionPool) & (set(TYPED_OPTIONS) | _TEXT_OPTIONS)
 
 
 __all__ = ["RedisBroker"]

@@ -17,13 +17,18 @@ each idle fetcher costs one small read per `poll_max`. A publish in the same pro
 once on both databases. SQLite runs in WAL mode; the adapter checkpoints the WAL every few seconds and caps
 its size (`journal_size_limit`), so the files do not grow without bound under steady traffic.
 
-URL options (query string): `lease` (30 s), `poll_min` (0.001 s), `poll_max` (0.05 s).
+URL options (query string): `lease` (30 s), `poll_min` (0.001 s), `poll_max` (0.05 s). The database
+driver's own go to it: SQLite's `timeout` (how long a statement waits for a lock), `uri` and the others
+`sqlite3.connect` takes (with `uri=true`, those of SQLite's URI filenames too, such as `mode`), or asyncpg's
+connect keywords and libpq's TLS names (`sslmode`, `sslrootcert`, ...). Another option is an error when the
+broker is made.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import json
 import logging
 from collections.abc import Sequence
@@ -54,11 +59,13 @@ from sqlalchemy import (
     update,
 )
 from sqlalchemy.dialects.postgresql import ARRAY
-from sqlalchemy.engine import make_url
+from sqlalchemy.engine import URL, make_url
 from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError, SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncConnection
+from sqlalchemy.util import asbool
 
 from eventrelay.brokers.base import Broker
+from eventrelay.brokers.options import UrlOptions, keyword_names
 from eventrelay.config import redact_url
 from eventrelay.envelope import Delivery, Message
 from eventrelay.errors import BrokerUnavailable, ConfigurationError, PublishFailed
@@ -69,6 +76,15 @@ logger = logging.getLogger(__name__)
 
 _ID = BigInteger().with_variant(Integer(), "sqlite")
 _CHANNEL = "eventrelay_broker"
+_SQLITE_OPTIONS = {
+    "uri",
+    "timeout",
+    "isolation_level",
+    "detect_types",
+    "check_same_thread",
+    "cached_statements",
+}
+_SQLITE_URI_OPTIONS = {"vfs", "mode", "cache", "psow", "nolock", "immutable"}  # https://sqlite.org/uri.html
 
 
 def _tables(metadata: MetaData, prefix: str) -> tuple[Table, Table]:
@@ -103,13 +119,13 @@ class SqlBroker(Broker):
 
     def __init__(self, url: str, prefix: str = "eventrelay_broker_") -> None:
         parsed = make_url(url)
-        options = dict(parsed.query)
-        self.lease = _seconds(options.pop("lease", "30"), "lease")
-        self.poll_min = _seconds(options.pop("poll_min", "0.001"), "poll_min")
-        self.poll_max = _seconds(options.pop("poll_max", "0.05"), "poll_max")
-        self.url = parsed.set(query=options).render_as_string(hide_password=False)
         if parsed.get_backend_name() not in ("sqlite", "postgresql"):
             raise ConfigurationError(f"The SQL broker runs on SQLite or PostgreSQL, not {redact_url(url)!r}")
+        options = _url_options(url, parsed)
+        self.lease = options.number("lease", 30.0)
+        self.poll_min = options.number("poll_min", 0.001)
+        self.poll_max = options.number("poll_max", 0.05)
+        self.url = parsed.set(query=options.finish()).render_as_string(hide_password=False)
         self.engine = create_engine(self.url)
         self.metadata = MetaData()
         self.bindings, self.deliveries = _tables(self.metadata, prefix)
@@ -408,11 +424,24 @@ def _fan_out_arrays(bindings: Table, deliveries: Table, dialect: Any) -> Any:
     )
 
 
-def _seconds(value: str | tuple[str, ...], option: str) -> float:
-    try:
-        seconds = float(value if isinstance(value, str) else value[-1])
-    except ValueError:
-        seconds = -1.0
-    if seconds <= 0:
-        raise ConfigurationError(f"Broker URL option {option} is a number of seconds above 0, not {value!r}")
-    return seconds
+def _url_options(url: str, parsed: URL) -> UrlOptions:
+    """The URL's options, knowing those of the database driver: SQLite's (and, with `uri=true`, those of its
+    URI filenames), asyncpg's, or for another PostgreSQL driver any."""
+    if parsed.get_backend_name() == "sqlite":
+        uri = asbool(parsed.query.get("uri", False))  # as SQLAlchemy reads it
+        passes = _SQLITE_OPTIONS | (_SQLITE_URI_OPTIONS if uri else set())
+        return UrlOptions("SQL broker", url, parsed.query, client="sqlite3", passes=passes)
+    if parsed.get_driver_name() == "asyncpg":
+        return UrlOptions("SQL broker", url, parsed.query, client="asyncpg", passes=_asyncpg_options())
+    return UrlOptions("SQL broker", url, parsed.query, passes=set(parsed.query))  # the driver checks its own
+
+
+@functools.cache
+def _asyncpg_options() -> frozenset[str]:
+    """asyncpg's connect keywords (those a URL can give), SQLAlchemy's for it, and the libpq TLS names that
+    `create_engine` turns into asyncpg's."""
+    import asyncpg  # here: asyncpg is an extra, needed only for a PostgreSQL URL
+
+    unusable = {"dsn", "loop", "connection_class", "record_class"}  # no URL text can be one
+    added = {"prepared_statement_cache_size", "sslmode", "sslrootcert", "sslcert", "sslkey"}
+    return keyword_names(asyncpg.connect) - unusable | added
