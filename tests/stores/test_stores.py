@@ -20,6 +20,15 @@ class TestMemoryStore(StoreContract):
         async with started(MemoryStore()) as store:
             yield store
 
+    async def test_the_inbox_keeps_only_its_newest_records(self) -> None:
+        """A process without a database that handles millions of messages must not grow with them."""
+        async with started(MemoryStore(inbox_limit=3)) as store:
+            for n in range(4):
+                assert await self.claim_inbox(store, "Orders", "h", f"m{n}")
+            assert await store.inbox_count("Orders") == 3
+            assert not await self.claim_inbox(store, "Orders", "h", "m3")  # kept: a duplicate
+            assert await self.claim_inbox(store, "Orders", "h", "m0")  # forgotten: it takes effect again
+
 
 class TestSqliteStore(StoreContract):
     concurrent_claims = "serialised"  # BEGIN IMMEDIATE: a second writer waits for the lock

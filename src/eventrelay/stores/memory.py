@@ -13,6 +13,7 @@ from eventrelay.envelope import Message
 from eventrelay.stores.base import DeadLetter, NewDeadLetter, OutboxRecord, Store, Transaction, utcnow
 
 InboxKey = tuple[str, str, str]
+INBOX_LIMIT = 100_000  # inbox records kept (the newest): about 30 MB
 
 
 class MemoryTransaction(Transaction):
@@ -54,9 +55,15 @@ class MemoryTransaction(Transaction):
 
 
 class MemoryStore(Store):
-    """Outbox, inbox and dead letters in dicts, with the same transactional behaviour as the SQL store."""
+    """Outbox, inbox and dead letters in dicts, with the same transactional behaviour as the SQL store.
 
-    def __init__(self) -> None:
+    The inbox keeps the latest `inbox_limit` records (and none past `Settings.inbox_retention`): a process
+    that handles millions of messages must not grow with them, and nothing of it outlives the process anyway.
+    A message redelivered after that many others takes effect again; a database keeps the inbox for good.
+    """
+
+    def __init__(self, inbox_limit: int = INBOX_LIMIT) -> None:
+        self.inbox_limit = inbox_limit
         self._seq = itertools.count(1)
         self._outbox: dict[int, OutboxRecord] = {}
         self._created: dict[int, datetime] = {}
@@ -150,6 +157,8 @@ class MemoryStore(Store):
 
         def write() -> None:
             self._inbox[key] = utcnow()
+            if len(self._inbox) > self.inbox_limit:
+                del self._inbox[next(iter(self._inbox))]  # the oldest: dicts keep insertion order
             release()
 
         mtx.writes.append(write)
