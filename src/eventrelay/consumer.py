@@ -24,7 +24,7 @@ from eventrelay.brokers.base import reconnect_pause
 from eventrelay.codec import decode
 from eventrelay.envelope import Delivery, Message, printable
 from eventrelay.errors import BrokerError, BrokerUnavailable, DecodeError, HandlerTimeout
-from eventrelay.handlers import Context, HandlerSpec, Reject, Retry
+from eventrelay.handlers import Context, HandlerSpec, Reject, Retry, with_body_tenant
 from eventrelay.stores.base import DEAD_LETTER_BODY_MAX, TRUNCATED_FROM, NewDeadLetter
 
 if TYPE_CHECKING:
@@ -284,7 +284,7 @@ class Consumer:
                     with bus.tracing.process(delivery):
                         for spec, event, new in claimed:
                             try:
-                                with self._handling(spec, message, attempt, uow) as context:
+                                with self._handling(spec, message, attempt, uow, event) as context:
                                     bus.tracing.inbox_checked(new, *claimed_ns)
                                     if not new:
                                         shown = printable(message.id)
@@ -445,7 +445,7 @@ class Consumer:
             started = time.perf_counter()
             uow = self.bus.new_unit_of_work()
             # The context stays set through the commit: entity events made there inherit correlation too.
-            with self._handling(spec, message, attempt, uow) as context:
+            with self._handling(spec, message, attempt, uow, event) as context:
                 async with uow:
                     if not await self.bus.tracing.inbox_check(
                         self.bus.store.claim_inbox(uow.transaction, self.bus.service, spec.name, message.id)
@@ -534,16 +534,23 @@ class Consumer:
                     event = self._decode(message, spec.events[message.name])
                     if claim and not await store.claim_inbox(tx, self.bus.service, spec.name, message.id):
                         continue
-                    with self._handling(spec, message, 1, uow) as context:
+                    with self._handling(spec, message, 1, uow, event) as context:
                         await spec.invoke(event, context)
 
     @contextlib.contextmanager
     def _handling(
-        self, spec: HandlerSpec, message: Message, attempt: int, uow: UnitOfWork, traced: bool = True
+        self,
+        spec: HandlerSpec,
+        message: Message,
+        attempt: int,
+        uow: UnitOfWork,
+        event: object = None,
+        traced: bool = True,
     ) -> Iterator[Context]:
         """The handler's context, set where `publish` reads it to stamp correlation, causation and tenant."""
+        headers = with_body_tenant(message.headers, event)
         context = Context(
-            message.id, message.name, self.bus.service, spec.name, attempt, message.headers, message.key, uow
+            message.id, message.name, self.bus.service, spec.name, attempt, headers, message.key, uow
         )
         token = current_context.set(context)
         try:

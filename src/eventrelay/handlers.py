@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from datetime import timedelta
 from typing import TYPE_CHECKING, Any, Generic, TypeVar, Union
 
-from eventrelay.envelope import TracingHeaders
+from eventrelay.envelope import TENANT_ID, TracingHeaders
 from eventrelay.errors import ConfigurationError
 from eventrelay.events import DynamicEvent, Event, event_name, validate_event_name
 
@@ -89,6 +89,19 @@ class Context(TracingHeaders):
     def session(self) -> AsyncSession:
         """The unit of work's SQLAlchemy session: the handler's writes commit with the inbox record."""
         return self.unit_of_work.session
+
+
+def with_body_tenant(headers: Mapping[str, str], event: object) -> Mapping[str, str]:
+    """`headers`, with the tenant the event carries in its body when no header names one: ABP 8/9 send it
+    only there, as `tenantId` of a multi-tenant ETO or `entity.tenantId` of an entity event."""
+    if TENANT_ID in headers:
+        return headers
+    for holder in (event, getattr(event, "entity", None)):
+        if "tenant_id" in getattr(type(holder), "model_fields", ()):
+            tenant = getattr(holder, "tenant_id", None)
+            if tenant is not None:
+                return {**headers, TENANT_ID: str(tenant)}
+    return headers
 
 
 class DistributedEventHandler(ABC, Generic[E]):

@@ -24,6 +24,7 @@ from eventrelay.codec import decode
 from eventrelay.envelope import Message
 from eventrelay.errors import ConfigurationError
 from eventrelay.events import Event, event_name
+from eventrelay.json_style import JsonStyle
 
 E = TypeVar("E", bound=Event)
 
@@ -39,10 +40,11 @@ class RecordingBroker(MemoryBroker):
         await super().publish(messages)
         self.published.extend(messages)
 
-    def events(self, event_type: type[E]) -> list[E]:
-        """The published events of one class, decoded, in publish order."""
+    def events(self, event_type: type[E], style: JsonStyle = "eventrelay") -> list[E]:
+        """The published events of one class, decoded (in the publishing bus's `json_style`), in publish
+        order."""
         name = event_name(event_type)
-        return [decode(m, event_type, max_bytes=2**31) for m in self.published if m.name == name]  # type: ignore[misc]
+        return [decode(m, event_type, 2**31, style) for m in self.published if m.name == name]  # type: ignore[misc]
 
 
 async def capture(bus: DistributedEventBus, event_type: type[E]) -> list[E]:

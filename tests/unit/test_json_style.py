@@ -11,12 +11,13 @@ import pytest
 from pydantic import ConfigDict, Field
 from pydantic.alias_generators import to_pascal
 
-from eventrelay import ConfigurationError, Event, Settings
+from eventrelay import ConfigurationError, DistributedEventBus, Event, Settings
 from eventrelay.codec import decode, encode_body
 from eventrelay.entity_events import EntityCreatedEto, EntityDeletedEto, EntityEto, EntityUpdatedEto
 from eventrelay.envelope import Message
 from eventrelay.errors import DecodeError
 from eventrelay.json_style import camel_case, dotnet_name
+from eventrelay.testing import RecordingBroker, wait_until_idle
 
 USER_ID = UUID("3a0f2b1c-7d5e-4f60-9a8b-1c2d3e4f5a6b")
 
@@ -306,3 +307,13 @@ def test_a_float_json_has_no_number_for_is_written_null_as_pydantic_writes_it() 
     assert encode_body(MeasuredEto(value=float("nan")), "abp") == b'{"value":null}'
     assert encode_body(MeasuredEto(value=float("nan"))) == b'{"value":null}'
     assert encode_body(MeasuredEto(value=0.1), "abp") == b'{"value":0.1}'
+
+
+async def test_a_recording_broker_decodes_in_the_bus_json_style() -> None:
+    broker = RecordingBroker()
+    sent = AcronymEto(productID=7, URLValue="u", ioStream="s")
+    async with DistributedEventBus("Prices", broker=broker, settings=Settings(json_style="abp")) as bus:
+        await bus.publish(sent)
+        await wait_until_idle(bus)
+    assert broker.published[0].body == encode_body(sent, "abp")
+    assert broker.events(AcronymEto, "abp") == [sent]

@@ -15,7 +15,8 @@ messages per subscriber: also the bound on its in-flight handlers), `retry_delay
 pass through; another option is an error.
 TLS: `amqps://` (port 5671) with aio-pika's `cafile`, `certfile`, `keyfile` and `no_verify_ssl`.
 
-Mapping: `rabbitmq_wire.py`. `docs/wire-format.md` has the ABP profile in full.
+Mapping: `rabbitmq_wire.py`. `profile=abp` also makes the bus write and read ABP's JSON
+(`Settings.json_style`); `docs/wire-format.md` has the ABP profile in full.
 
 A routing key nobody binds: RabbitMQ would drop the message and still confirm it. So the adapter publishes
 with `mandatory` and declares the exchange with the alternate exchange `<exchange>.unrouted` (fanout), whose
