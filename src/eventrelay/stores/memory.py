@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import itertools
+from collections import OrderedDict
 from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import replace
 from datetime import datetime
@@ -68,7 +69,7 @@ class MemoryStore(Store):
         self._outbox: dict[int, OutboxRecord] = {}
         self._created: dict[int, datetime] = {}
         self._leases: dict[int, datetime] = {}  # outbox seq -> until when a relay holds it
-        self._inbox: dict[InboxKey, datetime] = {}
+        self._inbox: OrderedDict[InboxKey, datetime] = OrderedDict()  # oldest first
         self._claiming: dict[InboxKey, tuple[asyncio.Event, MemoryTransaction]] = {}
         self._letters: dict[int, DeadLetter] = {}
         self._letter_ids = itertools.count(1)
@@ -158,7 +159,9 @@ class MemoryStore(Store):
         def write() -> None:
             self._inbox[key] = utcnow()
             if len(self._inbox) > self.inbox_limit:
-                del self._inbox[next(iter(self._inbox))]  # the oldest: dicts keep insertion order
+                # The oldest. Not `del d[next(iter(d))]`: a dict scans the slots deleted before it (63 us at
+                # 100,000 records, against 0.5 us here).
+                self._inbox.popitem(last=False)
             release()
 
         mtx.writes.append(write)
