@@ -30,6 +30,7 @@ from eventrelay.brokers.rabbitmq import RabbitMQBroker
 from eventrelay.envelope import CORRELATION_ID, Delivery, Message, new_message_id
 from eventrelay.errors import BrokerUnavailable, ConfigurationError, PublishFailed
 from eventrelay.testing import wait_until_idle
+from tests.brokers.abp_side import declare_as_abp_consumer, publish_as_abp
 from tests.brokers.contract import (
     PATIENCE,
     BrokerContract,
@@ -478,13 +479,8 @@ async def test_a_python_service_handles_what_an_abp_service_publishes(topology: 
     async with (
         topology.broker("profile=abp", exchange=exchange) as broker,
         DistributedEventBus(service, broker=broker) as orders,
-        await aio_pika.connect(SERVER) as connection,
     ):
         await orders.subscribe(apply_discount)
-        # What RabbitMqDistributedEventBus.PublishAsync sends: the exchange declared durable (after a passive
-        # check), routing key = event name, mandatory false, and exactly three properties.
-        channel = await (await connection.channel()).get_underlay_channel()
-        await channel.exchange_declare(exchange, exchange_type="direct", durable=True)
         message_id, correlation_id = uuid.uuid4(), uuid.uuid4().hex
         body = (
             b'{"productId":"3fa85f64-5717-4562-b3fc-2c963f66afa6","productName":"Dune",'
@@ -492,14 +488,8 @@ async def test_a_python_service_handles_what_an_abp_service_publishes(topology: 
         )  # Utf8JsonRabbitMqSerializer: UTF-8 System.Text.Json, camelCase, not indented
         properties = spec.Basic.Properties(
             delivery_mode=2, message_id=message_id.hex, correlation_id=correlation_id
-        )
-        await channel.basic_publish(
-            body,
-            exchange=exchange,
-            routing_key="BookStore.Products.ProductPriceChanged",
-            properties=properties,
-            mandatory=False,
-        )
+        )  # exactly the three ABP sets
+        await publish_as_abp(SERVER, exchange, "BookStore.Products.ProductPriceChanged", body, properties)
         await wait_until_idle(orders, timeout=PATIENCE)
 
     [(event, context)] = handled
@@ -529,12 +519,8 @@ async def test_an_abp_service_can_handle_what_a_python_service_publishes(
         DistributedEventBus("BookStore_ProductService", broker=broker, database=sqlite_url) as products,
         await aio_pika.connect(SERVER) as connection,
     ):
-        # What RabbitMqMessageConsumer declares: the same exchange (no arguments: an alternate exchange
-        # would make this fail), a durable queue named after its ClientName, bound to the event name.
-        channel = await connection.channel()
-        await channel.declare_exchange(exchange, "direct", durable=True)
-        queue = await channel.declare_queue(abp_queue, durable=True)
-        await queue.bind(exchange, "BookStore.Products.ProductPriceChanged")
+        name = "BookStore.Products.ProductPriceChanged"
+        queue = await declare_as_abp_consumer(connection, exchange, abp_queue, name)
 
         sent_id = await products.publish(  # through the outbox and the relay
             ProductPriceChangedEto(

@@ -36,6 +36,7 @@ from eventrelay import Context, DistributedEventBus, Event, Settings
 from eventrelay.entity_events import EntityCreatedEto, EntityDeletedEto, EntityEto, EntityUpdatedEto
 from eventrelay.events import event_name
 from eventrelay.testing import wait_until_idle
+from tests.brokers.abp_side import declare_as_abp_consumer, publish_as_abp
 from tests.brokers.contract import PATIENCE
 from tests.brokers.test_rabbitmq_broker import PORT, SERVER, Topology, exchange_name
 from tests.servers import require_server
@@ -139,20 +140,11 @@ async def topology() -> AsyncIterator[Topology]:
     await topology.delete()
 
 
-async def publish_as_abp(exchange: str, data: dict[str, Any]) -> None:
-    """What `RabbitMqDistributedEventBus.PublishAsync` sends: the exchange declared direct and durable, the
-    routing key = the event name, mandatory false, and only the properties ABP sets."""
+async def publish_fixture(exchange: str, data: dict[str, Any]) -> None:
+    """The fixture's body and properties, sent as ABP sends them."""
     properties = {name: value for name, value in data["properties"].items() if value is not None}
-    async with await aio_pika.connect(SERVER) as connection:
-        channel = await (await connection.channel()).get_underlay_channel()
-        await channel.exchange_declare(exchange, exchange_type="direct", durable=True)
-        await channel.basic_publish(
-            data["body"].encode("utf-8"),
-            exchange=exchange,
-            routing_key=data["routing_key"],
-            properties=spec.Basic.Properties(**properties),
-            mandatory=False,
-        )
+    body, routing_key = data["body"].encode("utf-8"), data["routing_key"]
+    await publish_as_abp(SERVER, exchange, routing_key, body, spec.Basic.Properties(**properties))
 
 
 @pytest.mark.rabbitmq
@@ -170,7 +162,7 @@ async def test_a_python_service_handles_what_abp_publishes(topology: Topology, c
         DistributedEventBus(service, broker=broker, settings=ABP_JSON) as bus,
     ):
         await bus.subscribe(record, event=eto)
-        await publish_as_abp(exchange, data)
+        await publish_fixture(exchange, data)
         await wait_until_idle(bus, timeout=PATIENCE)
 
     assert len(handled) == 1, f"{case}: not handled (a dead letter: the body did not decode?)"
@@ -197,7 +189,7 @@ async def test_the_tenant_of_an_abp_entity_event_reaches_the_handler(topology: T
         DistributedEventBus(service, broker=broker, settings=ABP_JSON) as bus,
     ):
         await bus.subscribe(record, event=ETOS["tenant"])
-        await publish_as_abp(exchange, data)
+        await publish_fixture(exchange, data)
         await wait_until_idle(bus, timeout=PATIENCE)
 
     assert tenants == [data["tenant_id"]]
@@ -265,12 +257,7 @@ async def test_abp_reads_what_a_python_service_publishes(topology: Topology, cas
         DistributedEventBus("BookStore_PythonService", broker=broker, settings=ABP_JSON) as bus,
         await aio_pika.connect(SERVER) as connection,
     ):
-        # What RabbitMqMessageConsumer declares: the exchange (direct, durable, no arguments), a durable
-        # queue named after the ABP service's ClientName, bound to the event name.
-        channel = await connection.channel()
-        await channel.declare_exchange(exchange, "direct", durable=True)
-        queue = await channel.declare_queue(abp_queue, durable=True)
-        await queue.bind(exchange, data["routing_key"])
+        queue = await declare_as_abp_consumer(connection, exchange, abp_queue, data["routing_key"])
 
         sent_id = await bus.publish(expected_event(case), use_outbox=False, correlation_id=correlation_id)
         await wait_until_idle(bus, timeout=PATIENCE)
