@@ -387,10 +387,7 @@ class Consumer:
 
     def _decode(self, message: Message, event_type: type[Event] | None) -> Event | DynamicEvent:
         """The event of `message`, its body read in the bus's JSON style."""
-        limit, style = self.bus.settings.max_message_bytes, self.bus.json_style
-        if style == "eventrelay":  # decode's call as it was before styles: the default path unchanged
-            return decode(message, event_type, limit)
-        return decode(message, event_type, limit, style)
+        return decode(message, event_type, self.bus.settings.max_message_bytes, self.bus.json_style)
 
     def _finished(self) -> None:
         self.in_flight -= 1

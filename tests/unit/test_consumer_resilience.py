@@ -75,7 +75,7 @@ async def test_an_error_outside_the_handlers_ends_as_a_dead_letter_after_the_att
 ) -> None:
     delivered: list[int] = []
 
-    def broken(message: Message, event_type: Any, max_bytes: int) -> Any:
+    def broken(message: Message, event_type: Any, max_bytes: int, style: str = "eventrelay") -> Any:
         delivered.append(1)
         raise RuntimeError("a bug in decoding or in the consumer's bookkeeping")
 
