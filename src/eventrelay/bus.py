@@ -354,15 +354,20 @@ class DistributedEventBus:
         """This service's dead letters, oldest first."""
         return await self.store.dead_letters(self.service, limit)
 
+    async def dead_letter(self, letter_id: int) -> DeadLetter:
+        """This service's dead letter `letter_id`; `ConfigurationError` when it has none of that id."""
+        letter = await self.store.dead_letter(letter_id)
+        if letter is None or letter.subscriber != self.service:
+            raise ConfigurationError(f"No dead letter {letter_id} in service {self.service!r}")
+        return letter
+
     async def replay(self, letter_id: int) -> None:
         """Handle a dead letter again, now, in one unit of work that deletes it if the handler succeeds.
 
         Raises what the handler raises (the letter stays), or `ConfigurationError` if nothing handles it or
         the letter keeps only the start of its body.
         """
-        letter = await self.store.dead_letter(letter_id)
-        if letter is None or letter.subscriber != self.service:
-            raise ConfigurationError(f"No dead letter {letter_id} in service {self.service!r}")
+        letter = await self.dead_letter(letter_id)
         if (size := letter.truncated_from) is not None:
             raise ConfigurationError(
                 f"Dead letter {letter_id} keeps only the first {len(letter.message.body)} of its {size} "
@@ -383,9 +388,7 @@ class DistributedEventBus:
 
     async def discard(self, letter_id: int) -> None:
         """Delete a dead letter without handling it."""
-        letter = await self.store.dead_letter(letter_id)
-        if letter is None or letter.subscriber != self.service:
-            raise ConfigurationError(f"No dead letter {letter_id} in service {self.service!r}")
+        await self.dead_letter(letter_id)
         async with self.new_unit_of_work() as uow:
             await self.store.remove_dead_letter(uow.transaction, letter_id)
 
