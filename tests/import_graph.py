@@ -28,35 +28,31 @@ def modules(root: Path = ROOT) -> dict[str, Path]:
     return found
 
 
-def _imported(node: ast.AST, here: str, is_package: bool) -> Iterator[str]:
+def _imported(node: ast.AST, here: str, is_package: bool, known: dict[str, Path]) -> Iterator[str]:
+    """The modules an import statement names: `from x import y` names `x.y` when that is a module, else x."""
     if isinstance(node, ast.Import):
         yield from (alias.name for alias in node.names)
     elif isinstance(node, ast.ImportFrom):
+        stem = node.module or ""
         if node.level:
-            base = here.split(".")
-            base = base[: len(base) - node.level + (1 if is_package else 0)]
+            base = here.split(".")[: len(here.split(".")) - node.level + (1 if is_package else 0)]
             stem = ".".join([*base, node.module] if node.module else base)
-        else:
-            stem = node.module or ""
-        yield stem
-        yield from (f"{stem}.{alias.name}" for alias in node.names)
+        for alias in node.names:
+            yield f"{stem}.{alias.name}" if f"{stem}.{alias.name}" in known else stem
 
 
 def graph(root: Path = ROOT) -> dict[str, set[str]]:
-    """Module -> the package modules it imports (``from x import name`` counts ``x.name`` when it is a module)."""
+    """Module -> the package modules it imports (at any depth of the file, TYPE_CHECKING blocks too)."""
     known = modules(root)
-    arrows: dict[str, set[str]] = {name: set() for name in known}
+    arrows: dict[str, set[str]] = {}
     for name, path in known.items():
         tree = ast.parse(path.read_text(), str(path))
-        for node in ast.walk(tree):
-            for target in _imported(node, name, path.name == "__init__.py"):
-                if target in known and target != name:
-                    arrows[name].add(target)
-    # ``from eventrelay import errors`` names a module; ``from eventrelay.bus import X`` also counts eventrelay
-    # (the package's __init__ runs first), which is not an arrow the reader follows: drop parents of a target.
-    for name, targets in arrows.items():
-        targets -= {t for t in targets if any(o.startswith(t + ".") for o in targets) and t != PACKAGE}
-        targets.discard(PACKAGE) if name != PACKAGE else None
+        arrows[name] = {
+            target
+            for node in ast.walk(tree)
+            for target in _imported(node, name, path.name == "__init__.py", known)
+            if target in known and target != name
+        }
     return arrows
 
 

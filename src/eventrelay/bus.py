@@ -4,9 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import dataclasses
 import logging
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping
 from datetime import UTC, datetime, timedelta
 from types import TracebackType
 from typing import Any, Self
@@ -14,27 +13,20 @@ from typing import Any, Self
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from eventrelay.brokers import Broker, broker_from_url
-from eventrelay.codec import check_headers, encode_body
 from eventrelay.config import Settings
-from eventrelay.consumer import Consumer, current_context
-from eventrelay.entity_events import EntityChangeTracker, EntityEvents
-from eventrelay.envelope import (
-    CAUSATION_ID,
-    COMMITTED_AT,
-    CORRELATION_ID,
-    RESERVED_HEADERS,
-    TENANT_ID,
-    Message,
-    new_message_id,
-)
+from eventrelay.consumer import Consumer
+from eventrelay.dispatch import Dispatcher
+from eventrelay.entity_events import EntityEvents
+from eventrelay.envelope import Message
 from eventrelay.errors import ConfigurationError
-from eventrelay.events import DynamicEvent, Event, event_name, validate_event_name
+from eventrelay.events import Event
 from eventrelay.group_commit import GroupCommit
-from eventrelay.handlers import DistributedEventHandler, HandlerSpec, RetryPolicy, resolve_handler
+from eventrelay.handlers import DistributedEventHandler, HandlerSpec, Registry, RetryPolicy, resolve_handler
+from eventrelay.inbox import Inbox
 from eventrelay.json_style import JsonStyle
-from eventrelay.metrics import Metrics, NoMetrics, committed_stamp
-from eventrelay.outbox import Relay
-from eventrelay.stores.base import DeadLetter, Store, Transaction, utcnow
+from eventrelay.metrics import Metrics, MetricsHooks, NoMetrics
+from eventrelay.outbox import Outbox, Relay
+from eventrelay.stores.base import DeadLetter, Store, utcnow
 from eventrelay.stores.memory import MemoryStore
 from eventrelay.tracing import Tracing
 from eventrelay.uow import UnitOfWork, current_unit_of_work
@@ -95,7 +87,7 @@ class DistributedEventBus:
         self.entity_events = entity_events
         self.tracing = Tracing(service, Tracing.system_of(self.broker))
         metrics_on = self.settings.metrics or self.settings.metrics_port > 0
-        self.metrics: NoMetrics = Metrics(service) if metrics_on else NoMetrics()
+        self.metrics: MetricsHooks = Metrics(service) if metrics_on else NoMetrics()
         self.relay = Relay(
             self.store,
             self.broker,
@@ -105,13 +97,44 @@ class DistributedEventBus:
             tracing=self.tracing,
             metrics=self.metrics,
         )
-        self.consumer = Consumer(self)
+        self.outbox = Outbox(
+            self.store,
+            self.broker,
+            self.relay,
+            json_style=self.json_style,
+            tracing=self.tracing,
+            metrics=self.metrics,
+        )
+        self.inbox = Inbox(self.store, service, self.metrics, self.settings.max_message_bytes)
+        self.handlers = Registry(service)
+        self.dispatcher = Dispatcher(
+            service,
+            self.broker,
+            self.handlers,
+            self.inbox,
+            self.new_unit_of_work,
+            settings=self.settings,
+            json_style=self.json_style,
+            tracing=self.tracing,
+            metrics=self.metrics,
+        )
+        self.consumer = self._consumer()
         # Publishes outside a unit of work that arrive while one commits share the next transaction.
         self._alone: GroupCommit[tuple[Message, datetime | None]] = GroupCommit(self._commit_alone)
-        self._specs: dict[str, HandlerSpec] = {}
-        self._by_event: dict[str, list[HandlerSpec]] = {}
         self._tasks: list[asyncio.Task[None]] = []
         self.started = False
+
+    def _consumer(self) -> Consumer:
+        batches = self.entity_events is None
+        return Consumer(
+            self.service,
+            self.broker,
+            self.handlers,
+            self.dispatcher,
+            settings=self.settings,
+            tracing=self.tracing,
+            batches=batches,
+        )
 
     # --- lifecycle -----------------------------------------------------------------------------------
 
@@ -124,7 +147,7 @@ class DistributedEventBus:
         try:
             if self.settings.create_tables:
                 await self.store.create_tables()
-            for name in self._by_event:
+            for name in self.handlers.event_names:
                 await self.broker.bind(self.service, name)
         except BaseException:  # a half-started bus holds no connection: the caller never calls stop()
             await self._close_owned()
@@ -132,10 +155,10 @@ class DistributedEventBus:
         self._tasks = [
             asyncio.create_task(self.consumer.run(), name=f"{self.service}-consumer"),
             asyncio.create_task(self.relay.run(), name=f"{self.service}-relay"),
-            asyncio.create_task(self._clean_inbox(), name=f"{self.service}-inbox-cleanup"),
+            asyncio.create_task(self._purge_inbox(), name=f"{self.service}-inbox-cleanup"),
         ]
         self.started = True
-        logger.info("Bus of %s started with %d handler(s)", self.service, len(self._specs))
+        logger.info("Bus of %s started with %d handler(s)", self.service, len(self.handlers))
 
     async def stop(self) -> None:
         """Stop fetching, let in-flight handlers finish, send what the outbox holds, then close."""
@@ -153,7 +176,7 @@ class DistributedEventBus:
         for task in (consumer, relay, cleaner):
             task.cancel()
         await asyncio.gather(consumer, relay, cleaner, return_exceptions=True)
-        self.consumer = Consumer(self)
+        self.consumer = self._consumer()
         await self._close_owned()
         logger.info("Bus of %s stopped", self.service)
 
@@ -184,18 +207,7 @@ class DistributedEventBus:
 
     def new_unit_of_work(self) -> UnitOfWork:
         """A unit of work of its own, even inside another."""
-        uow = UnitOfWork(self.store, self, self._send_now, write=self._write_outbox)
-        if self.entity_events is not None:
-            tracker = uow.tracker = EntityChangeTracker(self.entity_events, uow.session.sync_session)
-
-            async def publish_entity_events() -> None:
-                for change in await tracker.collect(uow):
-                    message = self._message(change.event, None, None, change.key, None, change.tenant_id)
-                    uow.add(message, use_outbox=True)
-                    uow.after_commit(self.relay.wake)
-
-            uow.before_commit(publish_entity_events)
-        return uow
+        return UnitOfWork(self.store, self, self.outbox, self.entity_events)
 
     # --- publishing ----------------------------------------------------------------------------------
 
@@ -220,7 +232,9 @@ class DistributedEventBus:
         otherwise it is sent to the broker now. `key` orders events (same key, same order at the consumer);
         `delay` or `at` hold it in the outbox until due.
         """
-        message = self._message(event, data, headers, key, correlation_id, tenant_id)
+        message = self.outbox.message(
+            event, data, headers=headers, key=key, correlation_id=correlation_id, tenant_id=tenant_id
+        )
         due = _due(delay, at)
         if due is not None and not use_outbox:
             raise ConfigurationError("A delayed event waits in the outbox: drop use_outbox=False")
@@ -228,70 +242,18 @@ class DistributedEventBus:
         uow = uow if uow is not None and uow.owner is self else None
         if uow is not None and on_unit_of_work_complete:
             uow.add(message, use_outbox=use_outbox, available_at=due)
-            uow.after_commit(self.relay.wake)
         elif use_outbox and uow is not None:
-            await self._write_outbox(uow.transaction, [message], due or utcnow())
-            uow.after_commit(self.relay.wake)
+            await self.outbox.write(uow.transaction, [message], due or utcnow())
         elif use_outbox:
             await self._alone.write((message, due))
         else:
-            await self._send_now([message])
+            await self.outbox.send([message])
         return message.id
 
     async def _commit_alone(self, pending: list[tuple[Message, datetime | None]]) -> None:
         async with self.new_unit_of_work() as own:
             for message, available_at in pending:
                 own.add(message, use_outbox=True, available_at=available_at)
-            own.after_commit(self.relay.wake)
-
-    async def _write_outbox(self, tx: Transaction, messages: Sequence[Message], due: datetime) -> None:
-        stamp = committed_stamp()
-        messages = [dataclasses.replace(m, headers={**m.headers, COMMITTED_AT: stamp}) for m in messages]
-        with self.tracing.outbox_write(messages):
-            await self.store.add_outbox(tx, messages, due)
-        self.metrics.published(messages)
-
-    async def _send_now(self, messages: Sequence[Message]) -> None:
-        with self.tracing.send(messages):
-            await self.broker.publish(messages)
-        self.metrics.published(messages)
-
-    def _message(
-        self,
-        event: Event | str,
-        data: Mapping[str, Any] | None,
-        headers: Mapping[str, str] | None,
-        key: str | None,
-        correlation_id: str | None,
-        tenant_id: str | None,
-    ) -> Message:
-        if isinstance(event, Event):
-            if data is not None:
-                raise ConfigurationError("Pass data only with an event name: publish('Name', {...})")
-            name, body = event_name(event), encode_body(event, self.json_style)
-        elif isinstance(event, str):
-            name = validate_event_name(event)
-            body = encode_body(DynamicEvent(name, dict(data or {})))
-        else:
-            raise ConfigurationError(f"publish takes an Event or an event name, not {type(event).__name__}")
-        if key is not None and (not isinstance(key, str) or len(key) > 256):
-            raise ConfigurationError(f"key must be a string of at most 256 characters: {key!r}")
-        all_headers = check_headers(headers or {})
-        reserved = RESERVED_HEADERS & all_headers.keys()
-        if reserved:
-            raise ConfigurationError(
-                f"Set {sorted(reserved)} with correlation_id= / tenant_id=, not headers="
-            )
-        message_id = new_message_id()
-        parent = current_context.get()
-        correlation = correlation_id or (parent.correlation_id if parent else None) or message_id
-        all_headers[CORRELATION_ID] = correlation
-        if parent is not None:
-            all_headers[CAUSATION_ID] = parent.message_id
-        tenant = tenant_id or (parent.tenant_id if parent else None)
-        if tenant is not None:
-            all_headers[TENANT_ID] = tenant
-        return self.tracing.created(Message(message_id, name, body, all_headers, key))
 
     # --- subscribing ---------------------------------------------------------------------------------
 
@@ -311,55 +273,35 @@ class DistributedEventBus:
         The messages of one fetch share one unit of work, each handler in a savepoint of its own;
         `batch=False` gives it a unit of work per message, run concurrently (README, "Handlers")."""
         spec = resolve_handler(handler, event=event, factory=factory, name=name, retry=retry, batch=batch)
-        if spec.name in self._specs:
-            raise ConfigurationError(
-                f"{spec.name} is already subscribed in {self.service}; pass name= to add it twice"
-            )
-        self._specs[spec.name] = spec
-        for event_name_ in spec.events:
-            first = event_name_ not in self._by_event
-            self._by_event.setdefault(event_name_, []).append(spec)
-            if first and self.started:
-                await self.broker.bind(self.service, event_name_)
+        for event_name in self.handlers.add(spec):
+            if self.started:
+                await self.broker.bind(self.service, event_name)
         return Subscription(self, spec)
 
     async def unsubscribe(self, handler: str | object) -> None:
         """Remove a handler, given by its name or by what was subscribed. Idempotent."""
-        spec = self._specs.get(handler) if isinstance(handler, str) else None
-        spec = spec or next((s for s in self._specs.values() if s.target is handler), None)
-        if spec is None:
-            return
-        del self._specs[spec.name]
-        for name in spec.events:
-            remaining = [s for s in self._by_event[name] if s is not spec]
-            if remaining:
-                self._by_event[name] = remaining
-                continue
-            del self._by_event[name]
+        for name in self.handlers.remove(handler):
             if self.started:
                 await self.broker.unbind(self.service, name)
 
     def handlers_for(self, name: str) -> list[HandlerSpec]:
         """The handlers of this service for an event name, in subscription order."""
-        return list(self._by_event.get(name, ()))
+        return self.handlers.handlers_for(name)
 
     @property
     def event_names(self) -> list[str]:
         """The event names this service handles."""
-        return sorted(self._by_event)
+        return self.handlers.event_names
 
     # --- dead letters --------------------------------------------------------------------------------
 
     async def dead_letters(self, limit: int = 100) -> list[DeadLetter]:
         """This service's dead letters, oldest first."""
-        return await self.store.dead_letters(self.service, limit)
+        return await self.inbox.letters(limit)
 
     async def dead_letter(self, letter_id: int) -> DeadLetter:
         """This service's dead letter `letter_id`; `ConfigurationError` when it has none of that id."""
-        letter = await self.store.dead_letter(letter_id)
-        if letter is None or letter.subscriber != self.service:
-            raise ConfigurationError(f"No dead letter {letter_id} in service {self.service!r}")
-        return letter
+        return await self.inbox.letter(letter_id)
 
     async def replay(self, letter_id: int) -> None:
         """Handle a dead letter again, now, in one unit of work that deletes it if the handler succeeds.
@@ -376,7 +318,7 @@ class DistributedEventBus:
                 "within the limit"
             )
         if letter.handler is not None:
-            spec = self._specs.get(letter.handler)
+            spec = self.handlers.get(letter.handler)
             if spec is None or letter.message.name not in spec.events:
                 raise ConfigurationError(f"{letter.handler} no longer handles {letter.message.name!r} here")
             specs = [spec]
@@ -384,27 +326,16 @@ class DistributedEventBus:
             specs = self.handlers_for(letter.message.name)
             if not specs:
                 raise ConfigurationError(f"No handler for {letter.message.name!r} in {self.service!r} yet")
-        await self.consumer.replay(specs, letter.message, letter.id, claim=letter.handler is None)
+        await self.dispatcher.replay(specs, letter.message, letter.id, claim=letter.handler is None)
 
     async def discard(self, letter_id: int) -> None:
         """Delete a dead letter without handling it."""
-        await self.dead_letter(letter_id)
-        async with self.new_unit_of_work() as uow:
-            await self.store.remove_dead_letter(uow.transaction, letter_id)
+        await self.inbox.discard(letter_id)
 
     # --- background ----------------------------------------------------------------------------------
 
-    async def _clean_inbox(self) -> None:
-        while True:
-            try:
-                removed = await self.store.purge_inbox(utcnow() - self.settings.inbox_retention)
-                if removed:
-                    logger.info(
-                        "Removed %d inbox record(s) older than %s", removed, self.settings.inbox_retention
-                    )
-            except Exception:
-                logger.exception("Inbox cleanup failed; it runs again later")
-            await asyncio.sleep(self.settings.inbox_cleanup_interval.total_seconds())
+    async def _purge_inbox(self) -> None:
+        await self.inbox.purge_forever(self.settings.inbox_retention, self.settings.inbox_cleanup_interval)
 
 
 def _store(database: str | AsyncEngine | Store | None) -> Store:

@@ -29,7 +29,7 @@ from sqlalchemy.orm import Session
 from eventrelay.events import Event
 
 if TYPE_CHECKING:
-    from eventrelay.uow import UnitOfWork
+    from sqlalchemy.ext.asyncio import AsyncSession
 
 E = TypeVar("E", bound=Event)
 
@@ -194,13 +194,13 @@ _COMBINE: dict[tuple[Change, Change], Change | None] = {
 class EntityChangeTracker:
     """Follows one unit of work's session: records selected entities' changes at each flush."""
 
-    def __init__(self, config: EntityEvents, session: Session) -> None:
+    def __init__(self, config: EntityEvents, session: AsyncSession) -> None:
         self.config = config
         self.session = session
         self._changes: dict[int, tuple[object, Change]] = {}
         self._deleted_events: dict[int, EntityChange] = {}
-        event.listen(session, "before_flush", self._before_flush)
-        event.listen(session, "after_flush", self._after_flush)
+        event.listen(session.sync_session, "before_flush", self._before_flush)
+        event.listen(session.sync_session, "after_flush", self._after_flush)
 
     def record(self, entity: object, change: Change) -> None:
         """Note a change of `entity` (what the flush does for ORM changes; call it for bulk statements)."""
@@ -235,13 +235,13 @@ class EntityChangeTracker:
     def _selected(self, entities: Iterable[object]) -> list[object]:
         return [e for e in entities if self.config.selects(type(e))]
 
-    async def collect(self, uow: UnitOfWork) -> list[EntityChange]:
+    async def collect(self) -> list[EntityChange]:
         """Flush what is pending, then return each changed entity's event, in the order of first change."""
-        await uow.session.flush()
+        await self.session.flush()
         changes, self._changes = self._changes, {}
         deleted, self._deleted_events = self._deleted_events, {}
         # In the session's greenlet: mapping may load attributes the flush expired (an `onupdate` column).
-        return await uow.session.run_sync(
+        return await self.session.run_sync(
             lambda _: [
                 deleted[key] if change is Change.DELETED else self.config.to_event(entity, change)
                 for key, (entity, change) in changes.items()

@@ -35,8 +35,8 @@ def new_message_id() -> str:
     return uuid.uuid4().hex
 
 
-class TracingHeaders:
-    """The bus's own headers as properties, for anything with a `headers` mapping."""
+class BusHeaders:
+    """The bus's own headers (correlation, causation, tenant) as properties, for anything with `headers`."""
 
     __slots__ = ()
     headers: Mapping[str, str]
@@ -55,7 +55,7 @@ class TracingHeaders:
 
 
 @dataclass(frozen=True, slots=True)
-class Message(TracingHeaders):
+class Message(BusHeaders):
     """One event on the wire. `id` is kept from the outbox to the inbox: it is what deduplicates."""
 
     id: str

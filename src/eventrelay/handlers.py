@@ -1,4 +1,5 @@
-"""Handlers: `DistributedEventHandler[E]` classes and async functions, their context and retry policy."""
+"""Handlers: `DistributedEventHandler[E]` classes and async functions, their context and retry policy, and the
+registry of a service's subscribed handlers."""
 
 from __future__ import annotations
 
@@ -8,11 +9,12 @@ import types
 import typing
 from abc import ABC, abstractmethod
 from collections.abc import Awaitable, Callable, Mapping
+from contextvars import ContextVar
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import TYPE_CHECKING, Any, Generic, TypeVar, Union
 
-from eventrelay.envelope import TENANT_ID, TracingHeaders
+from eventrelay.envelope import TENANT_ID, BusHeaders
 from eventrelay.errors import ConfigurationError
 from eventrelay.events import DynamicEvent, Event, event_name, validate_event_name
 
@@ -73,7 +75,7 @@ class RetryPolicy:
 
 
 @dataclass(frozen=True)
-class Context(TracingHeaders):
+class Context(BusHeaders):
     """What a handler knows about the message it is handling, and the unit of work it runs in."""
 
     message_id: str
@@ -89,6 +91,10 @@ class Context(TracingHeaders):
     def session(self) -> AsyncSession:
         """The unit of work's SQLAlchemy session: the handler's writes commit with the inbox record."""
         return self.unit_of_work.session
+
+
+current_context: ContextVar[Context | None] = ContextVar("eventrelay_context", default=None)
+"""The context of the handler running in this task, whence `publish` stamps correlation, causation, tenant."""
 
 
 def with_body_tenant(headers: Mapping[str, str], event: object) -> Mapping[str, str]:
@@ -137,6 +143,61 @@ class HandlerSpec:
     retry: RetryPolicy | None
     target: object
     batch: bool = True  # shares one unit of work (a savepoint each) with the other messages of a fetch
+
+
+class Registry:
+    """The handlers one service subscribed, by name and by event name, in subscription order."""
+
+    def __init__(self, service: str) -> None:
+        self.service = service
+        self._specs: dict[str, HandlerSpec] = {}
+        self._by_event: dict[str, list[HandlerSpec]] = {}
+
+    def add(self, spec: HandlerSpec) -> list[str]:
+        """Register `spec`; return the event names no handler took before (to bind)."""
+        if spec.name in self._specs:
+            raise ConfigurationError(
+                f"{spec.name} is already subscribed in {self.service}; pass name= to add it twice"
+            )
+        self._specs[spec.name] = spec
+        new = [name for name in spec.events if name not in self._by_event]
+        for name in spec.events:
+            self._by_event.setdefault(name, []).append(spec)
+        return new
+
+    def remove(self, handler: str | object) -> list[str]:
+        """Remove a handler, given by its name or by what was subscribed; return the event names no handler
+        takes any more (to unbind). Removing one not registered does nothing."""
+        spec = self._specs.get(handler) if isinstance(handler, str) else None
+        spec = spec or next((s for s in self._specs.values() if s.target is handler), None)
+        if spec is None:
+            return []
+        del self._specs[spec.name]
+        gone = []
+        for name in spec.events:
+            remaining = [s for s in self._by_event[name] if s is not spec]
+            if remaining:
+                self._by_event[name] = remaining
+            else:
+                del self._by_event[name]
+                gone.append(name)
+        return gone
+
+    def get(self, handler: str) -> HandlerSpec | None:
+        """The handler registered under `handler`, if any."""
+        return self._specs.get(handler)
+
+    def handlers_for(self, event: str) -> list[HandlerSpec]:
+        """The handlers of an event name, in subscription order."""
+        return list(self._by_event.get(event, ()))
+
+    @property
+    def event_names(self) -> list[str]:
+        """The event names handled, sorted."""
+        return sorted(self._by_event)
+
+    def __len__(self) -> int:
+        return len(self._specs)
 
 
 def resolve_handler(

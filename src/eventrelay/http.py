@@ -25,6 +25,8 @@ from dataclasses import dataclass, field, replace
 from http import HTTPStatus
 from urllib.parse import parse_qs, urlsplit
 
+from eventrelay.metrics import Scraped, scrape
+
 logger = logging.getLogger(__name__)
 
 MAX_HEAD = 16 * 1024
@@ -289,3 +291,26 @@ def names_loopback(host_header: str) -> bool:
     """
     match = HOST_HEADER.fullmatch(host_header)
     return match is not None and is_loopback(match["host"])
+
+
+async def serve_metrics(bus: Scraped, host: str, port: int) -> asyncio.Server:
+    """Serve `GET /metrics` for `bus` (`eventrelay.metrics`) on `host:port`; close the returned server to end.
+
+    On a loopback `host` it answers only to a loopback Host (`127.0.0.1:9464`, `localhost:9464`), so that no
+    web page can read it through a DNS name rebound to 127.0.0.1.
+    """
+    loopback = is_loopback(host)
+
+    async def handle(request: Request) -> Response:
+        if loopback and not names_loopback(request.headers.get("host", "")):
+            return text(403, f"Listening on {host}, the metrics answer only to http://127.0.0.1 or localhost")
+        if request.path != "/metrics":
+            return text(404, "Not found: the metrics are at /metrics")
+        if request.method not in ("GET", "HEAD"):
+            return text(405, "Use GET")
+        body, content_type = await scrape(bus)
+        return Response(200, body, content_type)
+
+    server = await serve(handle, host, port)
+    logger.info("Metrics of %s at http://%s:%d/metrics", bus.service, host, port)
+    return server

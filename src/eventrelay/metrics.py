@@ -21,33 +21,29 @@ web app, serve `await scrape(bus)` (see `docs/operations.md`). Labels: `service`
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
-import logging
 import time
 from collections.abc import Sequence
 from datetime import UTC, datetime
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 from eventrelay.envelope import COMMITTED_AT, Message
 from eventrelay.errors import ConfigurationError
-from eventrelay.http import Request, Response, is_loopback, names_loopback, serve, text
 from eventrelay.stores.base import utcnow
 
 if TYPE_CHECKING:
     from prometheus_client import CollectorRegistry
 
-    from eventrelay.bus import DistributedEventBus
-
-logger = logging.getLogger(__name__)
+    from eventrelay.brokers.base import Broker
+    from eventrelay.stores.base import Store
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300, 1800, 3600)
 
 
-class NoMetrics:
-    """What a bus counts with when metrics are off: every hook does nothing."""
+class MetricsHooks(Protocol):
+    """What the bus tells its metrics, as it happens."""
 
-    enabled = False
+    enabled: bool
 
     def published(self, messages: Sequence[Message]) -> None:
         """Events written to the outbox or sent directly."""
@@ -65,7 +61,28 @@ class NoMetrics:
         """A message given up on."""
 
 
-class Metrics(NoMetrics):
+class NoMetrics:
+    """The hooks of a bus whose metrics are off: each does nothing."""
+
+    enabled = False
+
+    def published(self, messages: Sequence[Message]) -> None:
+        pass
+
+    def relayed(self, messages: Sequence[Message]) -> None:
+        pass
+
+    def handled(self, handler: str, message: Message, started: float) -> None:
+        pass
+
+    def retried(self, handler: str, message: Message) -> None:
+        pass
+
+    def dead_lettered(self, handler: str | None, message: Message) -> None:
+        pass
+
+
+class Metrics:
     """The metrics of one bus, in `registry` (a fresh `CollectorRegistry` unless given)."""
 
     enabled = True
@@ -165,14 +182,14 @@ class Metrics(NoMetrics):
     def dead_lettered(self, handler: str | None, message: Message) -> None:
         self.dead_lettered_total.labels(self.service, message.name, handler or "-").inc()
 
-    async def refresh(self, bus: DistributedEventBus) -> None:
+    async def refresh(self, store: Store, broker: Broker, service: str) -> None:
         """Read the gauges now: the outbox backlog and age, and the broker's lag (when it can count)."""
-        count, oldest = await bus.store.outbox_backlog()
+        count, oldest = await store.outbox_backlog()
         self.outbox_backlog.labels(self.service).set(count)
         age = (utcnow() - oldest).total_seconds() if oldest is not None else 0.0
         self.outbox_oldest_age.labels(self.service).set(max(0.0, age))
         with contextlib.suppress(NotImplementedError):  # a broker that cannot count has no lag gauge
-            self.consumer_lag.labels(self.service).set(await bus.broker.pending_count(bus.service))
+            self.consumer_lag.labels(self.service).set(await broker.pending_count(service))
 
 
 def committed_at(message: Message) -> datetime | None:
@@ -192,35 +209,25 @@ def committed_stamp() -> str:
     return utcnow().isoformat(timespec="microseconds") + "Z"
 
 
-async def scrape(bus: DistributedEventBus) -> tuple[bytes, str]:
+class Scraped(Protocol):
+    """What `scrape` reads: a bus (`DistributedEventBus` is one)."""
+
+    service: str
+    metrics: MetricsHooks
+
+    @property
+    def store(self) -> Store: ...
+
+    @property
+    def broker(self) -> Broker: ...
+
+
+async def scrape(bus: Scraped) -> tuple[bytes, str]:
     """The bus's metrics in Prometheus' text format, gauges read now: (body, content type)."""
     metrics = bus.metrics
     if not isinstance(metrics, Metrics):
         raise ConfigurationError(f"Metrics are off in {bus.service}: create it with Settings(metrics=True)")
     from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-    await metrics.refresh(bus)
+    await metrics.refresh(bus.store, bus.broker, bus.service)
     return generate_latest(metrics.registry), CONTENT_TYPE_LATEST
-
-
-async def serve_metrics(bus: DistributedEventBus, host: str, port: int) -> asyncio.Server:
-    """Serve `GET /metrics` for `bus` on `host:port`; close the returned server to stop.
-
-    On a loopback `host` it answers only to a loopback Host (`127.0.0.1:9464`, `localhost:9464`), so that no
-    web page can read it through a DNS name rebound to 127.0.0.1.
-    """
-    loopback = is_loopback(host)
-
-    async def handle(request: Request) -> Response:
-        if loopback and not names_loopback(request.headers.get("host", "")):
-            return text(403, f"Listening on {host}, the metrics answer only to http://127.0.0.1 or localhost")
-        if request.path != "/metrics":
-            return text(404, "Not found: the metrics are at /metrics")
-        if request.method not in ("GET", "HEAD"):
-            return text(405, "Use GET")
-        body, content_type = await scrape(bus)
-        return Response(200, body, content_type)
-
-    server = await serve(handle, host, port)
-    logger.info("Metrics of %s at http://%s:%d/metrics", bus.service, host, port)
-    return server

@@ -1,17 +1,34 @@
-"""The relay: sends outbox rows to the broker in order and in batches, deleting each once it was accepted."""
+"""The way out of a service: `Outbox` makes messages from events and writes them to the outbox table in the
+caller's transaction (or sends them past it); `Relay` sends the outbox's rows to the broker in order and in
+batches, deleting each once it was accepted."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
-from collections.abc import AsyncIterator, Sequence
-from datetime import timedelta
+from collections.abc import Mapping, Sequence
+from datetime import datetime, timedelta
+from typing import Any
 
 from eventrelay.brokers.base import Broker, reconnect_pause
-from eventrelay.envelope import Message, printable
-from eventrelay.errors import BrokerUnavailable, PublishFailed
-from eventrelay.metrics import NoMetrics
+from eventrelay.codec import check_headers, encode_body
+from eventrelay.envelope import (
+    CAUSATION_ID,
+    COMMITTED_AT,
+    CORRELATION_ID,
+    RESERVED_HEADERS,
+    TENANT_ID,
+    Message,
+    new_message_id,
+    printable,
+)
+from eventrelay.errors import BrokerUnavailable, ConfigurationError, PublishFailed
+from eventrelay.events import DynamicEvent, Event, event_name, validate_event_name
+from eventrelay.handlers import current_context
+from eventrelay.json_style import JsonStyle
+from eventrelay.metrics import MetricsHooks, NoMetrics, committed_stamp
 from eventrelay.stores.base import OutboxRecord, Store, Transaction, utcnow
 from eventrelay.tracing import Tracing
 
@@ -41,7 +58,7 @@ class Relay:
         poll_interval: float = 1.0,
         lease: float = 10.0,
         tracing: Tracing | None = None,
-        metrics: NoMetrics | None = None,
+        metrics: MetricsHooks | None = None,
     ) -> None:
         self.store = store
         self.broker = broker
@@ -75,7 +92,7 @@ class Relay:
                 while (claimed := await self.run_once()) == self.batch_size:
                     pass
                 if not self._wakeup.is_set():  # no commit came meanwhile: settle now, not with the next
-                    async with self._transaction() as tx:
+                    async with self.store.transaction() as tx:
                         await self._settle(tx)
                 failures = 0
             except Exception as exc:
@@ -103,7 +120,7 @@ class Relay:
         deadline = asyncio.get_running_loop().time() + self.lease
         now = utcnow()
         lease_until = now + timedelta(seconds=self.lease)
-        async with self._transaction() as tx:
+        async with self.store.transaction() as tx:
             await self._settle(tx)
             rows = await self.store.claim_outbox(tx, self.batch_size, now, lease_until)
         if not rows:
@@ -113,7 +130,7 @@ class Relay:
                 self._done = await self._send(rows)
         except BaseException as exc:
             with contextlib.suppress(Exception):  # else they wait until the lease runs out
-                async with self._transaction() as tx:
+                async with self.store.transaction() as tx:
                     await self.store.release_outbox(tx, [row.seq for row in rows], lease_until)
             if isinstance(exc, TimeoutError):
                 raise BrokerUnavailable(f"The broker did not confirm within the {self.lease}s lease") from exc
@@ -176,16 +193,6 @@ class Relay:
             printable(why),
         )
 
-    @contextlib.asynccontextmanager
-    async def _transaction(self) -> AsyncIterator[Transaction]:
-        tx = self.store.begin()
-        try:
-            yield tx
-        except BaseException:
-            await tx.rollback()
-            raise
-        await tx.commit()
-
     async def _publish(self, messages: Sequence[Message]) -> None:
         with self.tracing.send(messages):
             await self.broker.publish(messages)
@@ -199,3 +206,80 @@ class Relay:
             timeout = min(timeout, max(0.05, (due - utcnow()).total_seconds()))
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(self._wakeup.wait(), timeout)
+
+
+class Outbox:
+    """Makes a service's messages and sends them on their way: into the outbox table, in the caller's
+    transaction (the relay is woken once it commits), or straight to the broker."""
+
+    def __init__(
+        self,
+        store: Store,
+        broker: Broker,
+        relay: Relay,
+        *,
+        json_style: JsonStyle,
+        tracing: Tracing,
+        metrics: MetricsHooks,
+    ) -> None:
+        self.store = store
+        self.broker = broker
+        self.relay = relay
+        self.json_style = json_style
+        self.tracing = tracing
+        self.metrics = metrics
+
+    def message(
+        self,
+        event: Event | str,
+        data: Mapping[str, Any] | None = None,
+        *,
+        headers: Mapping[str, str] | None = None,
+        key: str | None = None,
+        correlation_id: str | None = None,
+        tenant_id: str | None = None,
+    ) -> Message:
+        """The message of an event (or of a name and a dict payload), stamped with correlation, causation
+        and tenant from the handler running in this task, if any; `ConfigurationError` for bad arguments."""
+        if isinstance(event, Event):
+            if data is not None:
+                raise ConfigurationError("Pass data only with an event name: publish('Name', {...})")
+            name, body = event_name(event), encode_body(event, self.json_style)
+        elif isinstance(event, str):
+            name = validate_event_name(event)
+            body = encode_body(DynamicEvent(name, dict(data or {})))
+        else:
+            raise ConfigurationError(f"publish takes an Event or an event name, not {type(event).__name__}")
+        if key is not None and (not isinstance(key, str) or len(key) > 256):
+            raise ConfigurationError(f"key must be a string of at most 256 characters: {key!r}")
+        all_headers = check_headers(headers or {})
+        reserved = RESERVED_HEADERS & all_headers.keys()
+        if reserved:
+            raise ConfigurationError(
+                f"Set {sorted(reserved)} with correlation_id= / tenant_id=, not headers="
+            )
+        message_id = new_message_id()
+        parent = current_context.get()
+        correlation = correlation_id or (parent.correlation_id if parent else None) or message_id
+        all_headers[CORRELATION_ID] = correlation
+        if parent is not None:
+            all_headers[CAUSATION_ID] = parent.message_id
+        tenant = tenant_id or (parent.tenant_id if parent else None)
+        if tenant is not None:
+            all_headers[TENANT_ID] = tenant
+        return self.tracing.created(Message(message_id, name, body, all_headers, key))
+
+    async def write(self, tx: Transaction, messages: Sequence[Message], due: datetime) -> None:
+        """Write `messages` to the outbox in `tx`, due at `due`; the relay looks once `tx` commits."""
+        stamp = committed_stamp()
+        messages = [dataclasses.replace(m, headers={**m.headers, COMMITTED_AT: stamp}) for m in messages]
+        with self.tracing.outbox_write(messages):
+            await self.store.add_outbox(tx, messages, due)
+        self.metrics.published(messages)
+        tx.after_commit(self.relay.wake)
+
+    async def send(self, messages: Sequence[Message]) -> None:
+        """Send `messages` to the broker now, past the outbox."""
+        with self.tracing.send(messages):
+            await self.broker.publish(messages)
+        self.metrics.published(messages)

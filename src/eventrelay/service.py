@@ -182,7 +182,7 @@ class Service:
         if not settings.metrics_port:
             yield
             return
-        from eventrelay.metrics import serve_metrics
+        from eventrelay.http import serve_metrics
 
         server = await serve_metrics(self.bus, settings.metrics_host, settings.metrics_port)
         try:

@@ -8,16 +8,16 @@ from contextvars import ContextVar
 from dataclasses import dataclass
 from datetime import datetime
 from types import TracebackType
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
+from eventrelay.entity_events import Change, EntityChangeTracker, EntityEvents
 from eventrelay.envelope import Message
 from eventrelay.errors import UnitOfWorkError
+from eventrelay.events import Event
 from eventrelay.stores.base import Store, Transaction, utcnow
 
 if TYPE_CHECKING:
     from sqlalchemy.ext.asyncio import AsyncSession
-
-    from eventrelay.entity_events import Change, EntityChangeTracker
 
 _current: ContextVar[UnitOfWork | None] = ContextVar("eventrelay_unit_of_work", default=None)
 
@@ -25,6 +25,19 @@ _current: ContextVar[UnitOfWork | None] = ContextVar("eventrelay_unit_of_work", 
 def current_unit_of_work() -> UnitOfWork | None:
     """The unit of work active in this task, if any."""
     return _current.get()
+
+
+class Outgoing(Protocol):
+    """Where a unit of work sends its events (`eventrelay.outbox.Outbox`)."""
+
+    def message(self, event: Event, *, key: str | None = None, tenant_id: str | None = None) -> Message:
+        """The stamped message of `event`."""
+
+    async def write(self, tx: Transaction, messages: Sequence[Message], due: datetime) -> None:
+        """Write `messages` to the outbox in `tx`."""
+
+    async def send(self, messages: Sequence[Message]) -> None:
+        """Send `messages` to the broker now."""
 
 
 @dataclass(frozen=True)
@@ -43,21 +56,15 @@ class UnitOfWork:
     """
 
     def __init__(
-        self,
-        store: Store,
-        owner: object,
-        send: Callable[[list[Message]], Awaitable[None]],
-        write: Callable[[Transaction, Sequence[Message], datetime], Awaitable[None]] | None = None,
+        self, store: Store, owner: object, outgoing: Outgoing, entity_events: EntityEvents | None = None
     ) -> None:
         self.transaction: Transaction = store.begin()
         self.owner = owner
-        self._store = store
-        self._send = send
-        self._write = write or store.add_outbox
+        self._outgoing = outgoing
         self._pending: list[_Pending] = []
         self._before_commit: list[Callable[[], Awaitable[None]]] = []
         self._token: object = None
-        self.tracker: EntityChangeTracker | None = None
+        self._tracker = None if entity_events is None else EntityChangeTracker(entity_events, self.session)
 
     @property
     def session(self) -> AsyncSession:
@@ -74,9 +81,9 @@ class UnitOfWork:
 
     def entity_changed(self, entity: object, change: Change) -> None:
         """Publish an entity event for a change the ORM did not see (a bulk `update()`, raw SQL)."""
-        if self.tracker is None:
+        if self._tracker is None:
             raise UnitOfWorkError("This bus publishes no entity events: pass entity_events=EntityEvents()...")
-        self.tracker.record(entity, change)
+        self._tracker.record(entity, change)
 
     def after_commit(self, callback: Callable[[], None]) -> None:
         """Run `callback` once this unit of work has committed."""
@@ -104,10 +111,15 @@ class UnitOfWork:
             raise
 
     async def commit(self) -> None:
-        """Write buffered events to the outbox, commit, then send the events that skip the outbox."""
+        """Write buffered events (and the entity events of the changes made in it) to the outbox, commit, then
+        send the events that skip the outbox."""
         try:
             for callback in self._before_commit:
                 await callback()
+            if self._tracker is not None:
+                for change in await self._tracker.collect():
+                    message = self._outgoing.message(change.event, key=change.key, tenant_id=change.tenant_id)
+                    self.add(message, use_outbox=True)
         except BaseException:
             await self.rollback()
             raise
@@ -121,13 +133,13 @@ class UnitOfWork:
         self._pending.clear()
         try:
             for due, messages in by_due.items():
-                await self._write(self.transaction, messages, due)
+                await self._outgoing.write(self.transaction, messages, due)
         except BaseException:
             await self.transaction.rollback()
             raise
         await self.transaction.commit()
         if direct:
-            await self._send(direct)
+            await self._outgoing.send(direct)
 
     async def rollback(self) -> None:
         """Discard buffered events and roll the transaction back."""

@@ -12,8 +12,7 @@ import pytest
 from eventrelay import DistributedEventBus, MemoryBroker, Settings
 from eventrelay.dashboard import run_dashboard
 from eventrelay.errors import ConfigurationError
-from eventrelay.http import is_loopback, names_loopback
-from eventrelay.metrics import serve_metrics
+from eventrelay.http import is_loopback, names_loopback, serve_metrics
 from tests.dashboard.support import Shop, dashboard, exchange, service
 
 HOSTILE_HOSTS = [

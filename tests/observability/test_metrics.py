@@ -18,7 +18,8 @@ import pytest
 from eventrelay import DistributedEventBus, Event, Reject, RetryPolicy, Settings
 from eventrelay.envelope import COMMITTED_AT
 from eventrelay.errors import ConfigurationError
-from eventrelay.metrics import Metrics, committed_at, scrape, serve_metrics
+from eventrelay.http import serve_metrics
+from eventrelay.metrics import Metrics, committed_at, scrape
 from eventrelay.stores.base import utcnow
 from eventrelay.testing import RecordingBroker, wait_until_idle
 from tests.bus.helpers import eventually, settings

@@ -83,7 +83,7 @@ async def test_an_error_outside_the_handlers_ends_as_a_dead_letter_after_the_att
         raise AssertionError("never handled")
 
     settings = Settings(retry=RetryPolicy(max_attempts=2, initial_delay=0.01, jitter=0.0), fetch_timeout=0.05)
-    monkeypatch.setattr("eventrelay.consumer.decode", broken)
+    monkeypatch.setattr("eventrelay.dispatch.decode", broken)
     async with DistributedEventBus("Bookkeeping", broker="memory://", settings=settings) as bus:
         await bus.subscribe(handler, event="Bookkeeping.Any")
         await bus.broker.publish([Message(new_message_id(), "Bookkeeping.Any", b"{}")])

@@ -143,6 +143,17 @@ class Store(ABC):
     def begin(self) -> Transaction:
         """Start a transaction."""
 
+    @contextlib.asynccontextmanager
+    async def transaction(self) -> AsyncIterator[Transaction]:
+        """`async with store.transaction() as tx:` commits at the end of the block, rolls back on an error."""
+        tx = self.begin()
+        try:
+            yield tx
+        except BaseException:
+            await tx.rollback()
+            raise
+        await tx.commit()
+
     # --- inside a transaction -----------------------------------------------------------------------
 
     @abstractmethod
