@@ -125,7 +125,8 @@ class DistributedEventBus:
         self.started = False
 
     def _consumer(self) -> Consumer:
-        batches = self.entity_events is None
+        """A consumer (one per start: a stopped one stays stopped); a fetch's deliveries share a unit of work
+        unless entity events are on (stamped from the handler's context at commit: one message per commit)."""
         return Consumer(
             self.service,
             self.broker,
@@ -133,7 +134,7 @@ class DistributedEventBus:
             self.dispatcher,
             settings=self.settings,
             tracing=self.tracing,
-            batches=batches,
+            batches=self.entity_events is None,
         )
 
     # --- lifecycle -----------------------------------------------------------------------------------

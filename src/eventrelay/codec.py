@@ -35,9 +35,14 @@ def encode_body(event: Event | DynamicEvent, style: JsonStyle = "eventrelay") ->
     return event.model_dump_json(by_alias=True).encode()
 
 
+def _not_text(headers: Mapping[Any, Any]) -> list[Any]:
+    """The names of the headers whose name or value is not a string."""
+    return [k for k, v in headers.items() if not (isinstance(k, str) and isinstance(v, str))]
+
+
 def check_headers(headers: Mapping[Any, Any]) -> dict[str, str]:
     """Return `headers` as a plain dict if every key and value is a string; raise `ConfigurationError`."""
-    bad = [k for k, v in headers.items() if not (isinstance(k, str) and isinstance(v, str))]
+    bad = _not_text(headers)
     if bad:
         raise ConfigurationError(f"Header names and values must be strings; check {bad!r}")
     return dict(headers)
@@ -116,7 +121,8 @@ def decode(
     """
     if len(message.body) > max_bytes:
         raise DecodeError(f"message is {len(message.body)} bytes, over the limit of {max_bytes}")
-    bad = [k for k, v in message.headers.items() if not (isinstance(k, str) and isinstance(v, str))]
+    # A broker maps what it cannot carry as text (`text_headers`); a Broker of the user's own may not.
+    bad = _not_text(message.headers)
     if bad:
         raise DecodeError(f"headers must be strings; these are not: {bad!r}")
     if event_type is None:

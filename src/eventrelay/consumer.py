@@ -41,8 +41,7 @@ class Consumer:
         tracing: Tracing,
         batches: bool = True,
     ) -> None:
-        """`batches`: the deliveries of a fetch may share a unit of work (not with entity events, which are
-        stamped from the handler's context at commit: one message per commit there)."""
+        """`batches`: the deliveries of a fetch that only batch handlers take share a unit of work."""
         self.service = service
         self.broker = broker
         self.handlers = handlers

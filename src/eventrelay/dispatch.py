@@ -150,7 +150,7 @@ class Dispatcher:
                                         logger.debug("Duplicate %s for %s skipped", shown, spec.name)
                                         continue
                                     async with uow.savepoint(spec.name):
-                                        await self._within_time_limit(spec.invoke(event, context))
+                                        await self._invoke(spec, event, context)
                                 ran.append((spec.name, message))
                                 continue
                             except Exception as exc:
@@ -283,7 +283,7 @@ class Dispatcher:
                     ):
                         logger.debug("Duplicate %s for %s skipped", printable(message.id), spec.name)
                         return None
-                    await self._within_time_limit(spec.invoke(event, context))
+                    await self._invoke(spec, event, context)
             self.metrics.handled(spec.name, message, started)
             return None
         except Exception as exc:
@@ -330,7 +330,7 @@ class Dispatcher:
                     if claim and not await self.inbox.claim(tx, spec.name, message.id):
                         continue
                     with self._handling(spec, message, 1, uow, event) as context:
-                        await spec.invoke(event, context)
+                        await self._invoke(spec, event, context)
 
     @contextlib.contextmanager
     def _handling(
@@ -354,12 +354,13 @@ class Dispatcher:
         finally:
             current_context.reset(token)
 
-    async def _within_time_limit(self, handling: Awaitable[None]) -> None:
+    async def _invoke(self, spec: HandlerSpec, event: Event | DynamicEvent, context: Context) -> None:
+        """Run the handler within its time limit: every path (batch, one by one, replay) comes here."""
         limit = self.settings.handler_timeout
         deadline = asyncio.timeout(limit)
         try:
             async with deadline:
-                await handling
+                await spec.invoke(event, context)
         except TimeoutError:
             if deadline.expired():  # ours, not a TimeoutError the handler raised itself
                 raise HandlerTimeout(f"still running after its time limit of {limit}s; cancelled") from None
