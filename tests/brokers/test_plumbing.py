@@ -1,5 +1,6 @@
 """The plumbing the broker adapters share (`eventrelay.brokers.base`): waking fetchers, renewing leases, and
-the check that a delivery came from the broker it is settled on. Nothing here connects to a server."""
+the check that a delivery came from the broker it is settled on (URL options: test_url_options.py). Nothing
+here connects to a server."""
 
 from __future__ import annotations
 
@@ -10,8 +11,6 @@ from collections.abc import Sequence
 import pytest
 
 from eventrelay.brokers.base import Arrivals, LeaseKeeper, delivery_token
-from eventrelay.brokers.memory import MemoryBroker
-from eventrelay.brokers.options import finite_number
 from eventrelay.envelope import Delivery, Message
 from eventrelay.errors import ConfigurationError
 
@@ -80,16 +79,3 @@ def test_a_delivery_from_another_broker_is_refused_with_what_to_do() -> None:
     assert delivery_token(delivery, int, "SqlBroker") == 7
     with pytest.raises(ConfigurationError, match="did not come from a RedisBroker: settle it on the broker"):
         delivery_token(delivery, str, "RedisBroker")
-
-
-def test_the_memory_broker_takes_no_url_options() -> None:
-    MemoryBroker("memory://")
-    with pytest.raises(
-        ConfigurationError, match=r"Unknown Memory URL option 'x' .* Memory takes no options\."
-    ):
-        MemoryBroker("memory://?x=1")
-
-
-def test_a_number_in_a_header_or_metadata() -> None:
-    assert finite_number("2.5") == 2.5
-    assert [finite_number(raw, 1) for raw in (None, "", "soon", "nan", "inf")] == [1, 1, 1, 1, 1]
