@@ -11,8 +11,9 @@ import pytest
 
 from eventrelay.brokers.base import Broker
 from eventrelay.brokers.kafka import KafkaBroker
+from eventrelay.brokers.memory import MemoryBroker
 from eventrelay.brokers.nats import NatsBroker
-from eventrelay.brokers.options import UrlOptions
+from eventrelay.brokers.options import UrlOptions, finite_number
 from eventrelay.brokers.rabbitmq import RabbitMQBroker
 from eventrelay.brokers.redis import RedisBroker
 from eventrelay.brokers.sql import SqlBroker
@@ -202,3 +203,23 @@ def test_an_unknown_option_without_a_close_one_lists_the_known_ones() -> None:
     assert str(caught.value) == (
         "Unknown Test URL option 'zzz' in 'test://u:***@h/?zzz=1&b=2'. Test's options: alpha; lib's: b."
     )
+
+
+def test_the_memory_broker_takes_no_url_options() -> None:
+    MemoryBroker("memory://")
+    with pytest.raises(
+        ConfigurationError, match=r"Unknown Memory URL option 'x' .* Memory takes no options\."
+    ):
+        MemoryBroker("memory://?x=1")
+
+
+def test_a_number_in_a_header_or_metadata() -> None:
+    assert finite_number("2.5") == 2.5
+    assert [finite_number(raw, 1) for raw in (None, "", "soon", "nan", "inf")] == [1, 1, 1, 1, 1]
+
+
+@pytest.mark.parametrize("adapter", ["rabbitmq", "nats", "redis", "kafka"])
+def test_an_unknown_option_given_empty_is_refused_too(adapter: str, tmp_path: Path) -> None:
+    make, base, typo, meant, _, _ = ADAPTERS[adapter]
+    with pytest.raises(ConfigurationError, match=f"Did you mean '{meant}'"):
+        make(_url(base, tmp_path, f"{typo}="))

@@ -1,16 +1,25 @@
 """The broker port: move messages to every subscriber bound to their name; hand them out; take outcomes.
 
-An adapter knows nothing of events, handlers, retries policy or dead letters: the bus owns all that.
+An adapter knows nothing of events, handlers, retries policy or dead letters: the bus owns all that. The
+plumbing adapters share lives here too: `reconnect_pause`, `Arrivals` (waking fetchers), `LeaseKeeper`
+(renewing what is held) and `delivery_token`; URL options are `brokers.options.UrlOptions`.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import logging
 from abc import ABC, abstractmethod
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from types import TracebackType
-from typing import Self
+from typing import Generic, Self, TypeVar
 
 from eventrelay.envelope import Delivery, Message
+from eventrelay.errors import ConfigurationError
+
+logger = logging.getLogger(__name__)
+T = TypeVar("T")
 
 RECONNECT_PAUSE_MAX = 5.0
 """The longest pause between two tries of a broker that is away: at most this long after it is back."""
@@ -19,6 +28,84 @@ RECONNECT_PAUSE_MAX = 5.0
 def reconnect_pause(failures: int) -> float:
     """Seconds to wait before trying a broker again after `failures` failures in a row: 0.2, 0.4, ... 5."""
     return min(RECONNECT_PAUSE_MAX, 0.1 * 2.0 ** min(failures, 16))  # the exponent capped: no overflow
+
+
+def delivery_token(delivery: Delivery, kind: type[T], broker: str) -> T:
+    """The token `broker` put in `delivery` when it fetched it, which must be a `kind`."""
+    if not isinstance(token := delivery.token, kind):
+        raise ConfigurationError(
+            f"This delivery did not come from a {broker}: settle it on the broker that fetched it"
+        )
+    return token
+
+
+class Arrivals:
+    """Wakes the fetchers that wait for a message: `wake()` ends every `wait()` under way."""
+
+    def __init__(self) -> None:
+        self._event = asyncio.Event()  # replaced by a fresh one at each wake, so a wake is never missed
+
+    def wake(self) -> None:
+        """End every wait under way."""
+        event, self._event = self._event, asyncio.Event()
+        event.set()
+
+    def mark(self) -> asyncio.Event:
+        """What the next wake sets: take it before a step that may wake the fetcher, wait `since` it after."""
+        return self._event
+
+    async def wait(self, timeout: float | None, since: asyncio.Event | None = None) -> bool:
+        """Wait up to `timeout` seconds (None: no limit) for a wake (or one since the `since` mark); return
+        whether one came."""
+        event = self._event if since is None else since
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(event.wait(), timeout)
+        return event.is_set()
+
+
+class LeaseKeeper(Generic[T]):
+    """Renews the leases an adapter holds every `lease / 3` seconds, so that only a dead process's run out.
+
+    `held()` lists what is held now; `renew(held)` renews those leases (the broker-specific part). A failed
+    renewal is logged and tried again a period later: the leases may run out meanwhile, and then their
+    messages come again (the inbox drops a duplicate).
+    """
+
+    def __init__(
+        self,
+        broker: str,
+        lease: float,
+        held: Callable[[], Sequence[T]],
+        renew: Callable[[Sequence[T]], Awaitable[object]],
+    ) -> None:
+        self.broker, self.period, self._held, self._renew = broker, lease / 3, held, renew
+        self._task: asyncio.Task[None] | None = None
+
+    def start(self) -> None:
+        """Renew from now on, until `stop()`; a keeper already running goes on."""
+        if self._task is None or self._task.done():
+            self._task = asyncio.create_task(self._run(), name=f"eventrelay-{self.broker}-leases")
+
+    async def stop(self) -> None:
+        """Stop renewing; return once the renewal under way, if any, is cancelled."""
+        task, self._task = self._task, None
+        if task is not None:
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+
+    async def _run(self) -> None:
+        while True:
+            await asyncio.sleep(self.period)
+            if held := self._held():
+                try:
+                    await self._renew(held)
+                except Exception:  # a connection lost, say: the next period tries again
+                    logger.warning(
+                        "Could not renew %d %s lease(s); they may be delivered again",
+                        len(held),
+                        self.broker,
+                        exc_info=True,
+                    )
 
 
 class Broker(ABC):

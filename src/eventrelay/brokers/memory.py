@@ -2,17 +2,17 @@
 
 Fan-out per subscriber, competing fetchers, leases, delayed retries. Share one instance between the buses
 that should talk. A message whose name no subscriber has bound goes nowhere, as on RabbitMQ with no binding.
-Nothing survives the process.
+Nothing survives the process. It takes no URL options.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 from collections import defaultdict, deque
 from collections.abc import Sequence
 
-from eventrelay.brokers.base import Broker
+from eventrelay.brokers.base import Arrivals, Broker
+from eventrelay.brokers.options import UrlOptions, url_query
 from eventrelay.envelope import Delivery, Message
 from eventrelay.errors import BrokerUnavailable
 
@@ -21,12 +21,13 @@ class MemoryBroker(Broker):
     """An in-process broker with the semantics of a real one (see the module docstring)."""
 
     def __init__(self, url: str = "memory://") -> None:
+        UrlOptions("Memory", url, url_query(url)).finish()
         self._bindings: defaultdict[str, set[str]] = defaultdict(set)
         self._queues: defaultdict[str, deque[Delivery]] = defaultdict(deque)
         self._leased: defaultdict[str, set[Delivery]] = defaultdict(set)
         self._delayed: defaultdict[str, set[asyncio.TimerHandle]] = defaultdict(set)
         self._owner: dict[Delivery, str] = {}
-        self._arrival = asyncio.Event()  # replaced by a fresh one each time it is set
+        self._arrivals = Arrivals()
         self._closed = False
 
     async def start(self) -> None:
@@ -37,14 +38,14 @@ class MemoryBroker(Broker):
         for handles in self._delayed.values():
             for handle in handles:
                 handle.cancel()
-        self._wake_fetchers()
+        self._arrivals.wake()
 
     async def publish(self, messages: Sequence[Message]) -> None:
         self._check_open()
         for message in messages:
             for subscriber in self._bindings.get(message.name, ()):
                 self._queues[subscriber].append(Delivery(message, 1))
-        self._wake_fetchers()
+        self._arrivals.wake()
 
     async def bind(self, subscriber: str, name: str) -> None:
         self._bindings[name].add(subscriber)
@@ -61,8 +62,7 @@ class MemoryBroker(Broker):
             remaining = deadline - asyncio.get_running_loop().time()
             if remaining <= 0 or self._closed:
                 return []
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._arrival.wait(), remaining)
+            await self._arrivals.wait(remaining)
         batch = [queue.popleft() for _ in range(min(max_count, len(queue)))]
         for delivery in batch:
             self._leased[subscriber].add(delivery)
@@ -80,7 +80,7 @@ class MemoryBroker(Broker):
         def due() -> None:
             self._delayed[subscriber].discard(handle)
             self._queues[subscriber].append(again)
-            self._wake_fetchers()
+            self._arrivals.wake()
 
         handle = asyncio.get_running_loop().call_later(max(0.0, delay), due)
         self._delayed[subscriber].add(handle)
@@ -88,14 +88,10 @@ class MemoryBroker(Broker):
     async def release(self, delivery: Delivery) -> None:
         subscriber = self._unlease(delivery)
         self._queues[subscriber].appendleft(delivery)
-        self._wake_fetchers()
+        self._arrivals.wake()
 
     async def pending_count(self, subscriber: str) -> int:
         return len(self._queues[subscriber]) + len(self._leased[subscriber]) + len(self._delayed[subscriber])
-
-    def _wake_fetchers(self) -> None:
-        arrival, self._arrival = self._arrival, asyncio.Event()
-        arrival.set()
 
     def _unlease(self, delivery: Delivery) -> str:
         subscriber = self._owner.pop(delivery)

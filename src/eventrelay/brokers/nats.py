@@ -1,12 +1,10 @@
 """`nats://host:4222?stream=shop&prefix=shop` (or `tls://user:password@host`): NATS JetStream, with nats-py.
 
 Topology: one stream per solution (`stream`; interest retention, file storage) captures `<prefix>.>`; an
-event goes to `<prefix>.<event name>`. Names become subject levels reversibly, by percent-encoding all but
-letters, digits and `_.-~`: `Orders.OrderPlaced` keeps its two levels, spaces, `*`, `>`, `%` and non-ASCII
-become `%XX`, and a name with an empty level (`a..b`, `.a`) has its dots encoded too. Each (subscriber,
-event name) has a durable pull consumer on that subject (explicit ack, deliver "new"), created on bind and
-named `<subscriber>_<name>_<digest>`; the instances of a service share it and compete. One consumer per
-name because nats-server 2.9 takes one filter subject per consumer (2.10 takes several).
+event goes to `<prefix>.<event name>` (the name escaped: `nats_wire.py`). Each (subscriber, event name) has
+a durable pull consumer on that subject (explicit ack, deliver "new"), created on bind and named
+`<subscriber>_<name>_<digest>` (`nats_topology.py`); the instances of a service share it and compete. One
+consumer per name because nats-server 2.9 takes one filter subject per consumer (2.10 takes several).
 
 Fetch: one pull request per consumer without one open (a fair share of `max_count` each, at least one,
 the larger shares taking turns), answered on one inbox; a fetch returns what came, in stream order. A
@@ -27,12 +25,11 @@ is still delivered (the bus dead-letters it when no handler is left, so nothing 
 after is acked unseen, and the consumer is deleted once drained. Other processes still fetching from it
 handle its messages until then.
 
-Retention: a message leaves the stream once every consumer on its subject acked it; one that no consumer
-is bound to is not kept (as RabbitMQ drops what no binding routes); `max_age` bounds what a subscriber
-that never comes back leaves behind. The message id is `Nats-Msg-Id`, so JetStream stores an id once
-within `duplicate_window`: an outbox row sent again after a crash is not delivered twice (a later copy is
-left to the inbox). Headers are NATS headers, percent-escaped where NATS would alter or act on them; the
-ordering key is the `Eventrelay-Key` header. `publish` writes a batch at once and returns when JetStream
+Retention: a message leaves the stream once every consumer on its subject acked it; one that no consumer is
+bound to is not kept (as RabbitMQ drops what no binding routes); `max_age` bounds what a subscriber that never
+comes back leaves behind. The message id is `Nats-Msg-Id`, so JetStream stores an id once within
+`duplicate_window`: an outbox row sent again after a crash is not delivered twice (a later copy is left to the
+inbox). Headers are NATS headers (`nats_wire.py`). `publish` writes a batch at once and returns when JetStream
 acked every message. nats-py reconnects forever; the stream and consumers are then declared again. While
 disconnected, `publish` raises `BrokerUnavailable`, and so does a `fetch` not reconnected in time.
 
@@ -54,16 +51,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import functools
-import hashlib
 import json
 import logging
 import re
 import ssl
 from collections.abc import AsyncIterator, Sequence
-from dataclasses import dataclass
 from typing import Any
-from urllib.parse import parse_qsl, quote, unquote, urlsplit
+from urllib.parse import urlsplit
 
 try:
     import nats.errors
@@ -71,57 +65,33 @@ try:
     from nats.aio.client import Client
     from nats.aio.msg import Msg
     from nats.aio.subscription import Subscription
-    from nats.js import JetStreamContext, api
+    from nats.js import api
+
+    from eventrelay.brokers import nats_topology, nats_wire
+    from eventrelay.brokers.nats_topology import Consumer, Pulled, Request, consumer_info, durable
+    from eventrelay.brokers.nats_wire import subject_token
 except ImportError as exc:  # pragma: no cover
     raise ImportError("NATS support needs an extra: pip install 'eventrelay[nats]'") from exc
 
-from eventrelay.brokers.base import Broker
-from eventrelay.brokers.options import UrlOptions
+from eventrelay.brokers.base import Arrivals, Broker, LeaseKeeper, delivery_token
+from eventrelay.brokers.options import UrlOptions, url_query
 from eventrelay.config import redact_url
 from eventrelay.envelope import Delivery, Message
 from eventrelay.errors import BrokerUnavailable, ConfigurationError, PublishFailed
 
 logger = logging.getLogger(__name__)
 
-KEY_HEADER = "Eventrelay-Key"
 OPTIONS = {"ack_wait": 30.0, "max_age": 7 * 86400.0, "duplicate_window": 120.0, "max_ack_pending": 1000.0}
 OPTIONS |= {"publish_timeout": 5.0, "connect_timeout": 5.0, "ping_interval": 10.0}
 TLS_FILES = ("tls_ca", "tls_cert", "tls_key")
 _LINGER = 1.0  # the longest a pull request stays open; close() lets the open ones end
-_ABANDONED = 300.0  # the inactive_threshold of a draining consumer, so that the server reaps an abandoned one
-_VALUE_SAFE = "".join(chr(c) for c in range(32, 127) if chr(c) != "%")  # printable ASCII stays readable
-_NAME_SAFE = "!#$&'*+-.^_`|~"  # what a NATS header name may hold besides letters and digits
-
-
-@dataclass(eq=False)
-class _Consumer:
-    subscriber: str
-    name: str
-    cutoff: int | None = None  # draining: the last stream sequence published before the unbind
-    request: _Request | None = None  # our open pull request, if any
-
-    @functools.cached_property
-    def durable(self) -> str:
-        return durable(self.subscriber, self.name)
-
-
-@dataclass(eq=False)
-class _Request:
-    token: str
-    consumer: _Consumer
-    batch: int
-    got: int = 0
-
-
-Pulled = tuple[_Consumer, Msg]
 
 
 class NatsBroker(Broker):
     """NATS JetStream as the broker (see the module docstring)."""
 
     def __init__(self, url: str) -> None:
-        parts = urlsplit(url)
-        query = dict(parse_qsl(parts.query))
+        parts, query = urlsplit(url), url_query(url)
         options = UrlOptions("NATS", url, query)
         self.stream = options.string("stream", "eventrelay")
         self.prefix = options.string("prefix", self.stream)
@@ -143,15 +113,16 @@ class NatsBroker(Broker):
         self._nc = Client()
         self._js = self._nc.jetstream()
         self._inbox: Subscription | None = None  # where the answers to all our pull requests come
-        self._consumers: dict[str, _Consumer] = {}  # by durable name
+        self._consumers: dict[str, Consumer] = {}  # by durable name
         self._adopted: set[str] = set()  # subscribers whose consumers on the server were looked up
-        self._requests: dict[str, _Request] = {}  # open pull requests, by inbox token
+        self._requests: dict[str, Request] = {}  # open pull requests, by inbox token
         self._buffer: dict[str, list[Pulled]] = {}  # pulled, not handed out yet, by subscriber
         self._held: dict[Delivery, Pulled] = {}
         self._released: dict[tuple[str, int], int] = {}
-        self._arrival = asyncio.Event()  # replaced by a fresh one each time it is set
+        self._arrivals = Arrivals()
         self._turn = 0
         self._tasks: set[asyncio.Task[None]] = set()
+        self._leases = LeaseKeeper("NATS", self.options["ack_wait"], self._leased, self._renew)
 
     # --- lifecycle -----------------------------------------------------------------------------------
 
@@ -204,7 +175,7 @@ class NatsBroker(Broker):
         except BaseException:
             await self._nc.close()
             raise
-        self._spawn(self._renew_leases())
+        self._leases.start()
 
     def _tls_context(self) -> ssl.SSLContext | None:
         """The TLS context of `tls_ca`, `tls_cert` and `tls_key`; None (nats-py's default) without them."""
@@ -222,8 +193,9 @@ class NatsBroker(Broker):
         with contextlib.suppress(TimeoutError):  # let open pull requests end: withdrawn, one could still
             async with asyncio.timeout(_LINGER + 1):  # send a message into the void
                 while self._requests and self._nc.is_connected:
-                    await self._arrival.wait()
+                    await self._arrivals.wait(None)
         self._requests.clear()
+        await self._leases.stop()
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
@@ -235,43 +207,10 @@ class NatsBroker(Broker):
         with contextlib.suppress(Exception):
             await self._nc.close()
 
-    async def _add_stream(self, config: api.StreamConfig, tries: int = 5) -> None:
-        """Create the stream, trying again after a server error (500). nats-server 2.9 removes an account's
-        stream folder when its last stream is deleted; a stream created meanwhile fails with "error
-        creating store for stream" (its log: "mkdir .../streams: no such file or directory"), and the next
-        try creates the folder again (seen in `make soak`)."""
-        for attempt in range(1, tries + 1):
-            try:
-                await self._js.add_stream(config)
-                return
-            except nats.js.errors.ServerError as exc:
-                if attempt == tries:
-                    raise
-                logger.warning("NATS could not create stream %r, trying again: %s", self.stream, exc)
-                await asyncio.sleep(0.05 * attempt)
-
     async def _declare(self, again: bool = False) -> None:
         """Create the stream (or check the one there); after a reconnect, also the consumers again."""
-        subjects, interest = [f"{self.prefix}.>"], api.RetentionPolicy.INTEREST
-        max_age = self.options["max_age"]
-        config = api.StreamConfig(
-            name=self.stream,
-            subjects=subjects,
-            retention=interest,
-            storage=api.StorageType.FILE,
-            max_age=max_age,
-            duplicate_window=min(self.options["duplicate_window"], max_age or float("inf")),
-        )
         try:
-            try:
-                await self._add_stream(config)
-            except nats.js.errors.BadRequestError:  # it exists with other limits: fine if it routes alike
-                found = (await self._js.stream_info(self.stream)).config
-                if (found.subjects, found.retention) != (subjects, interest):
-                    raise ConfigurationError(
-                        f"NATS stream {self.stream!r} exists with subjects {found.subjects} and retention "
-                        f"{found.retention}; this broker needs {subjects} and interest retention"
-                    ) from None
+            await nats_topology.declare_stream(self._js, self.stream, self.prefix, self.options)
             for consumer in [c for c in self._consumers.values() if again and c.cutoff is None]:
                 await self._js.add_consumer(self.stream, self._config(consumer))
         except Exception:
@@ -288,11 +227,7 @@ class NatsBroker(Broker):
                 raise nats.errors.ConnectionReconnectingError
             try:
                 for m in messages:  # written in order on one connection, then confirmed together
-                    headers = {_escape(k, _NAME_SAFE, name=True): _escape(v) for k, v in m.headers.items()}
-                    headers["Nats-Msg-Id"] = _escape(m.id)
-                    if m.key is not None:
-                        headers[KEY_HEADER] = _escape(m.key)
-                    subject = f"{self.prefix}.{subject_token(m.name)}"
+                    subject, headers = nats_wire.subject(self.prefix, m.name), nats_wire.outgoing(m)
                     publishing = self._js.publish_async(subject, m.body, stream=self.stream, headers=headers)
                     futures.append(await publishing)
                 await asyncio.wait_for(asyncio.gather(*futures), self.options["publish_timeout"])
@@ -301,14 +236,14 @@ class NatsBroker(Broker):
                     future.cancel()
 
     async def bind(self, subscriber: str, name: str) -> None:
-        consumer = _Consumer(subscriber, name)
+        consumer = Consumer(subscriber, name)
         consumer = self._consumers.setdefault(consumer.durable, consumer)
         consumer.cutoff = None
         async with self._translate("bind on"):
             await self._js.add_consumer(self.stream, self._config(consumer))  # creates, or updates in place
 
     async def unbind(self, subscriber: str, name: str) -> None:
-        consumer = _Consumer(subscriber, name)
+        consumer = Consumer(subscriber, name)
         consumer = self._consumers.get(consumer.durable, consumer)
         async with self._translate("unbind on"):
             info = await consumer_info(self._js, self.stream, consumer.durable)
@@ -334,13 +269,12 @@ class NatsBroker(Broker):
                     raise nats.errors.ConnectionReconnectingError
                 if remaining <= 0:
                     return []
-                arrival = self._arrival
+                mark = self._arrivals.mark()  # a message may come while the requests go out
                 consumers = [c for c in self._consumers.values() if c.subscriber == subscriber]
                 if connected and (idle := [c for c in consumers if c.request is None]):
                     await self._request(idle, max_count, min(remaining, _LINGER))
                 wait = remaining if consumers and connected else min(remaining, 0.05)
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(arrival.wait(), wait)
+                await self._arrivals.wait(wait, since=mark)
                 if self._buffer.get(subscriber) and self._inbox is not None:
                     # One round trip more: what the server sent along with the first message is here too.
                     await self._round_trip()
@@ -390,40 +324,16 @@ class NatsBroker(Broker):
         stays (bindings outlive processes, as RabbitMQ's do), and its messages must reach the bus, which
         dead-letters them, rather than wait unseen until `max_age`. A draining consumer is left to its drain.
         """
-        prefix, offset = f"{self.prefix}.", 0
-        while True:
-            try:
-                page = await self._js.consumers_info(self.stream, offset)
-            except TypeError:  # nats-py fails on a consumer deleted while listed: the next fetch looks again
-                logger.debug("Could not list the consumers of %s; the next fetch tries again", self.stream)
-                return
-            if not page:
-                break
-            offset += len(page)
-            for config in (info.config for info in page):
-                subject, found = config.filter_subject or "", config.durable_name or ""
-                if not subject.startswith(prefix) or found in self._consumers:
-                    continue
-                name = unquote(subject.removeprefix(prefix))
-                draining = (config.description or "").startswith("draining")
-                if found == durable(subscriber, name) and not draining:
-                    self._consumers[found] = _Consumer(subscriber, name)
-        self._adopted.add(subscriber)
+        found = await nats_topology.unbound(self._js, self.stream, self.prefix, subscriber, self._consumers)
+        if found is not None:
+            for consumer in found:
+                self._consumers.setdefault(consumer.durable, consumer)
+            self._adopted.add(subscriber)
 
-    def _config(self, consumer: _Consumer) -> api.ConsumerConfig:
-        draining = consumer.cutoff is not None
-        return api.ConsumerConfig(
-            durable_name=consumer.durable,
-            filter_subject=f"{self.prefix}.{subject_token(consumer.name)}",
-            description=f"{'draining: ' if draining else ''}{consumer.subscriber} <- {consumer.name}",
-            deliver_policy=api.DeliverPolicy.NEW,
-            ack_policy=api.AckPolicy.EXPLICIT,
-            ack_wait=self.options["ack_wait"],
-            max_ack_pending=int(self.options["max_ack_pending"]),
-            inactive_threshold=_ABANDONED if draining else None,
-        )
+    def _config(self, consumer: Consumer) -> api.ConsumerConfig:
+        return nats_topology.config(consumer, self.prefix, self.options)
 
-    async def _request(self, consumers: list[_Consumer], max_count: int, expires: float) -> None:
+    async def _request(self, consumers: list[Consumer], max_count: int, expires: float) -> None:
         """One pull request per consumer, a fair share of `max_count` each; the larger shares take turns.
 
         A request is never withdrawn (on nats-server 2.9 a message can still be sent to an inbox that was
@@ -432,7 +342,7 @@ class NatsBroker(Broker):
         shift = self._turn % len(consumers)
         for index, consumer in enumerate(consumers[shift:] + consumers[:shift]):
             token = f"{self._turn}-{index}"
-            request = _Request(token, consumer, max(1, len(range(index, max_count, len(consumers)))))
+            request = Request(token, consumer, max(1, len(range(index, max_count, len(consumers)))))
             self._requests[token] = consumer.request = request
             data = json.dumps({"batch": request.batch, "expires": int(expires * 1e9)}).encode()
             subject = f"$JS.API.CONSUMER.MSG.NEXT.{self.stream}.{consumer.durable}"
@@ -448,13 +358,13 @@ class NatsBroker(Broker):
         consumer = self._consumers.get(msg.metadata.consumer)
         if consumer is None:  # unbound meanwhile: it comes back after ack_wait, to whoever still binds it
             return
-        self._buffer.setdefault(consumer.subscriber, []).append((consumer, msg))
+        self._buffer.setdefault(consumer.subscriber, []).append(Pulled(consumer, msg))
         request = consumer.request
         if request is not None:
             request.got += 1
             if request.got >= request.batch:
                 self._end(request.token)
-        self._wake()
+        self._arrivals.wake()
 
     def _end(self, token: str) -> None:
         request = self._requests.pop(token, None)
@@ -465,11 +375,7 @@ class NatsBroker(Broker):
             consumer.request = None
         if consumer.cutoff is not None and not request.got:  # nothing came: maybe drained
             self._spawn(self._finish_drain(consumer))
-        self._wake()
-
-    def _wake(self) -> None:
-        arrival, self._arrival = self._arrival, asyncio.Event()
-        arrival.set()
+        self._arrivals.wake()
 
     async def _take(self, subscriber: str, max_count: int) -> list[Delivery]:
         buffer = self._buffer.get(subscriber) or []
@@ -481,24 +387,19 @@ class NatsBroker(Broker):
             if consumer.cutoff is not None and sequence > consumer.cutoff:
                 await msg.ack()  # published after the unbind: not for this subscriber
                 continue
-            raw = msg.headers or {}
-            message_id = unquote(raw.get("Nats-Msg-Id", f"{self.stream}:{sequence}"))
-            key = unquote(raw[KEY_HEADER]) if KEY_HEADER in raw else None
-            headers = {unquote(k): unquote(v) for k, v in raw.items() if not _reserved(k)}
             attempt = msg.metadata.num_delivered - self._released.get((consumer.durable, sequence), 0)
-            message = Message(message_id, consumer.name, msg.data, headers, key)
-            delivery = Delivery(message, attempt, (consumer, msg))
-            self._held[delivery] = (consumer, msg)
+            pulled = Pulled(consumer, msg)
+            delivery = Delivery(nats_wire.incoming(msg, consumer.name, self.stream), attempt, pulled)
+            self._held[delivery] = pulled
             batch.append(delivery)
         return batch
 
     def _let_go(self, delivery: Delivery) -> Pulled:
-        if not isinstance(delivery.token, tuple) or not isinstance(delivery.token[-1], Msg):
-            raise ConfigurationError("This delivery did not come from a NatsBroker")
+        pulled = delivery_token(delivery, Pulled, "NatsBroker")
         self._held.pop(delivery, None)
-        return delivery.token
+        return pulled
 
-    async def _nak(self, consumer: _Consumer, msg: Msg) -> None:
+    async def _nak(self, consumer: Consumer, msg: Msg) -> None:
         """Give back at once. JetStream counts it as a delivery: remember to take it off the attempt."""
         key = (consumer.durable, msg.metadata.sequence.stream)
         self._released[key] = self._released.pop(key, 0) + 1
@@ -506,7 +407,7 @@ class NatsBroker(Broker):
             del self._released[next(iter(self._released))]
         await msg.nak()
 
-    async def _finish_drain(self, consumer: _Consumer) -> None:
+    async def _finish_drain(self, consumer: Consumer) -> None:
         """Delete a draining consumer once what was queued before its unbind is delivered and settled."""
         if consumer.cutoff is None or any(c is consumer for c, _ in self._held.values()):
             return
@@ -514,7 +415,7 @@ class NatsBroker(Broker):
             info = await consumer_info(self._js, self.stream, consumer.durable)
             if info is None:
                 self._consumers.pop(consumer.durable, None)  # deleted by another process's drain
-            elif not (info.config.description or "").startswith("draining"):
+            elif not nats_topology.draining(info):
                 self._consumers.pop(consumer.durable, None)  # bound again by another process: theirs now
             elif (
                 info.num_ack_pending == 0
@@ -528,21 +429,18 @@ class NatsBroker(Broker):
                 exc_info=True,
             )
 
-    async def _delete(self, consumer: _Consumer) -> None:
+    async def _delete(self, consumer: Consumer) -> None:
         self._consumers.pop(consumer.durable, None)
         with contextlib.suppress(nats.js.errors.NotFoundError):
             await self._js.delete_consumer(self.stream, consumer.durable)
 
-    async def _renew_leases(self) -> None:
-        while True:
-            await asyncio.sleep(self.options["ack_wait"] / 3)
-            held = [msg for _, msg in self._held.values()]
-            held += [msg for buffer in self._buffer.values() for _, msg in buffer]
-            try:
-                for msg in held:
-                    await msg.in_progress()
-            except Exception:
-                logger.warning("Could not renew %d lease(s); they may come again", len(held), exc_info=True)
+    def _leased(self) -> list[Msg]:
+        """What the server leased to this process: handed out, or pulled and waiting in a buffer."""
+        return [msg for _, msg in [*self._held.values(), *(p for b in self._buffer.values() for p in b)]]
+
+    async def _renew(self, held: Sequence[Msg]) -> None:
+        for msg in held:
+            await msg.in_progress()
 
     def _spawn(self, coro: Any) -> None:
         task = asyncio.ensure_future(coro)
@@ -561,46 +459,9 @@ class NatsBroker(Broker):
             raise BrokerUnavailable(f"Could not {action} NATS at {self.safe_url}: {exc!r}") from exc
 
 
-def subject_token(name: str) -> str:
-    """The subject levels of an event name: reversible (`unquote`), no wildcards, no empty level."""
-    token = quote(name, safe="")
-    return token.replace(".", "%2E") if "" in token.split(".") else token
-
-
-def durable(subscriber: str, name: str) -> str:
-    """The durable consumer name of (subscriber, event name): readable, and unique by a digest."""
-    digest = hashlib.sha256(f"{subscriber}\0{name}".encode()).hexdigest()[:12]
-    return re.sub(r"[^A-Za-z0-9_-]+", "-", f"{subscriber[:60]}_{name[-100:]}_{digest}")
-
-
-def _escape(text: str, safe: str = _VALUE_SAFE, name: bool = False) -> str:
-    """Percent-escape what NATS would alter in a header (CR, LF, `%`, non-ASCII, spaces at the ends)."""
-    out = quote(text, safe=safe)
-    if name and _reserved(out):  # a user's header never passes for one that NATS or this adapter reads
-        out = f"%{ord(out[0]):02X}{out[1:]}"
-    core, lead = out.strip(" "), len(out) - len(out.lstrip(" "))
-    return "%20" * lead + core + "%20" * (len(out) - lead - len(core))
-
-
-def _reserved(header: str) -> bool:
-    return header.lower().startswith(("nats-", "eventrelay-"))
-
-
 def _retrieved(task: asyncio.Future[Any]) -> None:
     if not task.cancelled():
         task.exception()
 
 
-async def consumer_info(js: JetStreamContext, stream: str, durable: str) -> Any:
-    """The consumer's `nats.js.api.ConsumerInfo`, or None when it does not exist. (Typed Any: nats-py makes
-    every field optional, and a reply that found the consumer has them all.)
-
-    A consumer deleted while the server looks it up (another instance finishing a drain) comes back as a
-    reply with no fields and no error, which nats-py fails to read with a TypeError (seen in CI).
-    """
-    try:
-        return await js.consumer_info(stream, durable)
-    except nats.js.errors.NotFoundError:
-        return None
-    except TypeError:  # only reading the reply raises it: the request itself raises nats' own errors
-        return None
+__all__ = ["NatsBroker", "consumer_info", "durable", "subject_token"]

@@ -3,7 +3,7 @@
 An adapter reads each of its own options with a getter, then calls `finish()`, which returns the options its
 client library takes as they are (`passes`) and refuses any other with the closest known name:
 
-    options = UrlOptions("RabbitMQ", url, query, client="aio-pika", passes={"heartbeat", "cafile"})
+    options = UrlOptions("RabbitMQ", url, url_query(url), client="aio-pika", passes={"heartbeat", "cafile"})
     prefetch = options.integer("prefetch", 100, minimum=1)
     client_options = options.finish()
 
@@ -18,11 +18,18 @@ import difflib
 import inspect
 import math
 from collections.abc import Callable, Collection, Mapping, Sequence
+from urllib.parse import parse_qsl, urlsplit
 
 from eventrelay.config import redact_url
 from eventrelay.errors import ConfigurationError
 
 QueryValue = str | Sequence[str]  # SQLAlchemy's URL.query holds a tuple for a key given more than once
+
+
+def url_query(url: str) -> dict[str, str]:
+    """The options in `url`'s query; of a key given twice, the last. An option given empty counts too, so
+    that a misspelt `?prefech=` is refused like any other."""
+    return dict(parse_qsl(urlsplit(url).query, keep_blank_values=True))
 
 
 class UrlOptions:
@@ -61,7 +68,7 @@ class UrlOptions:
         """A finite number above 0 (or 0 and above, with `zero`)."""
         if (raw := self._raw(name)) is None:
             return default
-        if (number := _float(raw)) > 0 or (zero and number == 0):
+        if (number := finite_number(raw)) > 0 or (zero and number == 0):
             return number
         raise self._refuse(name, "a number of 0 or more" if zero else "a number above 0", raw)
 
@@ -69,7 +76,7 @@ class UrlOptions:
         """A whole number (`100.0` is one), at least `minimum` if given."""
         if (raw := self._raw(name)) is None:
             return default
-        number = _float(raw)
+        number = finite_number(raw)
         if number.is_integer() and (minimum is None or number >= minimum):
             return int(number)
         at_least = {None: "", 0: " of 0 or more", 1: " above 0"}.get(minimum, f" of {minimum} or more")
@@ -78,7 +85,7 @@ class UrlOptions:
     def numbers(self, name: str, default: str) -> list[float]:
         """Numbers above 0 separated by commas (`default` is such a list), in the order given."""
         raw = self._raw(name)
-        numbers = [_float(item) for item in (default if raw is None else raw).split(",")]
+        numbers = [finite_number(item) for item in (default if raw is None else raw).split(",")]
         if all(number > 0 for number in numbers):
             return numbers
         raise self._refuse(name, "numbers above 0 separated by commas", raw or default)
@@ -112,7 +119,8 @@ class UrlOptions:
         guess = difflib.get_close_matches(name, known, n=1)
         text = f"Unknown {self.broker} URL option {name!r} in {redact_url(self._url)!r}."
         text += f" Did you mean {guess[0]!r}?" if guess else ""
-        text += f" {self.broker}'s options: {', '.join(sorted(self._read))}"
+        own = ", ".join(sorted(self._read))
+        text += f" {self.broker}'s options: {own}" if own else f" {self.broker} takes no options"
         text += f"; {self.client}'s: {', '.join(sorted(self._passes))}" if self._passes else ""
         return ConfigurationError(text + (f"; {self.note}." if self.note else "."))
 
@@ -136,10 +144,11 @@ def keyword_names(*targets: Callable[..., object]) -> frozenset[str]:
     )
 
 
-def _float(raw: str) -> float:
-    """`raw` as a finite number; NaN (refused by every check) when it is none."""
+def finite_number(raw: str | None, default: float = math.nan) -> float:
+    """`raw` as a finite number; `default` when it is none (absent, not a number, infinite or NaN). The
+    default NaN fails every check of a getter."""
     try:
-        number = float(raw)
+        number = float(raw) if raw is not None else default
     except ValueError:
-        return math.nan
-    return number if math.isfinite(number) else math.nan
+        return default
+    return number if math.isfinite(number) else default

@@ -38,11 +38,11 @@ retry queue whose delay is not shorter, then acks. Each retry queue has one TTL 
 default exchange back to the service queue, so a short delay never waits behind a long one (per-message
 TTLs expire only at the head). A longer delay than the longest goes round that queue until it is due.
 
-Reconnection: a dropped connection is reopened with exponential backoff (0.1 s to 10 s); the exchange, queues
-and bindings are declared again and consuming resumes. Meanwhile publish raises `BrokerUnavailable` (as does a
-publish whose confirm did not come, so its outbox row stays); fetch waits up to its timeout for the
-connection, then raises it (the bus backs off). Leases of the lost connection come again; acking them raises
-`BrokerUnavailable`. Credentials never appear in errors or logs.
+Reconnection: a dropped connection is reopened with the bus's backoff (`reconnect_pause`: 0.1 s, doubling up
+to 5 s); the exchange, queues and bindings are declared again and consuming resumes. Meanwhile publish raises
+`BrokerUnavailable` (as does a publish whose confirm did not come, so its outbox row stays); fetch waits up to
+its timeout for the connection, then raises it (the bus backs off). Leases of the lost connection come again;
+acking them raises `BrokerUnavailable`. Credentials never appear in errors or logs.
 """
 
 from __future__ import annotations
@@ -61,7 +61,7 @@ from yarl import URL
 
 from eventrelay.brokers import amqp_guard
 from eventrelay.brokers.amqp_guard import UndecodableHeaders
-from eventrelay.brokers.base import Broker
+from eventrelay.brokers.base import Arrivals, Broker, delivery_token, reconnect_pause
 from eventrelay.brokers.options import UrlOptions
 from eventrelay.config import redact_url
 from eventrelay.envelope import Delivery, Message, printable
@@ -86,7 +86,7 @@ logger = logging.getLogger(__name__)
 
 _PASS_THROUGH = {"heartbeat", "name", "cafile", "capath", "cadata", "certfile", "keyfile", "no_verify_ssl"}
 DEFAULT_RETRY_DELAYS = "0.1,0.25,0.5,1,2.5,5,10,25,60,150,300,900,3600"
-CONNECT_TIMEOUT = RECONNECT_MAX = 10.0  # seconds
+CONNECT_TIMEOUT = 10.0  # seconds
 
 
 @dataclass(eq=False)
@@ -97,12 +97,8 @@ class _Subscriber:
     channel: AbstractChannel | None = None
     buffer: deque[AbstractIncomingMessage] = field(default_factory=deque)
     leased: set[_Lease] = field(default_factory=set)
-    arrival: asyncio.Event = field(default_factory=asyncio.Event)
+    arrivals: Arrivals = field(default_factory=Arrivals)
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
-
-    def wake(self) -> None:
-        arrival, self.arrival = self.arrival, asyncio.Event()
-        arrival.set()
 
 
 @dataclass(eq=False)
@@ -209,15 +205,16 @@ class RabbitMQBroker(Broker):
             self._give_back_buffer(sub)
             sub.leased.clear()
             sub.channel = None
-            sub.wake()
+            sub.arrivals.wake()
 
     async def _reconnect(self) -> None:
         where = redact_url(self._url)
         while True:
             await self._lost.wait()
             self._lost.clear()
-            pause = 0.1
+            failures = 0
             while True:
+                pause = reconnect_pause(failures)
                 logger.warning("Lost the connection to RabbitMQ at %s; reconnecting in %.1fs", where, pause)
                 await asyncio.sleep(pause)
                 try:
@@ -226,7 +223,7 @@ class RabbitMQBroker(Broker):
                     break
                 except Exception as exc:
                     logger.warning("Could not reconnect to RabbitMQ at %s: %s", where, self._scrub(exc))
-                    pause = min(pause * 2, RECONNECT_MAX)
+                    failures += 1
             logger.info("Reconnected to RabbitMQ at %s", where)
 
     async def _channel(self, which: str) -> AbstractChannel:
@@ -326,8 +323,7 @@ class RabbitMQBroker(Broker):
                 await self._consume(sub, self._conn)
             if sub.buffer or (remaining := deadline - loop.time()) <= 0:
                 break
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(sub.arrival.wait(), remaining)
+            await sub.arrivals.wait(remaining)
         batch: list[Delivery] = []
         while sub.buffer and len(batch) < max_count:
             incoming = sub.buffer.popleft()
@@ -368,7 +364,7 @@ class RabbitMQBroker(Broker):
                 )
         else:
             sub.buffer.append(msg)
-            sub.wake()
+            sub.arrivals.wake()
 
     def _retry_queue(self, subscriber: str, delay: float) -> str:
         queues = self.retry_queues(subscriber)
@@ -396,9 +392,7 @@ class RabbitMQBroker(Broker):
             await lease.incoming.ack()
 
     def _let_go(self, delivery: Delivery) -> _Lease:
-        lease = delivery.token
-        if not isinstance(lease, _Lease):
-            raise ConfigurationError("This delivery did not come from this RabbitMQBroker")
+        lease = delivery_token(delivery, _Lease, "RabbitMQBroker")
         lease.subscriber.leased.discard(lease)
         return lease
 

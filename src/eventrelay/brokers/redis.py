@@ -62,7 +62,7 @@ import uuid
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 from typing import Any
-from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
+from urllib.parse import urlencode, urlsplit, urlunsplit
 
 try:
     from redis.asyncio import BlockingConnectionPool, Redis
@@ -76,8 +76,8 @@ try:
 except ImportError as exc:  # pragma: no cover
     raise ImportError("Redis support needs an extra: pip install 'eventrelay[redis]'") from exc
 
-from eventrelay.brokers.base import Broker
-from eventrelay.brokers.options import UrlOptions, keyword_names
+from eventrelay.brokers.base import Broker, LeaseKeeper, delivery_token
+from eventrelay.brokers.options import UrlOptions, keyword_names, url_query
 from eventrelay.config import redact_url
 from eventrelay.envelope import Delivery, Message
 from eventrelay.errors import BrokerUnavailable, ConfigurationError, PublishFailed
@@ -164,10 +164,9 @@ class RedisBroker(Broker):
 
     def __init__(self, url: str) -> None:
         parts = urlsplit(url)
-        query = dict(parse_qsl(parts.query))
         note = "ssl_* options need rediss://" if parts.scheme == "redis" else ""
         options = UrlOptions(
-            "Redis", url, query, client="redis-py", passes=_client_options(parts.scheme), note=note
+            "Redis", url, url_query(url), client="redis-py", passes=_client_options(parts.scheme), note=note
         )
         self.prefix = options.string("prefix", "eventrelay:")
         self.visibility_timeout = options.number("visibility_timeout", 30.0)
@@ -193,7 +192,7 @@ class RedisBroker(Broker):
         self._bound: dict[str, set[str]] = {}  # bindings made here, restored if Redis lost them
         self._cursors: dict[str, bytes] = {}  # XAUTOCLAIM cursor per subscriber fetched for
         self._held: set[_Entry] = set()
-        self._tasks: list[asyncio.Task[None]] = []
+        self._leases = LeaseKeeper("Redis", self.visibility_timeout, lambda: list(self._held), self._renew)
 
     def _key(self, kind: str, name: str) -> str:
         return f"{self.prefix}{kind}:{name}"
@@ -203,12 +202,10 @@ class RedisBroker(Broker):
     async def start(self) -> None:
         async with self._translate("connect to"):
             await self._redis.ping()
-        self._tasks = [asyncio.create_task(self._renew_leases(), name="eventrelay-redis-leases")]
+        self._leases.start()
 
     async def close(self) -> None:
-        for task in self._tasks:
-            task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await self._leases.stop()
         try:
             await self._leave()
         except (RedisError, OSError):
@@ -356,10 +353,9 @@ class RedisBroker(Broker):
         return Delivery(message, attempt, entry)
 
     def _let_go(self, delivery: Delivery) -> _Entry:
-        if not isinstance(delivery.token, _Entry):
-            raise ConfigurationError("This delivery did not come from a RedisBroker")
-        self._held.discard(delivery.token)
-        return delivery.token
+        entry = delivery_token(delivery, _Entry, "RedisBroker")
+        self._held.discard(entry)
+        return entry
 
     async def _give_back(self, subscriber: str, entry_id: bytes, deliveries: int) -> None:
         """Leave the entry pending but reclaimable at once, its counter set back so no attempt is counted."""
@@ -368,23 +364,15 @@ class RedisBroker(Broker):
             queue, subscriber, _RELEASED, 0, [entry_id], idle=_LONG_IDLE, retrycount=back, justid=True
         )
 
-    async def _renew_leases(self) -> None:
-        while True:
-            await asyncio.sleep(self.visibility_timeout / 3)
-            by_subscriber: dict[str, list[Any]] = {}
-            for entry in self._held:
-                by_subscriber.setdefault(entry.subscriber, []).append(entry.entry_id)
-            if not by_subscriber:
-                continue
-            try:
-                async with self._redis.pipeline(transaction=False) as pipe:
-                    for subscriber, ids in by_subscriber.items():
-                        pipe.xclaim(
-                            self._key("queue", subscriber), subscriber, self._consumer, 0, ids, justid=True
-                        )
-                    await pipe.execute()
-            except (RedisError, OSError):
-                logger.warning("Could not renew %d Redis lease(s)", len(self._held), exc_info=True)
+    async def _renew(self, held: Sequence[_Entry]) -> None:
+        """Claim the held entries again, which resets their idle time: nobody else reclaims them."""
+        by_subscriber: dict[str, list[Any]] = {}
+        for entry in held:
+            by_subscriber.setdefault(entry.subscriber, []).append(entry.entry_id)
+        async with self._redis.pipeline(transaction=False) as pipe:
+            for subscriber, ids in by_subscriber.items():
+                pipe.xclaim(self._key("queue", subscriber), subscriber, self._consumer, 0, ids, justid=True)
+            await pipe.execute()
 
     @contextlib.asynccontextmanager
     async def _translate(self, action: str) -> AsyncIterator[None]:

@@ -1,0 +1,172 @@
+"""The NATS adapter's JetStream topology: one stream per solution, one durable pull consumer per
+(subscriber, event name).
+
+The stream captures `<prefix>.>` with interest retention, file storage, `max_age` and `duplicate_window`; one
+that exists with other limits is used as it is if it routes alike. A consumer is named
+`<subscriber>_<name>_<digest>` (readable, and unique by the digest), filters the subject of its name, acks
+explicitly and delivers what is published after its creation. A draining one (unbound, still delivering what
+was queued before) says so in its description and has a 5 minute inactive threshold, so that the server reaps
+a drain nobody finishes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import hashlib
+import logging
+import re
+from collections.abc import Container, Mapping
+from dataclasses import dataclass
+from typing import Any, NamedTuple
+
+import nats.js.errors
+from nats.aio.msg import Msg
+from nats.js import JetStreamContext, api
+
+from eventrelay.brokers import nats_wire
+from eventrelay.errors import ConfigurationError
+
+logger = logging.getLogger(__name__)
+
+_ABANDONED = 300.0  # the inactive_threshold of a draining consumer, so that the server reaps an abandoned one
+_DRAINING = "draining"  # how a draining consumer's description begins
+
+
+@dataclass(eq=False)
+class Consumer:
+    """A durable consumer as this process sees it, with its open pull request, if any."""
+
+    subscriber: str
+    name: str
+    cutoff: int | None = None  # draining: the last stream sequence published before the unbind
+    request: Request | None = None
+
+    @functools.cached_property
+    def durable(self) -> str:
+        return durable(self.subscriber, self.name)
+
+
+@dataclass(eq=False)
+class Request:
+    """A pull request: `batch` messages asked of `consumer`, answered on the inbox subject ending `token`."""
+
+    token: str
+    consumer: Consumer
+    batch: int
+    got: int = 0
+
+
+class Pulled(NamedTuple):
+    """A message pulled from a consumer; also the token of its delivery."""
+
+    consumer: Consumer
+    msg: Msg
+
+
+async def declare_stream(
+    js: JetStreamContext, stream: str, prefix: str, options: Mapping[str, float]
+) -> None:
+    """Create the stream, or check that the one there routes as this adapter needs."""
+    subjects, interest = [f"{prefix}.>"], api.RetentionPolicy.INTEREST
+    max_age = options["max_age"]
+    config = api.StreamConfig(
+        name=stream,
+        subjects=subjects,
+        retention=interest,
+        storage=api.StorageType.FILE,
+        max_age=max_age,
+        duplicate_window=min(options["duplicate_window"], max_age or float("inf")),
+    )
+    try:
+        await _add_stream(js, config)
+    except nats.js.errors.BadRequestError:  # it exists with other limits: fine if it routes alike
+        found = (await js.stream_info(stream)).config
+        if (found.subjects, found.retention) != (subjects, interest):
+            raise ConfigurationError(
+                f"NATS stream {stream!r} exists with subjects {found.subjects} and retention "
+                f"{found.retention}; this broker needs {subjects} and interest retention: delete that stream "
+                "or give this broker another (`stream` option)"
+            ) from None
+
+
+async def _add_stream(js: JetStreamContext, config: api.StreamConfig, tries: int = 5) -> None:
+    """Create the stream, trying again after a server error (500). nats-server 2.9 removes an account's
+    stream folder when its last stream is deleted; a stream created meanwhile fails with "error creating
+    store for stream" (its log: "mkdir .../streams: no such file or directory"), and the next try creates
+    the folder again (seen in `make soak`)."""
+    for attempt in range(1, tries + 1):
+        try:
+            await js.add_stream(config)
+            return
+        except nats.js.errors.ServerError as exc:
+            if attempt == tries:
+                raise
+            logger.warning("NATS could not create stream %r, trying again: %s", config.name, exc)
+            await asyncio.sleep(0.05 * attempt)
+
+
+def durable(subscriber: str, name: str) -> str:
+    """The durable consumer name of (subscriber, event name): readable, and unique by a digest."""
+    digest = hashlib.sha256(f"{subscriber}\0{name}".encode()).hexdigest()[:12]
+    return re.sub(r"[^A-Za-z0-9_-]+", "-", f"{subscriber[:60]}_{name[-100:]}_{digest}")
+
+
+def config(consumer: Consumer, prefix: str, options: Mapping[str, float]) -> api.ConsumerConfig:
+    """The consumer's configuration, with the adapter's `ack_wait` and `max_ack_pending`."""
+    draining = consumer.cutoff is not None
+    return api.ConsumerConfig(
+        durable_name=consumer.durable,
+        filter_subject=nats_wire.subject(prefix, consumer.name),
+        description=f"{_DRAINING + ': ' if draining else ''}{consumer.subscriber} <- {consumer.name}",
+        deliver_policy=api.DeliverPolicy.NEW,
+        ack_policy=api.AckPolicy.EXPLICIT,
+        ack_wait=options["ack_wait"],
+        max_ack_pending=int(options["max_ack_pending"]),
+        inactive_threshold=_ABANDONED if draining else None,
+    )
+
+
+def draining(info: Any) -> bool:
+    """Whether the consumer of `info` (a `ConsumerInfo`) is draining."""
+    return (info.config.description or "").startswith(_DRAINING)
+
+
+async def consumer_info(js: JetStreamContext, stream: str, durable: str) -> Any:
+    """The consumer's `nats.js.api.ConsumerInfo`, or None when it does not exist. (Typed Any: nats-py makes
+    every field optional, and a reply that found the consumer has them all.)
+
+    A consumer deleted while the server looks it up (another instance finishing a drain) comes back as a
+    reply with no fields and no error, which nats-py fails to read with a TypeError (seen in CI).
+    """
+    try:
+        return await js.consumer_info(stream, durable)
+    except nats.js.errors.NotFoundError:
+        return None
+    except TypeError:  # only reading the reply raises it: the request itself raises nats' own errors
+        return None
+
+
+async def unbound(
+    js: JetStreamContext, stream: str, prefix: str, subscriber: str, known: Container[str]
+) -> list[Consumer] | None:
+    """The subscriber's consumers on the server that are neither `known` (by durable name) nor draining;
+    None when they could not be listed (the caller tries again later)."""
+    found: list[Consumer] = []
+    offset = 0
+    while True:
+        try:
+            page = await js.consumers_info(stream, offset)
+        except TypeError:  # nats-py fails on a consumer deleted while listed
+            logger.debug("Could not list the consumers of %s; the next fetch tries again", stream)
+            return None
+        if not page:
+            return found
+        offset += len(page)
+        for info in page:
+            name = nats_wire.name_of(prefix, info.config.filter_subject or "")
+            durable_name = info.config.durable_name or ""
+            if name is None or durable_name in known or draining(info):
+                continue
+            if durable_name == durable(subscriber, name):
+                found.append(Consumer(subscriber, name))
