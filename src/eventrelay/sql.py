@@ -131,8 +131,13 @@ async def outside_transaction(engine: AsyncEngine) -> AsyncIterator[AsyncConnect
         yield await conn.execution_options(**NO_TRANSACTION)
 
 
+# --- errors --------------------------------------------------------------------------------------------
+
+
 def connection_lost(exc: BaseException) -> bool:
-    """Whether a database error says the database cannot be reached or the connection dropped."""
+    """Whether a database error means "unavailable, try again later": a socket error, SQLAlchemy's
+    OperationalError or InterfaceError (SQLite's "database is locked" too), or a connection that dropped
+    mid-statement."""
     if isinstance(exc, OSError | OperationalError | InterfaceError):
         return True
     return isinstance(exc, DBAPIError) and exc.connection_invalidated
