@@ -97,14 +97,18 @@ async def test_a_users_failing_flush_in_a_savepoint_is_theirs_and_undoes_only_th
     assert (await store.outbox_backlog())[0] == 1
 
 
-async def test_a_users_failing_flush_in_a_plain_savepoint_is_theirs(store: SqlStore) -> None:
+@pytest.mark.parametrize("opened", [False, True], ids=["first", "after-a-statement"])
+async def test_a_users_failing_flush_in_a_plain_savepoint_is_theirs(store: SqlStore, opened: bool) -> None:
+    """A plain savepoint (the key's earlier blocks used no ORM), first in its transaction or after a
+    statement: a flush of the user's object that fails in it raises their error."""
     async with store.transaction() as tx:
         await tx.session.execute(insert(Product).values(id=1))
         async with tx.savepoint("SometimesOrm"):  # no ORM object: this key's next savepoints are plain
             await tx.session.execute(insert(Product).values(id=2))
     tx = store.begin()
     try:
-        await store.claim_inbox(tx, "Products", "SometimesOrm", new_message_id())  # as the consumer does
+        if opened:
+            await store.claim_inbox(tx, "Products", "SometimesOrm", new_message_id())  # as the consumer does
         with pytest.raises(IntegrityError):
             async with tx.savepoint("SometimesOrm"):
                 tx.session.add(Product(id=1))

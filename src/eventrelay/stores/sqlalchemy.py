@@ -205,13 +205,16 @@ class SqlTransaction(Transaction):
             self._unreleased = name  # what runs until then joins it: nothing rolls back to it any more
 
     async def _plain_savepoints(self) -> bool:
-        """Whether plain savepoints can go straight to this session's driver."""
+        """Whether a plain savepoint can go straight to this session's driver now."""
         if self._driver is None:
             connection = await self._connect()
             driver = (await connection.get_raw_connection()).driver_connection
             plain = isinstance(driver, sqlite_driver.Connection) or connection.dialect.driver == "asyncpg"
             self._driver = driver if plain else False
-        return self._driver is not False
+        if isinstance(self._driver, sqlite_driver.Connection):
+            return True  # in a transaction since `_connect`: SQLite's BEGIN is sent at once
+        # asyncpg: SQLAlchemy sends BEGIN with the first statement, and a SAVEPOINT before it fails
+        return self._driver is not False and bool(self._driver.is_in_transaction())
 
     async def _driver_sql(self, *statements: str) -> None:
         """Send savepoint statements straight to the driver (sqlite3 or asyncpg)."""
