@@ -151,7 +151,7 @@ def database_said(exc: BaseException) -> str:
 def store_error(action: str, engine: AsyncEngine, exc: BaseException) -> StoreError:
     """The `StoreError` for a database error: what the store could not do (`action`), where, and why."""
     where = redact_url(engine.url.render_as_string(hide_password=False))
-    return StoreError(f"The SQL store could not {action} in {where}: {database_said(exc)}")
+    return StoreError(f"Could not {action} in {where}: {database_said(exc)}")
 
 
 # --- engines ---------------------------------------------------------------------------------------------

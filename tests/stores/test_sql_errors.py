@@ -47,16 +47,16 @@ async def _products(store: SqlStore) -> int:
 async def test_the_stores_own_statements_raise_store_error_saying_what_failed(database_url: str) -> None:
     store = SqlStore(database_url)  # no tables: every statement fails
     try:
-        with pytest.raises(StoreError, match="could not claim outbox rows in ") as caught:
+        with pytest.raises(StoreError, match="Could not claim outbox rows in ") as caught:
             async with store.transaction() as tx:
                 await store.claim_outbox(tx, 10, utcnow(), utcnow() + timedelta(seconds=30))
         assert isinstance(caught.value.__cause__, SQLAlchemyError)
-        with pytest.raises(StoreError, match="could not store a dead letter in "):
+        with pytest.raises(StoreError, match="Could not store a dead letter in "):
             async with store.transaction() as tx:
                 await store.add_dead_letter(tx, NewDeadLetter("Orders", None, _message(), 1, "test"))
-        with pytest.raises(StoreError, match="could not list dead letters in "):
+        with pytest.raises(StoreError, match="Could not list dead letters in "):
             await store.dead_letters()
-        with pytest.raises(StoreError, match="could not purge the inbox in "):
+        with pytest.raises(StoreError, match="Could not purge the inbox in "):
             await store.purge_inbox(utcnow())
     finally:
         await store.close()
@@ -65,13 +65,13 @@ async def test_the_stores_own_statements_raise_store_error_saying_what_failed(da
 async def test_an_unreachable_database_raises_store_error_without_the_password() -> None:
     store = SqlStore("postgresql+asyncpg://postgres:secret@127.0.0.1:1/none")  # nothing listens on port 1
     try:
-        with pytest.raises(StoreError, match="could not create the eventrelay tables") as caught:
+        with pytest.raises(StoreError, match="Could not create the eventrelay tables") as caught:
             await store.create_tables()
         assert "secret" not in str(caught.value)
-        with pytest.raises(StoreError, match="could not connect in postgresql"):
+        with pytest.raises(StoreError, match="Could not connect to the database in postgresql"):
             async with store.transaction() as tx:
                 await store.add_outbox(tx, [_message()], utcnow())
-        with pytest.raises(StoreError, match="could not read when the outbox is due"):
+        with pytest.raises(StoreError, match="Could not read when the outbox is due"):
             await store.next_outbox_due()
     finally:
         await store.close()

@@ -155,7 +155,7 @@ class SqlTransaction(Transaction):
             try:
                 self._connection = await self._session.connection(execution_options=options or None)
             except DATABASE_ERRORS as exc:
-                raise store_error("connect", self._engine, exc) from exc
+                raise store_error("connect to the database", self._engine, exc) from exc
         return self._connection
 
     @property
