@@ -49,7 +49,8 @@ class PublishFailed(BrokerError):
 
 
 class StoreError(EventRelayError):
-    """The outbox, inbox or dead-letter storage failed."""
+    """The outbox, inbox or dead-letter storage failed; the message says at what, `__cause__` is the
+    database client's error. What user code runs through a unit of work's session keeps its own errors."""
 
 
 class UnitOfWorkError(EventRelayError):

@@ -20,8 +20,9 @@ from sqlalchemy import text
 from sqlalchemy.exc import OperationalError
 
 from eventrelay.envelope import Message
+from eventrelay.sql import create_engine
 from eventrelay.stores.base import utcnow
-from eventrelay.stores.sqlalchemy import SqlStore, create_engine
+from eventrelay.stores.sqlalchemy import SqlStore
 
 ROUNDS = 60
 

@@ -29,14 +29,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
-import json
 import logging
 from collections.abc import Sequence
 from datetime import timedelta
 from typing import Any
 
 from sqlalchemy import (
-    BigInteger,
     Column,
     Index,
     Integer,
@@ -53,14 +51,13 @@ from sqlalchemy import (
     func,
     insert,
     literal,
-    or_,
     select,
     text,
     update,
 )
 from sqlalchemy.dialects.postgresql import ARRAY
 from sqlalchemy.engine import URL, make_url
-from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError, SQLAlchemyError
+from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncConnection
 from sqlalchemy.util import asbool
 
@@ -69,12 +66,30 @@ from eventrelay.brokers.options import UrlOptions, keyword_names
 from eventrelay.config import redact_url
 from eventrelay.envelope import Delivery, Message
 from eventrelay.errors import BrokerUnavailable, ConfigurationError, PublishFailed
+from eventrelay.sql import (
+    DATABASE_ERRORS,
+    ID,
+    MESSAGE_COLUMNS,
+    TIME,
+    connection_lost,
+    create_all,
+    create_engine,
+    database_said,
+    insert_if_absent,
+    lease_ran_out,
+    message_columns,
+    message_of,
+    message_rows,
+    outside_transaction,
+    read_only,
+)
 from eventrelay.stores.base import utcnow
-from eventrelay.stores.sqlalchemy import NO_TRANSACTION, READ_ONLY, TIME, create_all, create_engine
 
 logger = logging.getLogger(__name__)
 
-_ID = BigInteger().with_variant(Integer(), "sqlite")
+_BOUND = tuple(
+    f"b_{column}" for column in MESSAGE_COLUMNS
+)  # the fan-out's parameters for the message columns
 _CHANNEL = "eventrelay_broker"
 _SQLITE_OPTIONS = {
     "uri",
@@ -98,13 +113,9 @@ def _tables(metadata: MetaData, prefix: str) -> tuple[Table, Table]:
     deliveries = Table(
         f"{prefix}deliveries",
         metadata,
-        Column("id", _ID, primary_key=True, autoincrement=True),
+        Column("id", ID, primary_key=True, autoincrement=True),
         Column("subscriber", String(200), nullable=False),
-        Column("message_id", String(64), nullable=False),
-        Column("name", String(256), nullable=False),
-        Column("body", LargeBinary, nullable=False),
-        Column("headers", Text, nullable=False),
-        Column("ordering_key", String(256)),
+        *message_columns(),
         Column("attempt", Integer, nullable=False),
         Column("available_at", TIME, nullable=False),
         Column("lease_until", TIME),
@@ -135,6 +146,7 @@ class SqlBroker(Broker):
         self._delete_by_id = delete(self.deliveries).where(self.deliveries.c.id == bindparam("row_id"))
         self._fan_out = _fan_out(self.bindings, self.deliveries)
         self._fan_out_arrays = _fan_out_arrays(self.bindings, self.deliveries, self.engine.dialect)
+        self._bind = insert_if_absent(self.bindings, self.engine.dialect.name)
         self._arrival = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
         self._listener: AsyncConnection | None = None
@@ -147,8 +159,7 @@ class SqlBroker(Broker):
         async with self._translate("connect to"):
             await create_all(self.engine, self.metadata)
             if self._sqlite:
-                async with self.engine.connect() as conn:
-                    conn = await conn.execution_options(**NO_TRANSACTION)
+                async with outside_transaction(self.engine) as conn:
                     await conn.exec_driver_sql("PRAGMA journal_size_limit = 8388608")
             if not self._sqlite:
                 await self._listen()
@@ -189,17 +200,7 @@ class SqlBroker(Broker):
         if not messages:
             return
         now = utcnow()
-        values = [
-            {
-                "b_message_id": m.id,
-                "b_name": m.name,
-                "b_body": m.body,
-                "b_headers": json.dumps(dict(m.headers)),
-                "b_key": m.key,
-                "b_now": now,
-            }
-            for m in messages
-        ]
+        values = message_rows(messages, _BOUND, b_now=now)
         async with self._translate("publish to"), self.engine.begin() as conn:
             if self._sqlite:
                 await conn.execute(self._fan_out, values)
@@ -207,21 +208,14 @@ class SqlBroker(Broker):
                 # One statement, not executemany: asyncpg's executemany waits for its socket to drain
                 # between writes, and a cancel (the relay's lease running out) landing there hangs it for
                 # good, as it never sends the Sync the server waits for (asyncpg 0.32).
-                columns = ("b_message_id", "b_name", "b_body", "b_headers", "b_key")
-                arrays = {column: [value[column] for value in values] for column in columns}
+                arrays = {column: [value[column] for value in values] for column in _BOUND}
                 await conn.execute(self._fan_out_arrays, {**arrays, "b_now": now})
                 await conn.exec_driver_sql(f"NOTIFY {_CHANNEL}")
         self._wake_fetchers()
 
     async def bind(self, subscriber: str, name: str) -> None:
         async with self._translate("bind on"), self.engine.begin() as conn:
-            found = await conn.execute(
-                select(self.bindings).where(
-                    self.bindings.c.subscriber == subscriber, self.bindings.c.name == name
-                )
-            )
-            if found.first() is None:
-                await conn.execute(insert(self.bindings).values(subscriber=subscriber, name=name))
+            await conn.execute(self._bind, {"subscriber": subscriber, "name": name})
 
     async def unbind(self, subscriber: str, name: str) -> None:
         async with self._translate("unbind on"), self.engine.begin() as conn:
@@ -278,8 +272,7 @@ class SqlBroker(Broker):
 
     async def pending_count(self, subscriber: str) -> int:
         """Deliveries still owed to `subscriber` (queued, leased or waiting for a retry)."""
-        async with self.engine.connect() as conn:
-            conn = await conn.execution_options(**READ_ONLY)
+        async with read_only(self.engine) as conn:
             count = await conn.scalar(
                 select(func.count())
                 .select_from(self.deliveries)
@@ -293,11 +286,10 @@ class SqlBroker(Broker):
         t = self.deliveries
         now = utcnow()
         claimable = (t.c.subscriber == subscriber) & (t.c.available_at <= now)
-        claimable &= or_(t.c.lease_until.is_(None), t.c.lease_until < now)
+        claimable &= lease_ran_out(t.c.lease_until, now)
         async with self._translate("fetch from"):
             if self._sqlite:  # a read first: most idle polls end here, without the write lock
-                async with self.engine.connect() as conn:
-                    conn = await conn.execution_options(**READ_ONLY)
+                async with read_only(self.engine) as conn:
                     if not await conn.scalar(select(exists().where(claimable))):
                         return []
             ids = select(t.c.id).where(claimable).order_by(t.c.id).limit(max_count)
@@ -319,10 +311,7 @@ class SqlBroker(Broker):
                 rows = list(await conn.execute(claim))
         batch = []
         for row in sorted(rows, key=lambda r: r.id):
-            message = Message(
-                row.message_id, row.name, bytes(row.body), json.loads(row.headers), row.ordering_key
-            )
-            delivery = Delivery(message, row.attempt, row.id)
+            delivery = Delivery(message_of(row), row.attempt, row.id)
             self._held[row.id] = delivery
             batch.append(delivery)
         return batch
@@ -364,26 +353,21 @@ class SqlBroker(Broker):
         while True:
             await asyncio.sleep(5.0)
             try:
-                async with self.engine.connect() as conn:
-                    conn = await conn.execution_options(**NO_TRANSACTION)
+                async with outside_transaction(self.engine) as conn:
                     await conn.exec_driver_sql("PRAGMA wal_checkpoint(PASSIVE)")
-            except (SQLAlchemyError, OSError):
+            except DATABASE_ERRORS:
                 logger.debug("WAL checkpoint skipped", exc_info=True)
 
     @contextlib.asynccontextmanager
     async def _translate(self, action: str) -> Any:
         try:
             yield
-        except (OSError, OperationalError, InterfaceError) as exc:
-            raise BrokerUnavailable(
-                f"Could not {action} the SQL broker at {redact_url(self.url)}: {exc}"
-            ) from exc
-        except DBAPIError as exc:
-            if exc.connection_invalidated:  # the connection dropped mid-statement (asyncpg): unavailable
+        except DATABASE_ERRORS as exc:
+            if connection_lost(exc):
                 raise BrokerUnavailable(
-                    f"Could not {action} the SQL broker at {redact_url(self.url)}: {exc.orig}"
+                    f"Could not {action} the SQL broker at {redact_url(self.url)}: {database_said(exc)}"
                 ) from exc
-            raise PublishFailed(f"Could not {action} the SQL broker: {exc.orig}") from exc
+            raise PublishFailed(f"Could not {action} the SQL broker: {database_said(exc)}") from exc
 
 
 def _fan_out(bindings: Table, deliveries: Table) -> Any:
@@ -394,11 +378,11 @@ def _fan_out(bindings: Table, deliveries: Table) -> Any:
         bindings.c.name,
         bindparam("b_body", type_=LargeBinary),
         bindparam("b_headers", type_=Text),
-        bindparam("b_key", type_=String),
+        bindparam("b_ordering_key", type_=String),
         literal(1),
         bindparam("b_now", type_=TIME),
     ).where(bindings.c.name == bindparam("b_name", type_=String))
-    columns = ("subscriber", "message_id", "name", "body", "headers", "ordering_key", "attempt")
+    columns = ("subscriber", *MESSAGE_COLUMNS, "attempt")
     return insert(deliveries).from_select([*columns, "available_at"], copies)
 
 
@@ -410,7 +394,7 @@ def _fan_out_arrays(bindings: Table, deliveries: Table, dialect: Any) -> Any:
         f"INSERT INTO {quote(deliveries.name)} "
         "(subscriber, message_id, name, body, headers, ordering_key, attempt, available_at) "
         "SELECT b.subscriber, m.message_id, m.name, m.body, m.headers, m.ordering_key, 1, :b_now "
-        "FROM unnest(:b_message_id, :b_name, :b_body, :b_headers, :b_key) "
+        "FROM unnest(:b_message_id, :b_name, :b_body, :b_headers, :b_ordering_key) "
         "WITH ORDINALITY AS m(message_id, name, body, headers, ordering_key, ord) "
         f"JOIN {quote(bindings.name)} AS b ON b.name = m.name ORDER BY m.ord, b.subscriber"
     )
@@ -419,7 +403,7 @@ def _fan_out_arrays(bindings: Table, deliveries: Table, dialect: Any) -> Any:
         bindparam("b_name", type_=ARRAY(String)),
         bindparam("b_body", type_=ARRAY(LargeBinary)),
         bindparam("b_headers", type_=ARRAY(Text)),
-        bindparam("b_key", type_=ARRAY(String)),
+        bindparam("b_ordering_key", type_=ARRAY(String)),
         bindparam("b_now", type_=TIME),
     )
 

@@ -167,7 +167,8 @@ class Store(ABC):
         """Lock and return up to `limit` due rows in `seq` order, skipping rows another relay holds.
 
         A relay holds a row while its claiming transaction is open and, when the claim gave `lease_until`,
-        after its commit until `now` passes `lease_until` (or the row is released, deleted or deferred).
+        after its commit while `now < lease_until` (until the row is released, deleted or deferred): at
+        `lease_until` the lease has run out, as a row is due at its `available_at`.
         """
 
     @abstractmethod

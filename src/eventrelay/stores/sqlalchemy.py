@@ -1,34 +1,25 @@
 """The SQL store (SQLAlchemy 2 async): SQLite (aiosqlite), PostgreSQL (asyncpg), MariaDB/MySQL (asyncmy).
 
 Three tables, named with a prefix (default `eventrelay_`); `define_tables(metadata)` adds them to your own
-`MetaData`, so Alembic (or any migration tool) can own them. `docs/stores.md` shows the DDL.
+`MetaData`, so Alembic (or any migration tool) can own them. `docs/stores.md` shows the DDL. Engines come
+from `eventrelay.sql.create_engine` (SQLite's pragmas, PostgreSQL's TLS files).
 
-SQLite engines made by `create_engine` run in WAL mode with a busy timeout, and every transaction starts
-with `BEGIN IMMEDIATE`: it takes the write lock up front, so a read-then-write never fails with
-"database is locked" when another process wrote in between.
-
-PostgreSQL over TLS: `postgresql+asyncpg://...?ssl=verify-full&sslrootcert=/ca.pem` (`sslcert`, `sslkey` for a
-client certificate; `sslmode` for `ssl`). asyncpg takes no certificate files through SQLAlchemy, so
-`create_engine` turns them into an `ssl.SSLContext` connect argument (`docs/stores.md`).
+The store's own statements that fail raise `StoreError`; what the user's code runs through a transaction's
+`session` (their statements, the flush of their objects) raises SQLAlchemy's errors, as it would without us.
 """
 
 from __future__ import annotations
 
 import contextlib
-import json
-import ssl
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
 from sqlalchemy import (
-    BigInteger,
     Column,
-    DateTime,
     Index,
     Integer,
-    LargeBinary,
     MetaData,
     PrimaryKeyConstraint,
     String,
@@ -36,33 +27,33 @@ from sqlalchemy import (
     Text,
     bindparam,
     delete,
-    event,
     func,
     insert,
-    or_,
     select,
     update,
 )
-from sqlalchemy.dialects import mysql, postgresql, sqlite
-from sqlalchemy.engine import URL, Connection, Row, make_url
-from sqlalchemy.exc import SQLAlchemyError
-from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, AsyncSession, create_async_engine
-from sqlalchemy.pool import StaticPool
+from sqlalchemy.engine import Row
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, AsyncSession
 
-from eventrelay.config import redact_url
 from eventrelay.envelope import Message
-from eventrelay.errors import ConfigurationError, StoreError
+from eventrelay.sql import (
+    DATABASE_ERRORS,
+    ID,
+    TIME,
+    configure_sqlite,
+    create_all,
+    insert_if_absent,
+    lease_ran_out,
+    message_columns,
+    message_of,
+    message_rows,
+    read_only,
+    store_error,
+)
+from eventrelay.sql import READ_ONLY as READ_ONLY  # importers from before eventrelay.sql keep working
+from eventrelay.sql import create_engine as create_engine
 from eventrelay.stores import sqlite as sqlite_driver
 from eventrelay.stores.base import DeadLetter, NewDeadLetter, OutboxRecord, Store, Transaction, utcnow
-from eventrelay.stores.sqlite import eventrelay_url
-
-_ID = BigInteger().with_variant(Integer(), "sqlite")  # SQLite autoincrements only INTEGER PRIMARY KEY
-TIME = DateTime().with_variant(mysql.DATETIME(fsp=6), "mysql", "mariadb")
-_BYTES = LargeBinary().with_variant(mysql.LONGBLOB(), "mysql", "mariadb")
-# Execution option `eventrelay_begin` on SQLite: "IMMEDIATE" (default), "DEFERRED" for reads, "NONE" for
-# statements that must run outside a transaction (PRAGMA wal_checkpoint).
-READ_ONLY = {"eventrelay_begin": "DEFERRED"}
-NO_TRANSACTION = {"eventrelay_begin": "NONE"}
 
 
 @dataclass(frozen=True)
@@ -79,17 +70,15 @@ def define_tables(metadata: MetaData, prefix: str = "eventrelay_") -> Tables:
     outbox = Table(
         f"{prefix}outbox",
         metadata,
-        Column("seq", _ID, primary_key=True, autoincrement=True),
-        Column("message_id", String(64), nullable=False, unique=True),
-        Column("name", String(256), nullable=False),
-        Column("body", _BYTES, nullable=False),
-        Column("headers", Text, nullable=False),
-        Column("ordering_key", String(256)),
+        Column("seq", ID, primary_key=True, autoincrement=True),
+        *message_columns(unique_id=True),
         Column("created_at", TIME, nullable=False),
         Column("available_at", TIME, nullable=False),
         Column("attempts", Integer, nullable=False, default=0),
         Column("last_error", Text),
-        Column("leased_until", TIME),  # a relay publishes the row until then; NULL: nobody holds it
+        # A relay publishes the row until then; NULL: nobody holds it. `lease_until` in Python, as the
+        # broker's column and every parameter; the column keeps the name existing databases have.
+        Column("leased_until", TIME, key="lease_until"),
         Index(f"ix_{prefix}outbox_due", "available_at", "seq"),
         sqlite_autoincrement=True,
     )
@@ -106,14 +95,10 @@ def define_tables(metadata: MetaData, prefix: str = "eventrelay_") -> Tables:
     dead_letters = Table(
         f"{prefix}dead_letters",
         metadata,
-        Column("id", _ID, primary_key=True, autoincrement=True),
+        Column("id", ID, primary_key=True, autoincrement=True),
         Column("subscriber", String(200), nullable=False),
         Column("handler", String(300)),
-        Column("message_id", String(64), nullable=False),
-        Column("name", String(256), nullable=False),
-        Column("body", _BYTES, nullable=False),
-        Column("headers", Text, nullable=False),
-        Column("ordering_key", String(256)),
+        *message_columns(),
         Column("attempts", Integer, nullable=False),
         Column("reason", Text, nullable=False),
         Column("error", Text),
@@ -122,124 +107,6 @@ def define_tables(metadata: MetaData, prefix: str = "eventrelay_") -> Tables:
         sqlite_autoincrement=True,
     )
     return Tables(outbox, inbox, dead_letters)
-
-
-def create_engine(url: str, **options: Any) -> AsyncEngine:
-    """An async engine for `url`, set up for eventrelay.
-
-    SQLite (any `sqlite` URL, `sqlite+aiosqlite://` included) runs on eventrelay's own driver
-    (`eventrelay.stores.sqlite`: statements on the event loop's thread, locks waited for asynchronously),
-    in WAL mode, every transaction opened with `BEGIN IMMEDIATE`.
-    """
-    skip_idle_reset = False
-    try:
-        parsed = make_url(url)
-        if parsed.get_backend_name() == "sqlite":
-            parsed = eventrelay_url(parsed)
-            if parsed.database in (None, "", ":memory:"):
-                options.setdefault("poolclass", StaticPool)  # one shared in-memory database
-            skip_idle_reset = "pool_reset_on_return" not in options
-            if skip_idle_reset:
-                options["pool_reset_on_return"] = None  # `_reset` below rolls back only what is open
-        elif parsed.drivername == "postgresql+asyncpg":
-            parsed, context = _asyncpg_tls(parsed)
-            if context is not None:
-                options["connect_args"] = {**options.get("connect_args", {}), "ssl": context}
-        engine = create_async_engine(parsed, **options)
-    except (ImportError, ModuleNotFoundError) as exc:
-        raise ConfigurationError(
-            f"No driver for {redact_url(url)!r} ({exc}). eventrelay is async: use sqlite:///path, "
-            "postgresql+asyncpg:// (pip install 'eventrelay[postgresql]') or mysql+asyncmy:// "
-            "(pip install 'eventrelay[mysql]')"
-        ) from exc
-    except (SQLAlchemyError, ValueError) as exc:  # ValueError: a port that is not a number
-        raise ConfigurationError(f"Not a usable database URL: {exc}") from exc
-    if engine.dialect.name == "sqlite":
-        configure_sqlite(engine)
-    if skip_idle_reset:
-
-        @event.listens_for(engine.sync_engine, "reset")
-        def _reset(dbapi_connection: Any, record: Any, state: Any) -> None:
-            # A connection back in the pool after a commit has nothing to roll back: skip the statement.
-            if state.asyncio_safe and getattr(record.driver_connection, "in_transaction", True):
-                dbapi_connection.rollback()
-
-    return engine
-
-
-def _asyncpg_tls(url: URL) -> tuple[URL, ssl.SSLContext | None]:
-    """libpq's `sslmode`, `sslrootcert`, `sslcert` and `sslkey` for asyncpg, which takes none of them from
-    SQLAlchemy: the URL without them, and the TLS context they make (None when they are not there)."""
-    query = dict(url.query)
-    if "sslmode" in query:  # libpq's name; asyncpg's is ssl
-        query["ssl"] = query.pop("sslmode")
-    files = {name: query.pop(name) for name in ("sslrootcert", "sslcert", "sslkey") if name in query}
-    url = url.set(query=query)
-    if not files:
-        return url, None
-    mode = query.pop("ssl", "verify-full")
-    if not isinstance(mode, str) or mode not in ("require", "verify-ca", "verify-full"):
-        raise ConfigurationError(
-            f"sslrootcert, sslcert and sslkey need ssl=verify-full, verify-ca or require, not {mode!r}"
-        )
-    rootcert, cert, key = (files.get(name) for name in ("sslrootcert", "sslcert", "sslkey"))
-    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)  # verifies the chain, and the host name if told to
-    context.minimum_version = ssl.TLSVersion.TLSv1_2
-    context.check_hostname = mode == "verify-full"
-    try:
-        if isinstance(rootcert, str):  # as libpq: with a root certificate, even `require` checks the chain
-            context.load_verify_locations(cafile=rootcert)
-        elif mode == "require":
-            context.verify_mode = ssl.CERT_NONE
-        else:
-            context.load_default_certs()
-        if isinstance(cert, str):
-            context.load_cert_chain(cert, key if isinstance(key, str) else None)
-    except (OSError, ValueError) as exc:  # ssl.SSLError is an OSError
-        raise ConfigurationError(f"Cannot load the TLS files of {url.render_as_string()!r}: {exc}") from exc
-    return url.set(query=query), context
-
-
-def configure_sqlite(engine: AsyncEngine, busy_timeout_ms: int = 30_000) -> None:
-    """Set up a SQLite engine for several processes: WAL, a busy timeout, `BEGIN IMMEDIATE`.
-
-    `busy_timeout_ms` is for another driver's engine (aiosqlite), where SQLite waits for a lock in the
-    driver's thread; eventrelay's driver waits asynchronously, as long as the URL's `?timeout=` says.
-    """
-    sync_engine = engine.sync_engine
-    if getattr(sync_engine, "_eventrelay_configured", False):
-        return
-    ours = engine.dialect.driver == sqlite_driver.DRIVER
-
-    @event.listens_for(sync_engine, "connect")
-    def _connect(dbapi_connection: Any, _record: Any) -> None:
-        dbapi_connection.isolation_level = None  # we emit BEGIN ourselves, below
-        cursor = dbapi_connection.cursor()
-        if not ours:
-            cursor.execute(f"PRAGMA busy_timeout = {int(busy_timeout_ms)}")
-        cursor.execute("PRAGMA journal_mode = WAL")
-        cursor.execute("PRAGMA synchronous = NORMAL")
-        cursor.close()
-
-    @event.listens_for(sync_engine, "begin")
-    def _begin(connection: Connection) -> None:
-        mode = connection.get_execution_options().get("eventrelay_begin", "IMMEDIATE")
-        if mode != "NONE":
-            connection.exec_driver_sql(f"BEGIN {mode}")
-
-    sync_engine._eventrelay_configured = True  # type: ignore[attr-defined]
-
-
-async def create_all(engine: AsyncEngine, metadata: MetaData) -> None:
-    """Create `metadata`'s tables that do not exist yet, safe when several processes start at once.
-
-    PostgreSQL's `CREATE TABLE IF NOT EXISTS` is not safe against itself: two at once can fail on the
-    catalog's unique index, so the creators take turns behind a transaction-scoped advisory lock.
-    """
-    async with engine.begin() as conn:
-        if conn.dialect.name == "postgresql":
-            await conn.exec_driver_sql("SELECT pg_advisory_xact_lock(7365871024)")  # eventrelay's own key
-        await conn.run_sync(metadata.create_all)
 
 
 class SqlTransaction(Transaction):
@@ -256,6 +123,7 @@ class SqlTransaction(Transaction):
 
     def __init__(self, engine: AsyncEngine, core_only: set[str]) -> None:
         super().__init__()
+        self._engine = engine
         self._session = AsyncSession(engine, expire_on_commit=False)
         self._core_only = core_only  # the store's: keys whose savepoints need no ORM bookkeeping
         self._driver: Any = None  # the driver's connection, once a plain savepoint was taken
@@ -272,15 +140,22 @@ class SqlTransaction(Transaction):
         if self._connection is None and not self._session.in_transaction():
             await self._connect(isolation_level="READ COMMITTED")
 
-    async def execute(self, statement: Any, parameters: Any = None) -> Any:
+    async def execute(self, action: str, statement: Any, parameters: Any = None) -> Any:
         """Run one of the store's own statements on the session's connection: SQLAlchemy Core, without
-        the ORM's autoflush and bookkeeping (the user's statements through `session` keep them)."""
-        return await (await self._connect()).execute(statement, parameters)
+        the ORM's autoflush and bookkeeping (the user's statements through `session` keep them).
+        `action` says what it does, for the `StoreError` its failure raises."""
+        try:
+            return await (await self._connect()).execute(statement, parameters)
+        except DATABASE_ERRORS as exc:
+            raise store_error(action, self._engine, exc) from exc
 
     async def _connect(self, **options: Any) -> AsyncConnection:
         """The session's connection, held for the transaction; `options` apply when it is the first call."""
         if self._connection is None:
-            self._connection = await self._session.connection(execution_options=options or None)
+            try:
+                self._connection = await self._session.connection(execution_options=options or None)
+            except DATABASE_ERRORS as exc:
+                raise store_error("connect to the database", self._engine, exc) from exc
         return self._connection
 
     @property
@@ -291,10 +166,21 @@ class SqlTransaction(Transaction):
     async def _savepoint(self, key: str | None) -> AsyncIterator[None]:
         session = self._session
         if key is None or key not in self._core_only or not await self._plain_savepoints():
-            known = len(session.identity_map)
-            async with session.begin_nested():  # the ORM forgets objects added in it on a rollback, too
-                yield
-                orm = bool(session.new or session.dirty or session.deleted)
+            known, theirs = len(session.identity_map), False
+            try:
+                async with session.begin_nested():  # the ORM forgets objects added in it on a rollback, too
+                    try:
+                        yield
+                        orm = bool(session.new or session.dirty or session.deleted)
+                        if orm:
+                            await session.flush()  # here, not at the release: its failure is the user's
+                    except BaseException:
+                        theirs = True
+                        raise
+            except DATABASE_ERRORS as exc:
+                if theirs:
+                    raise
+                raise store_error("take or release a savepoint", self._engine, exc) from exc
             if key is not None and not orm and len(session.identity_map) == known:
                 self._core_only.add(key)
             return
@@ -307,42 +193,60 @@ class SqlTransaction(Transaction):
                 self._core_only.discard(key)  # it uses the ORM now: the next blocks get the ORM's savepoints
                 await session.flush()
         except BaseException:
-            await self._driver_sql(f"ROLLBACK TO SAVEPOINT {name}", f"RELEASE SAVEPOINT {name}")
+            if (
+                session.is_active
+            ):  # else the failed flush rolled back the whole transaction, savepoint and all
+                await self._driver_sql(f"ROLLBACK TO SAVEPOINT {name}", f"RELEASE SAVEPOINT {name}")
             session.expunge_all()  # what the block added or changed must not be flushed later
             raise
         if isinstance(self._driver, sqlite_driver.Connection):
-            self._driver.execute(f"RELEASE SAVEPOINT {name}")
+            await self._driver_sql(f"RELEASE SAVEPOINT {name}")
         else:
             self._unreleased = name  # what runs until then joins it: nothing rolls back to it any more
 
     async def _plain_savepoints(self) -> bool:
-        """Whether plain savepoints can go straight to this session's driver."""
+        """Whether a plain savepoint can go straight to this session's driver now."""
         if self._driver is None:
             connection = await self._connect()
             driver = (await connection.get_raw_connection()).driver_connection
             plain = isinstance(driver, sqlite_driver.Connection) or connection.dialect.driver == "asyncpg"
             self._driver = driver if plain else False
-        return self._driver is not False
+        if isinstance(self._driver, sqlite_driver.Connection):
+            return True  # in a transaction since `_connect`: SQLite's BEGIN is sent at once
+        # asyncpg: SQLAlchemy sends BEGIN with the first statement, and a SAVEPOINT before it fails
+        return self._driver is not False and bool(self._driver.is_in_transaction())
 
     async def _driver_sql(self, *statements: str) -> None:
-        if isinstance(self._driver, sqlite_driver.Connection):
-            for statement in statements:
-                self._driver.execute(statement)
-            return
-        if self._unreleased is not None:
-            statements = (f"RELEASE SAVEPOINT {self._unreleased}", *statements)
-            self._unreleased = None
-        await self._driver.execute("; ".join(statements))  # asyncpg: one round trip for them all
+        """Send savepoint statements straight to the driver (sqlite3 or asyncpg)."""
+        try:
+            if isinstance(self._driver, sqlite_driver.Connection):
+                for statement in statements:
+                    self._driver.execute(statement)
+                return
+            if self._unreleased is not None:
+                statements = (f"RELEASE SAVEPOINT {self._unreleased}", *statements)
+                self._unreleased = None
+            await self._driver.execute("; ".join(statements))  # asyncpg: one round trip for them all
+        except Exception as exc:  # the driver's own errors, unwrapped by SQLAlchemy; only our text ran
+            raise store_error(f"run {'; '.join(statements)}", self._engine, exc) from exc
 
     async def _commit(self) -> None:
+        session = self._session
         try:
-            await self._session.commit()
+            if session.new or session.dirty or session.deleted:
+                await session.flush()  # the user's objects: a failure here is theirs, not the store's
+            try:
+                await session.commit()
+            except DATABASE_ERRORS as exc:
+                raise store_error("commit", self._engine, exc) from exc
         finally:
-            await self._session.close()
+            await session.close()
 
     async def _rollback(self) -> None:
         try:
             await self._session.rollback()
+        except DATABASE_ERRORS as exc:
+            raise store_error("roll back", self._engine, exc) from exc
         finally:
             await self._session.close()
 
@@ -360,24 +264,21 @@ class SqlStore(Store):
         self._dialect = self.engine.dialect.name
         self._core_only: set[str] = set()  # savepoint keys that left no ORM object (SqlTransaction)
         inbox = self.tables.inbox
-        self._inbox_insert = _insert_if_absent(inbox, self._dialect)  # built once: a hot path
+        self._inbox_insert = insert_if_absent(inbox, self._dialect)  # built once: a hot path
         self._inbox_claim_many = self._inbox_insert.returning(inbox.c.handler, inbox.c.message_id)
         outbox, by_seq = self.tables.outbox, self.tables.outbox.c.seq == bindparam("b_seq")
-        self._lease = update(outbox).where(by_seq).values(leased_until=bindparam("b_until"))
+        self._lease = update(outbox).where(by_seq).values(lease_until=bindparam("b_until"))
         self._release = (
             update(outbox)
-            .where(by_seq, outbox.c.leased_until == bindparam("b_until"))
-            .values(leased_until=None)
+            .where(by_seq, outbox.c.lease_until == bindparam("b_until"))
+            .values(lease_until=None)
         )
         self._delete = delete(outbox).where(by_seq)
         self._outbox_insert = insert(outbox)
         now: Any = bindparam("b_now")
         self._due = (
             select(outbox)
-            .where(
-                outbox.c.available_at <= now,
-                or_(outbox.c.leased_until.is_(None), outbox.c.leased_until <= now),
-            )
+            .where(outbox.c.available_at <= now, lease_ran_out(outbox.c.lease_until, now))
             .order_by(outbox.c.seq)
             .with_for_update(skip_locked=True)
             # MySQL/MariaDB: read in seq order and stop at the limit, instead of locking every due row
@@ -388,7 +289,7 @@ class SqlStore(Store):
         self._lease_due = (
             update(outbox)
             .where(outbox.c.seq.in_(self._due.with_only_columns(outbox.c.seq).limit(bindparam("b_limit"))))
-            .values(leased_until=bindparam("b_until"))
+            .values(lease_until=bindparam("b_until"))
             .returning(*outbox.c)
             if self._dialect in ("postgresql", "sqlite")
             else None
@@ -402,9 +303,8 @@ class SqlStore(Store):
     async def create_tables(self) -> None:
         try:
             await create_all(self.engine, self.metadata)
-        except (SQLAlchemyError, OSError) as exc:
-            where = redact_url(self.engine.url.render_as_string(hide_password=False))
-            raise StoreError(f"Could not create the eventrelay tables in {where}: {exc}") from exc
+        except DATABASE_ERRORS as exc:
+            raise store_error("create the eventrelay tables", self.engine, exc) from exc
 
     async def close(self) -> None:
         if self._owns_engine:
@@ -416,35 +316,24 @@ class SqlStore(Store):
     async def add_outbox(self, tx: Transaction, messages: Sequence[Message], available_at: datetime) -> None:
         if not messages:
             return
-        now = utcnow()
-        rows = [
-            {
-                "message_id": m.id,
-                "name": m.name,
-                "body": m.body,
-                "headers": json.dumps(dict(m.headers)),
-                "ordering_key": m.key,
-                "created_at": now,
-                "available_at": available_at,
-                "attempts": 0,
-            }
-            for m in messages
-        ]
-        await _sql(tx).execute(self._outbox_insert, rows[0] if len(rows) == 1 else rows)
+        rows = message_rows(messages, created_at=utcnow(), available_at=available_at, attempts=0)
+        await _sql(tx).execute(
+            "write to the outbox", self._outbox_insert, rows[0] if len(rows) == 1 else rows
+        )
 
     async def claim_outbox(
         self, tx: Transaction, limit: int, now: datetime, lease_until: datetime | None = None
     ) -> list[OutboxRecord]:
-        sql = await self._relay_tx(tx)
+        sql, action = await self._relay_tx(tx), "claim outbox rows"
         if lease_until is not None and self._lease_due is not None:  # one statement: lease and read
             values = {"b_now": now, "b_limit": limit, "b_until": lease_until}
-            rows = sorted(await sql.execute(self._lease_due, values), key=lambda row: int(row.seq))
+            rows = sorted(await sql.execute(action, self._lease_due, values), key=lambda row: int(row.seq))
         else:
-            rows = list(await sql.execute(self._due.limit(limit), {"b_now": now}))
+            rows = list(await sql.execute(action, self._due.limit(limit), {"b_now": now}))
             if rows and lease_until is not None:
-                await self._by_seq(tx, self._lease, [row.seq for row in rows], b_until=lease_until)
+                await self._by_seq(tx, action, self._lease, [row.seq for row in rows], b_until=lease_until)
         return [
-            OutboxRecord(row.seq, _message(row), row.available_at, row.attempts, row.last_error)
+            OutboxRecord(row.seq, message_of(row), row.available_at, row.attempts, row.last_error)
             for row in rows
         ]
 
@@ -457,23 +346,27 @@ class SqlStore(Store):
         return sql
 
     async def release_outbox(self, tx: Transaction, seqs: Sequence[int], lease_until: datetime) -> None:
-        await self._by_seq(tx, self._release, seqs, b_until=lease_until)
+        await self._by_seq(tx, "release outbox rows", self._release, seqs, b_until=lease_until)
 
     async def delete_outbox(self, tx: Transaction, seqs: Sequence[int]) -> None:
-        await self._by_seq(tx, self._delete, seqs)
+        await self._by_seq(tx, "delete sent outbox rows", self._delete, seqs)
 
-    async def _by_seq(self, tx: Transaction, statement: Any, seqs: Sequence[int], **values: Any) -> None:
+    async def _by_seq(
+        self, tx: Transaction, action: str, statement: Any, seqs: Sequence[int], **values: Any
+    ) -> None:
         # One row per statement (executemany): MariaDB's `seq IN (...)` also locks neighbours another
         # relay holds.
         if seqs:
-            await (await self._relay_tx(tx)).execute(statement, [{"b_seq": seq, **values} for seq in seqs])
+            rows = [{"b_seq": seq, **values} for seq in seqs]
+            await (await self._relay_tx(tx)).execute(action, statement, rows)
 
     async def defer_outbox(self, tx: Transaction, seq: int, until: datetime, error: str) -> None:
         t = self.tables.outbox
         await (await self._relay_tx(tx)).execute(
+            "defer an outbox row",
             update(t)
             .where(t.c.seq == seq)
-            .values(available_at=until, attempts=t.c.attempts + 1, last_error=error[:4000], leased_until=None)
+            .values(available_at=until, attempts=t.c.attempts + 1, last_error=error[:4000], lease_until=None),
         )
 
     async def claim_inbox(self, tx: Transaction, subscriber: str, handler: str, message_id: str) -> bool:
@@ -483,12 +376,12 @@ class SqlStore(Store):
             "message_id": message_id,
             "received_at": utcnow(),
         }
-        result = await _sql(tx).execute(self._inbox_insert, values)
+        result = await _sql(tx).execute("claim an inbox record", self._inbox_insert, values)
         return bool(result.rowcount)
 
     async def unclaim_inbox(self, tx: Transaction, subscriber: str, handler: str, message_id: str) -> None:
         values = {"b_subscriber": subscriber, "b_handler": handler, "b_message_id": message_id}
-        await _sql(tx).execute(self._unclaim, values)
+        await _sql(tx).execute("remove an inbox record", self._unclaim, values)
 
     async def claim_inbox_many(
         self, tx: Transaction, subscriber: str, claims: Sequence[tuple[str, str]]
@@ -502,7 +395,7 @@ class SqlStore(Store):
         ]
         # One statement (SQLAlchemy's "insertmanyvalues", compiled once): the rows it inserted come back;
         # the others were claimed before.
-        result = await _sql(tx).execute(self._inbox_claim_many, rows)
+        result = await _sql(tx).execute("claim inbox records", self._inbox_claim_many, rows)
         new = {(row.handler, row.message_id) for row in result}
         claimed = []
         for key in claims:
@@ -511,36 +404,29 @@ class SqlStore(Store):
         return claimed
 
     async def add_dead_letter(self, tx: Transaction, letter: NewDeadLetter) -> None:
-        m = letter.message
-        await _sql(tx).execute(
-            insert(self.tables.dead_letters).values(
-                subscriber=letter.subscriber,
-                handler=letter.handler,
-                message_id=m.id,
-                name=m.name,
-                body=m.body,
-                # default=str: a foreign message's header values that JSON lacks (AMQP's decimals and
-                # timestamps) must not keep its dead letter from being stored
-                headers=json.dumps(dict(m.headers), default=str),
-                ordering_key=m.key,
-                attempts=letter.attempts,
-                reason=letter.reason,
-                error=letter.error,
-                created_at=utcnow(),
-            )
+        [row] = message_rows(
+            [letter.message],
+            subscriber=letter.subscriber,
+            handler=letter.handler,
+            attempts=letter.attempts,
+            reason=letter.reason,
+            error=letter.error,
+            created_at=utcnow(),
         )
+        await _sql(tx).execute("store a dead letter", insert(self.tables.dead_letters).values(row))
 
     async def remove_dead_letter(self, tx: Transaction, letter_id: int) -> None:
         t = self.tables.dead_letters
-        await _sql(tx).execute(delete(t).where(t.c.id == letter_id))
+        await _sql(tx).execute("remove a dead letter", delete(t).where(t.c.id == letter_id))
 
     async def next_outbox_due(self) -> datetime | None:
-        due: datetime | None = await self._scalar(select(func.min(self.tables.outbox.c.available_at)))
+        query = select(func.min(self.tables.outbox.c.available_at))
+        due: datetime | None = await self._scalar("read when the outbox is due", query)
         return due
 
     async def outbox_backlog(self) -> tuple[int, datetime | None]:
         t = self.tables.outbox
-        row: Any = (await self._read(select(func.count(), func.min(t.c.created_at))))[0]
+        row: Any = (await self._read("count the outbox", select(func.count(), func.min(t.c.created_at))))[0]
         return int(row[0]), row[1]
 
     async def dead_letters(self, subscriber: str | None = None, limit: int = 100) -> list[DeadLetter]:
@@ -548,7 +434,7 @@ class SqlStore(Store):
         query = select(t).order_by(t.c.id).limit(limit)
         if subscriber is not None:
             query = query.where(t.c.subscriber == subscriber)
-        return [_dead_letter(row) for row in await self._read(query)]
+        return [_dead_letter(row) for row in await self._read("list dead letters", query)]
 
     async def count_dead_letters(self, subscriber: str | None = None, since: datetime | None = None) -> int:
         t = self.tables.dead_letters
@@ -557,17 +443,20 @@ class SqlStore(Store):
             query = query.where(t.c.subscriber == subscriber)
         if since is not None:
             query = query.where(t.c.created_at >= since)
-        return int(await self._scalar(query) or 0)
+        return int(await self._scalar("count dead letters", query) or 0)
 
     async def dead_letter(self, letter_id: int) -> DeadLetter | None:
         t = self.tables.dead_letters
-        rows = await self._read(select(t).where(t.c.id == letter_id))
+        rows = await self._read("read a dead letter", select(t).where(t.c.id == letter_id))
         return _dead_letter(rows[0]) if rows else None
 
     async def purge_inbox(self, before: datetime) -> int:
         t = self.tables.inbox
-        async with self.engine.begin() as conn:
-            result = await conn.execute(delete(t).where(t.c.received_at < before))
+        try:
+            async with self.engine.begin() as conn:
+                result = await conn.execute(delete(t).where(t.c.received_at < before))
+        except DATABASE_ERRORS as exc:
+            raise store_error("purge the inbox", self.engine, exc) from exc
         return int(result.rowcount)
 
     async def inbox_count(self, subscriber: str, since: datetime | None = None) -> int:
@@ -575,15 +464,17 @@ class SqlStore(Store):
         query = select(func.count()).select_from(t).where(t.c.subscriber == subscriber)
         if since is not None:
             query = query.where(t.c.received_at >= since)
-        return int(await self._scalar(query) or 0)
+        return int(await self._scalar("count inbox records", query) or 0)
 
-    async def _read(self, query: Any) -> list[Row[Any]]:
-        async with self.engine.connect() as conn:
-            conn = await conn.execution_options(**READ_ONLY)
-            return list(await conn.execute(query))
+    async def _read(self, action: str, query: Any) -> list[Row[Any]]:
+        try:
+            async with read_only(self.engine) as conn:
+                return list(await conn.execute(query))
+        except DATABASE_ERRORS as exc:
+            raise store_error(action, self.engine, exc) from exc
 
-    async def _scalar(self, query: Any) -> Any:
-        rows = await self._read(query)
+    async def _scalar(self, action: str, query: Any) -> Any:
+        rows = await self._read(action, query)
         return rows[0][0] if rows else None
 
 
@@ -593,25 +484,12 @@ def _sql(tx: Transaction) -> SqlTransaction:
     return tx
 
 
-def _insert_if_absent(table: Table, dialect: str) -> Any:
-    """An INSERT that does nothing (0 rows) when the primary key exists already."""
-    if dialect == "postgresql":
-        return postgresql.insert(table).on_conflict_do_nothing()
-    if dialect == "sqlite":
-        return sqlite.insert(table).on_conflict_do_nothing()
-    return insert(table).prefix_with("IGNORE")  # MySQL and MariaDB: a duplicate key becomes 0 rows
-
-
-def _message(row: Row[Any]) -> Message:
-    return Message(row.message_id, row.name, bytes(row.body), json.loads(row.headers), row.ordering_key)
-
-
 def _dead_letter(row: Row[Any]) -> DeadLetter:
     return DeadLetter(
         row.id,
         row.subscriber,
         row.handler,
-        _message(row),
+        message_of(row),
         row.attempts,
         row.reason,
         row.error,
