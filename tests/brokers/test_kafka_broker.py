@@ -76,7 +76,8 @@ class TestKafkaBroker(BrokerContract):
         LEASES: "Tansu drops commit metadata, so a redelivery after a crash keeps attempt 1 (see "
         "test_a_crashed_instances_message_goes_to_the_other_after_a_rebalance)",
     }
-    unreachable_urls = ("kafka://someone:secret@127.0.0.1:9?timeout=1",)
+    # socket.timeout.ms bounds the admin requests a publish makes first (60 s by default).
+    unreachable_urls = ("kafka://someone:secret@127.0.0.1:9?timeout=1&socket.timeout.ms=1000",)
 
     @pytest.fixture
     def make_broker(self, url: str) -> MakeBroker:
