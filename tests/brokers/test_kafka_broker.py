@@ -77,7 +77,7 @@ class TestKafkaBroker(BrokerContract):
         "test_a_crashed_instances_message_goes_to_the_other_after_a_rebalance)",
     }
     # socket.timeout.ms bounds the admin requests a publish makes first (60 s by default).
-    unreachable_urls = ("kafka://someone:secret@127.0.0.1:9?timeout=1&socket.timeout.ms=1000",)
+    unreachable_urls = ("kafka://someone:secret@127.0.0.1:9?timeout=0.5&socket.timeout.ms=500",)
 
     @pytest.fixture
     def make_broker(self, url: str) -> MakeBroker:

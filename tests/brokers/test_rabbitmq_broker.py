@@ -12,9 +12,10 @@ import json
 import struct
 import sys
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from decimal import Decimal
 from pathlib import Path
+from typing import ClassVar
 from uuid import UUID
 
 import aio_pika
@@ -32,6 +33,7 @@ from eventrelay.errors import BrokerUnavailable, ConfigurationError, PublishFail
 from eventrelay.testing import wait_until_idle
 from tests.brokers.abp_side import declare_as_abp_consumer, publish_as_abp
 from tests.brokers.contract import (
+    OUTAGES,
     PATIENCE,
     BrokerContract,
     MakeBroker,
@@ -135,6 +137,9 @@ class TestRabbitMQBroker(BrokerContract):
 
 class TestRabbitMQQuorumBroker(TestRabbitMQBroker):
     options = "queue_type=quorum&retry_delays=0.2,1"
+    cannot: ClassVar[Mapping[str, str]] = {
+        OUTAGES: "TestRabbitMQBroker's cover it: the connection is lost and found alike, whatever the queues"
+    }
 
     async def test_the_queues_are_quorum_queues(self, broker: Broker) -> None:
         subscriber = subscriber_name()
