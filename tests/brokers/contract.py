@@ -1,9 +1,11 @@
 """The broker contract: what every `Broker` promises, specified once and inherited by one class per adapter.
 
-A subclass provides the `broker` fixture: a started broker, closed afterwards. The tests use only the Broker
-port, and unique subscriber and event names (uuid) so that tests on a shared server never see each other's
-messages. Every wait is bounded, so a hang fails the test instead of blocking the run; no test asserts a
-wall-clock time except "not before the retry delay".
+A subclass provides the `make_broker` fixture (new brokers on the test's own namespace: exchange, stream, key
+prefix, database) and a few class attributes: the hooks below. The `broker` fixture is one of them, started.
+What an adapter cannot be tested for it names in `cannot`, with the reason, and those tests skip saying so.
+The tests use only the Broker port, URLs and the bus, and unique subscriber and event names (uuid) so that
+tests on a shared server never see each other's messages. Every wait is bounded, so a hang fails the test
+instead of blocking the run; no test asserts a wall-clock time except "not before the retry delay".
 """
 
 from __future__ import annotations
@@ -11,11 +13,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import uuid
-from collections.abc import Sequence
-from typing import ClassVar
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
+from pathlib import Path
+from typing import ClassVar, Protocol
 
 import pytest
 
+from eventrelay import DistributedEventBus, Event
+from eventrelay.brokers import broker_from_url
 from eventrelay.brokers.base import Broker
 from eventrelay.envelope import (
     CAUSATION_ID,
@@ -26,6 +31,10 @@ from eventrelay.envelope import (
     Message,
     new_message_id,
 )
+from eventrelay.errors import BrokerUnavailable
+from eventrelay.testing import wait_until_idle
+from tests.bus.helpers import settings
+from tests.faultproxy import FaultProxy
 
 # The upper bound of a wait for something that should come: generous, only there so that a hang fails.
 PATIENCE = 10.0
@@ -82,8 +91,54 @@ async def nothing_for(broker: Broker, subscriber: str) -> bool:
     return not batch
 
 
+async def receive(broker: Broker, subscriber: str, wanted: set[str]) -> list[Delivery]:
+    """Fetch and ack until every id in `wanted` came (or PATIENCE ran out), riding out an outage as the bus
+    consumer does: back off briefly on BrokerUnavailable."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + PATIENCE
+    got: list[Delivery] = []
+    while not wanted <= {d.message.id for d in got} and loop.time() < deadline:
+        try:
+            batch = await broker.fetch(subscriber, 10, 0.2)
+        except BrokerUnavailable:
+            await asyncio.sleep(0.05)
+            continue
+        for delivery in batch:
+            await broker.ack(delivery)
+        got.extend(batch)
+    return got
+
+
+async def publish_when_back(broker: Broker, messages: Sequence[Message]) -> None:
+    """Publish, trying again on BrokerUnavailable, as the relay does."""
+    async with asyncio.timeout(PATIENCE):
+        while True:
+            try:
+                return await broker.publish(messages)
+            except BrokerUnavailable:
+                await asyncio.sleep(0.05)
+
+
+class MakeBroker(Protocol):
+    """Makes a new, unstarted broker on the test's own namespace, with extra URL `options` ("a=1&b=2"),
+    through 127.0.0.1:`port` (a fault proxy) instead of the server's own port."""
+
+    def __call__(self, options: str = "", *, port: int | None = None) -> Broker: ...
+
+
+class PriceChanged(Event, name="BrokerContract.Price Changed ✓"):  # a space and non-ASCII, on every wire
+    product_id: int
+
+
+# What an adapter may be unable to be tested for: the keys of `BrokerContract.cannot`.
+SERVER = "a server: unreachable, with a password in its URL"
+OUTAGES = "outages of its server through a fault proxy"
+LEASES = "a lease that runs out once its holder is gone"
+PROCESSES = "brokers in several processes sharing one server"
+
+
 class BrokerContract:
-    """Behaviour every broker adapter inherits. Subclasses provide the `broker` fixture.
+    """Behaviour every broker adapter inherits. Subclasses provide `make_broker` and the hooks below.
 
     Order (docs/brokers.md, "Order"): one fetcher of a subscriber gets the messages of one event name in
     publish order, on every broker. Across names it is up to the broker: `orders_across_names` says whether
@@ -92,10 +147,32 @@ class BrokerContract:
     """
 
     orders_across_names: ClassVar[bool] = True
+    cannot: ClassVar[Mapping[str, str]] = {}
+    """What the adapter cannot be tested for (SERVER, OUTAGES, LEASES, PROCESSES), each with the reason."""
+    unreachable_urls: ClassVar[Sequence[str]] = ()
+    """URLs of the adapter's server at 127.0.0.1:9, where nothing listens, with the credential `secret`."""
+    server_port: ClassVar[int] = 0
+    """The port of the server, which a fault proxy forwards to."""
+    outage_log: ClassVar[str] = ""
+    """What the adapter logs when it loses its server, if anything."""
+    url_credentials: ClassVar[str] = ""
+    """The `user:password` in the URLs `make_broker` makes, if any, which no log may show."""
+    short_lease: ClassVar[str] = ""
+    """URL options for a lease that runs out within a second of its holder going ("": at once)."""
 
     @pytest.fixture
-    def broker(self) -> Broker:
-        raise NotImplementedError("a broker contract subclass provides the `broker` fixture")
+    def make_broker(self) -> MakeBroker:
+        raise NotImplementedError("a broker contract subclass provides the `make_broker` fixture")
+
+    @pytest.fixture
+    async def broker(self, make_broker: MakeBroker) -> AsyncIterator[Broker]:
+        async with make_broker() as broker:
+            yield broker
+
+    def needs(self, what: str) -> None:
+        """Skip the test, with the adapter's reason, if the adapter cannot be tested for `what`."""
+        if what in self.cannot:
+            pytest.skip(f"no test of {what}: {self.cannot[what]}")
 
     # --- routing ------------------------------------------------------------------------------------
 
@@ -379,3 +456,129 @@ class BrokerContract:
         [again] = await collect(broker, subscriber, 1)
         assert again.message == sent
         assert again.attempt == 2
+
+    # --- the server -----------------------------------------------------------------------------------
+
+    async def test_an_unreachable_server_is_unavailable_and_the_credentials_stay_secret(self) -> None:
+        self.needs(SERVER)
+        assert self.unreachable_urls, "give `unreachable_urls`, or say in `cannot` why there are none"
+        for url in self.unreachable_urls:
+            broker = broker_from_url(url)
+            with pytest.raises(BrokerUnavailable) as caught:
+                await broker.start()
+            assert "secret" not in str(caught.value), url
+            credentials = url.partition("://")[2].partition("@")[0]  # "someone:secret", or a token
+            shown = f"{credentials.replace('secret', '***')}@127.0.0.1:9"
+            assert shown in str(caught.value), "the error says which server, with the secret hidden"
+            with pytest.raises(BrokerUnavailable):  # and it stays unavailable, not broken
+                await broker.publish([message(event_name())])
+            await broker.close()
+
+    async def test_reconnects_after_a_reset_and_an_outage(
+        self, make_broker: MakeBroker, caplog: pytest.LogCaptureFixture
+    ) -> None:
+        self.needs(OUTAGES)
+        assert self.server_port, "give `server_port`, or say in `cannot` why there are no outages to test"
+        name, subscriber = event_name(), subscriber_name()
+        async with (
+            FaultProxy(self.server_port) as proxy,
+            make_broker() as direct,
+            make_broker(port=proxy.port) as broker,
+        ):
+            await broker.bind(subscriber, name)
+            first = message(name)
+            await broker.publish([first])
+            assert [d.message for d in await receive(broker, subscriber, {first.id})] == [first]
+            assert await broker.fetch(subscriber, 10, 0.2) == []  # and its ack went out before the reset
+            connections = proxy.connections
+
+            proxy.reset()  # every connection gets a TCP RST
+            second = message(name)
+            await publish_when_back(broker, [second])
+            assert [d.message for d in await receive(broker, subscriber, {second.id})] == [second]
+            assert proxy.connections > connections, "no new connection after the reset"
+            assert await broker.fetch(subscriber, 10, 0.2) == []  # its ack too, before the outage
+
+            async with proxy.down():  # the server is gone for a while: the broker tries it again and again
+                await asyncio.sleep(0.2)
+                with pytest.raises(BrokerUnavailable):
+                    await broker.publish([message(name)])
+                with pytest.raises(BrokerUnavailable):
+                    await broker.fetch(subscriber, 10, 0.5)
+                during = message(name)
+                await direct.publish([during])  # another service publishes meanwhile
+                await asyncio.sleep(1.0)
+            after = message(name)
+            await publish_when_back(broker, [after])
+            got = await receive(broker, subscriber, {during.id, after.id})
+            assert [d.message for d in got] == [during, after]
+            assert await nothing_for(broker, subscriber)
+            assert await broker.pending_count(subscriber) == 0
+        assert self.outage_log in caplog.text
+        if self.url_credentials:
+            assert self.url_credentials not in caplog.text, "a password reached a log"
+
+    # --- processes ------------------------------------------------------------------------------------
+
+    async def test_a_lease_that_runs_out_delivers_again_with_the_next_attempt(
+        self, make_broker: MakeBroker
+    ) -> None:
+        self.needs(LEASES)
+        name, subscriber = event_name(), subscriber_name()
+        async with make_broker(self.short_lease) as dying:
+            await dying.bind(subscriber, name)
+            await dying.publish([message(name)])
+            [taken] = await collect(dying, subscriber, 1, ack=False)
+            assert taken.attempt == 1
+        # Closed without settling what it held: as if its process had died mid-handler.
+        async with make_broker(self.short_lease) as survivor:
+            await survivor.bind(subscriber, name)  # as a service does when it starts
+            [again] = await collect(survivor, subscriber, 1)
+            assert again.message == taken.message
+            assert again.attempt == 2
+            assert await nothing_for(survivor, subscriber)
+            assert await survivor.pending_count(subscriber) == 0
+
+    async def test_services_on_a_bus_fan_out_and_instances_of_one_service_compete(
+        self, make_broker: MakeBroker, sqlite_url: str, tmp_path: Path
+    ) -> None:
+        self.needs(PROCESSES)
+        handled: dict[str, list[int]] = {"orders-1": [], "orders-2": [], "audit": []}
+
+        def recorder(who: str) -> Callable[[PriceChanged], Awaitable[None]]:
+            async def record(event: PriceChanged) -> None:
+                await asyncio.sleep(0.005)  # a moment of work, so that the other instance gets a turn
+                handled[who].append(event.product_id)
+
+            return record
+
+        async with contextlib.AsyncExitStack() as stack:
+
+            async def bus(service: str, database: str, max_in_flight: int = 10) -> DistributedEventBus:
+                # A broker of its own, as in a process of its own.
+                broker = await stack.enter_async_context(make_broker())
+                fast = settings(max_in_flight=max_in_flight)
+                return DistributedEventBus(service, broker=broker, database=database, settings=fast)
+
+            products = await bus("Products", sqlite_url)
+            orders = [await bus("Orders", f"sqlite+aiosqlite:///{tmp_path}/orders.db", 1) for _ in range(2)]
+            audit = await bus("Audit", f"sqlite+aiosqlite:///{tmp_path}/audit.db")
+            await orders[0].subscribe(recorder("orders-1"))
+            await orders[1].subscribe(recorder("orders-2"))
+            await audit.subscribe(recorder("audit"))
+
+            async with products, orders[0], orders[1], audit:
+                sent = 0
+                async with asyncio.timeout(PATIENCE):
+                    # 20, and more until both instances had some: a group may take a moment to share out its
+                    # partitions (Kafka). Keys spread them over the partitions.
+                    while sent < 20 or not (handled["orders-1"] and handled["orders-2"]):
+                        await products.publish(PriceChanged(product_id=sent), key=f"product-{sent}")
+                        sent += 1
+                        await asyncio.sleep(0.05 if sent >= 20 else 0)
+                await wait_until_idle(products, *orders, audit, timeout=20)
+
+        assert sorted(handled["audit"]) == list(range(sent)), "each service gets its own copy"
+        assert sorted(handled["orders-1"] + handled["orders-2"]) == list(range(sent)), "one copy per service"
+        assert handled["orders-1"], "instances of one service compete"
+        assert handled["orders-2"], "instances of one service compete"

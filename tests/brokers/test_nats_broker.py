@@ -11,21 +11,28 @@ import contextlib
 import logging
 import random
 import uuid
-from collections.abc import AsyncIterator, Callable
-from pathlib import Path
+from collections.abc import AsyncIterator
 
 import nats
 import nats.js.errors
 import pytest
 
-from eventrelay import DistributedEventBus, Event, RetryPolicy, Settings
 from eventrelay.brokers import broker_from_url
 from eventrelay.brokers.base import Broker
 from eventrelay.brokers.nats import NatsBroker, consumer_info, durable, subject_token
-from eventrelay.envelope import Delivery, Message, new_message_id
+from eventrelay.envelope import Message, new_message_id
 from eventrelay.errors import BrokerUnavailable, ConfigurationError, PublishFailed
-from eventrelay.testing import wait_until_idle
-from tests.brokers.contract import PATIENCE, BrokerContract, collect, message, nothing_for, subscriber_name
+from tests.brokers.contract import (
+    PATIENCE,
+    BrokerContract,
+    MakeBroker,
+    collect,
+    message,
+    nothing_for,
+    publish_when_back,
+    receive,
+    subscriber_name,
+)
 from tests.faultproxy import FaultProxy
 from tests.servers import require_server
 
@@ -87,11 +94,21 @@ class TestNatsBroker(BrokerContract):
     # A durable consumer per (service, event name), fetched in turn: each name keeps its stream order, but
     # nothing orders one name's messages against another's.
     orders_across_names = False
+    unreachable_urls = (  # a user and password, or a token
+        "nats://someone:secret@127.0.0.1:9?connect_timeout=1",
+        "nats://secret@127.0.0.1:9?connect_timeout=1",
+    )
+    server_port = PORT
+    outage_log = "Lost the connection to NATS"
+    short_lease = "ack_wait=1"
 
     @pytest.fixture
-    async def broker(self, nats_url: str) -> AsyncIterator[Broker]:
-        async with NatsBroker(nats_url) as broker:
-            yield broker
+    def make_broker(self, nats_url: str) -> MakeBroker:
+        def make(options: str = "", *, port: int | None = None) -> NatsBroker:
+            url = nats_url.replace(f":{PORT}?", f":{port}?") if port else nats_url
+            return NatsBroker(f"{url}&{options}" if options else url)
+
+        return make
 
 
 # --- configuration ---------------------------------------------------------------------------------
@@ -101,22 +118,14 @@ def test_urls_choose_the_nats_broker() -> None:
     broker = broker_from_url("tls://someone:secret@nats.example:4222?stream=shop&ack_wait=10")
     assert isinstance(broker, NatsBroker)
     assert (broker.stream, broker.prefix, broker.options["ack_wait"]) == ("shop", "shop", 10.0)
+    assert "secret" not in broker.safe_url  # what its logs and errors name
+    assert "secret" not in NatsBroker("nats://secret@127.0.0.1:4222").safe_url  # a token
     with pytest.raises(ConfigurationError, match="ack_wait takes a number above 0"):
         NatsBroker("nats://127.0.0.1:4222?ack_wait=soon")
     with pytest.raises(ConfigurationError, match=r"option 'ackwait'.*Did you mean 'ack_wait'"):
         NatsBroker("nats://127.0.0.1:4222?ackwait=3")
     with pytest.raises(ConfigurationError, match=r"prefix='shop\.\*' a subject"):
         NatsBroker("nats://127.0.0.1:4222?prefix=shop.*")
-
-
-@pytest.mark.parametrize("credentials", ["someone:secret", "secret"])  # a password, or a token
-async def test_an_unreachable_server_is_unavailable_and_credentials_stay_secret(credentials: str) -> None:
-    broker = NatsBroker(f"nats://{credentials}@127.0.0.1:9?connect_timeout=1")
-    with pytest.raises(BrokerUnavailable) as caught:
-        await broker.start()
-    assert "secret" not in str(caught.value)
-    assert "secret" not in broker.safe_url
-    await broker.close()
 
 
 def test_event_names_map_to_subject_levels_reversibly() -> None:
@@ -338,20 +347,6 @@ async def test_binding_again_while_draining_keeps_the_consumer(nats_url: str) ->
 # --- leases ----------------------------------------------------------------------------------------
 
 
-async def test_a_lease_that_runs_out_delivers_again_with_the_next_attempt(nats_url: str) -> None:
-    url = _with(nats_url, ack_wait=1)
-    async with NatsBroker(url) as first:
-        await first.bind("svc", "e")
-        await first.publish([message("e")])
-        [taken] = await collect(first, "svc", 1, ack=False)
-        # The consumer "dies": its broker closes without settling what it holds.
-    async with NatsBroker(url) as second:
-        await second.bind("svc", "e")
-        [again] = await collect(second, "svc", 1)
-    assert again.message == taken.message
-    assert again.attempt == 2
-
-
 async def test_a_held_delivery_keeps_its_lease(nats_url: str) -> None:
     url = _with(nats_url, ack_wait=1)
     async with NatsBroker(url) as holder, NatsBroker(url) as other:
@@ -380,61 +375,6 @@ async def test_release_in_another_process_counts_one_delivery_more(nats_url: str
 # --- outages ---------------------------------------------------------------------------------------
 
 
-async def _until_published(broker: Broker, messages: list[Message]) -> None:
-    async with asyncio.timeout(PATIENCE):
-        while True:
-            try:
-                await broker.publish(messages)
-                return
-            except BrokerUnavailable:
-                await asyncio.sleep(0.1)
-
-
-async def _until_fetched(broker: Broker, subscriber: str, count: int) -> list[Delivery]:
-    got: list[Delivery] = []
-    async with asyncio.timeout(PATIENCE):
-        while len(got) < count:
-            try:
-                batch = await broker.fetch(subscriber, count - len(got), 1.0)
-            except BrokerUnavailable:
-                continue
-            for delivery in batch:
-                await broker.ack(delivery)
-            got.extend(batch)
-    return got
-
-
-async def test_reconnects_and_resumes_after_a_reset_and_an_outage(nats_url: str) -> None:
-    async with FaultProxy(PORT) as proxy, NatsBroker(nats_url) as direct:
-        broker = NatsBroker(nats_url.replace(f":{PORT}?", f":{proxy.port}?"))
-        async with broker:
-            await broker.bind("svc", "e")
-            first = message("e")
-            await broker.publish([first])
-            assert [d.message for d in await _until_fetched(broker, "svc", 1)] == [first]
-
-            proxy.reset()  # every connection gets a TCP RST
-            after_reset = message("e")
-            await _until_published(broker, [after_reset])
-            assert [d.message for d in await _until_fetched(broker, "svc", 1)] == [after_reset]
-
-            async with proxy.down():  # the server is gone for a few seconds
-                await asyncio.sleep(0.2)
-                with pytest.raises(BrokerUnavailable):
-                    await broker.publish([message("e")])
-                with pytest.raises(BrokerUnavailable):
-                    await broker.fetch("svc", 10, 0.5)
-                during = message("e")
-                await direct.publish([during])  # another service publishes meanwhile
-                await asyncio.sleep(2.0)
-            after = message("e")
-            await _until_published(broker, [after])
-            got = await _until_fetched(broker, "svc", 2)
-            assert [d.message for d in got] == [during, after]
-            assert await nothing_for(broker, "svc")
-        assert proxy.connections >= 3
-
-
 async def test_a_hung_connection_is_noticed_and_replaced(nats_url: str) -> None:
     async with FaultProxy(PORT) as proxy:
         url = _with(nats_url.replace(f":{PORT}?", f":{proxy.port}?"), ping_interval=1, publish_timeout=1)
@@ -447,8 +387,8 @@ async def test_a_hung_connection_is_noticed_and_replaced(nats_url: str) -> None:
             proxy.resume()
             proxy.reset()
             sent = message("e")
-            await _until_published(broker, [sent])
-            assert sent.id in [d.message.id for d in await _until_fetched(broker, "svc", 1)]
+            await publish_when_back(broker, [sent])
+            assert sent.id in [d.message.id for d in await receive(broker, "svc", {sent.id})]
         assert proxy.connections >= 2
 
 
@@ -483,54 +423,3 @@ async def test_max_ack_pending_1_keeps_one_names_order_across_instances(nats_url
             group.create_task(instance(one))
             group.create_task(instance(two))
     assert handled == [m.id for m in sent]
-
-
-# --- the bus on NATS -------------------------------------------------------------------------------
-
-
-class OrderPlaced(Event, name="NatsTests.Order Placed ✓"):
-    order_id: int
-
-
-FAST = Settings(
-    retry=RetryPolicy(initial_delay=0.01, max_delay=0.05),
-    relay_poll_interval=0.05,
-    fetch_timeout=0.2,
-    shutdown_timeout=5.0,
-    max_in_flight=2,
-)
-
-
-async def test_services_fan_out_and_instances_compete_on_nats(
-    nats_url: str, sqlite_url: str, tmp_path: Path
-) -> None:
-    handled: dict[str, list[int]] = {"billing": [], "shipping-1": [], "shipping-2": []}
-
-    def recorder(who: str) -> Callable[[OrderPlaced], object]:
-        async def record(event: OrderPlaced) -> None:
-            handled[who].append(event.order_id)
-            await asyncio.sleep(0.01)
-
-        return record
-
-    def bus(service: str, database: str) -> DistributedEventBus:
-        return DistributedEventBus(service, broker=nats_url, database=database, settings=FAST)
-
-    sales = bus("Sales", sqlite_url)
-    billing = bus("Billing", f"sqlite+aiosqlite:///{tmp_path}/billing.db")
-    shipping = [bus("Shipping", f"sqlite+aiosqlite:///{tmp_path}/shipping.db") for _ in range(2)]
-    await billing.subscribe(recorder("billing"), event=OrderPlaced)
-    for n, instance in enumerate(shipping, 1):
-        await instance.subscribe(recorder(f"shipping-{n}"), event=OrderPlaced)
-
-    async with sales, billing, shipping[0], shipping[1]:
-        async with sales.unit_of_work():
-            for order_id in range(40):
-                await sales.publish(OrderPlaced(order_id=order_id))  # through the SQLite outbox
-        await wait_until_idle(sales, billing, *shipping, timeout=PATIENCE)
-
-    assert sorted(handled["billing"]) == list(range(40))
-    both = handled["shipping-1"] + handled["shipping-2"]
-    assert sorted(both) == list(range(40)), "each order once across the Shipping instances"
-    assert handled["shipping-1"], "the two instances competed"
-    assert handled["shipping-2"], "the two instances competed"

@@ -5,55 +5,60 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
-from collections.abc import AsyncIterator
+from collections.abc import Mapping
 from pathlib import Path
+from typing import ClassVar
 
 import pytest
 
 from eventrelay.brokers import broker_from_url
-from eventrelay.brokers.base import Broker
 from eventrelay.brokers.sql import SqlBroker
 from eventrelay.envelope import Delivery, Message, new_message_id
 from eventrelay.errors import BrokerUnavailable, ConfigurationError
 from eventrelay.stores.base import utcnow
-from tests.brokers.contract import PATIENCE, BrokerContract, collect
+from tests.brokers.contract import OUTAGES, PATIENCE, SERVER, BrokerContract, MakeBroker, collect
 from tests.conftest import POSTGRESQL_PORT
 from tests.faultproxy import FaultProxy
 
 
+def _with(url: str, options: str) -> str:
+    return f"{url}?{options}" if options else url
+
+
 class TestSqliteBroker(BrokerContract):
+    cannot: ClassVar[Mapping[str, str]] = {
+        SERVER: "a file: there is no server, and its URL has no password",
+        OUTAGES: "a file: there is no server to lose",
+    }
+    short_lease = "lease=0.3"
+
     @pytest.fixture
-    async def broker(self, tmp_path: Path) -> AsyncIterator[Broker]:
-        async with SqlBroker(f"sqlite+aiosqlite:///{tmp_path}/broker.db") as broker:
-            yield broker
+    def make_broker(self, tmp_path: Path) -> MakeBroker:
+        def make(options: str = "", *, port: int | None = None) -> SqlBroker:
+            return SqlBroker(_with(f"sqlite+aiosqlite:///{tmp_path}/broker.db", options))
+
+        return make
 
 
 @pytest.mark.postgresql
 class TestPostgresqlBroker(BrokerContract):
+    unreachable_urls = ("postgresql+asyncpg://someone:secret@127.0.0.1:9/nowhere",)
+    server_port = POSTGRESQL_PORT
+    short_lease = "lease=0.3"
+
     @pytest.fixture
-    async def broker(self, postgresql_url: str) -> AsyncIterator[Broker]:
-        async with SqlBroker(postgresql_url) as broker:
-            yield broker
+    def make_broker(self, postgresql_url: str) -> MakeBroker:
+        def make(options: str = "", *, port: int | None = None) -> SqlBroker:
+            url = postgresql_url.replace(f":{POSTGRESQL_PORT}/", f":{port}/") if port else postgresql_url
+            return SqlBroker(_with(url, options))
+
+        return make
 
 
 def test_urls_choose_the_sql_broker(tmp_path: Path) -> None:
     assert isinstance(broker_from_url(f"sqlite+aiosqlite:///{tmp_path}/b.db"), SqlBroker)
     with pytest.raises(ConfigurationError, match="lease takes a number above 0, not 'soon'"):
         SqlBroker(f"sqlite+aiosqlite:///{tmp_path}/b.db?lease=soon")
-
-
-async def test_a_lease_that_runs_out_delivers_again_with_the_next_attempt(tmp_path: Path) -> None:
-    # A consumer that dies (here: one that never acks and whose broker is closed) loses its lease.
-    url = f"sqlite+aiosqlite:///{tmp_path}/broker.db?lease=0.3"
-    async with SqlBroker(url) as first:
-        await first.bind("svc", "e")
-        await first.publish([Message(new_message_id(), "e", b"{}")])
-        (taken,) = await first.fetch("svc", 10, 5.0)
-        assert taken.attempt == 1
-    async with SqlBroker(url) as second:
-        (again,) = await collect(second, "svc", 1)
-    assert again.message.id == taken.message.id
-    assert again.attempt == 2
 
 
 def _sizes(path: Path) -> tuple[int, int]:
@@ -77,14 +82,6 @@ async def test_files_stay_bounded_under_steady_traffic(tmp_path: Path) -> None:
     assert max(database_sizes) < 2 * 1024 * 1024, sizes  # delivered rows are deleted and their pages reused
     assert database_sizes[-1] <= database_sizes[1], sizes  # no growth after the first rounds
     assert max(wal for _, wal in sizes) <= 9 * 1024 * 1024, sizes  # checkpointed and capped
-
-
-async def test_an_unreachable_postgresql_broker_is_unavailable() -> None:
-    broker = SqlBroker("postgresql+asyncpg://someone:secret@127.0.0.1:9/nowhere")
-    with pytest.raises(BrokerUnavailable) as caught:
-        await broker.start()
-    assert "secret" not in str(caught.value)
-    await broker.close()
 
 
 @pytest.mark.postgresql
