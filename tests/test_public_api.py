@@ -3,6 +3,8 @@
 from __future__ import annotations
 import __future__
 
+import subprocess
+import sys
 import types
 
 import pytest
@@ -46,3 +48,14 @@ def test_star_import_gives_all_and_nothing_else() -> None:
     namespace: dict[str, object] = {}
     exec("from eventrelay import *", namespace)
     assert set(namespace) - {"__builtins__"} == set(eventrelay.__all__)
+
+
+def test_importing_eventrelay_loads_no_optional_extra() -> None:
+    """The face is light: the clients of brokers and databases, and Prometheus, load only when used
+    (OpenTelemetry, when installed, is picked up at import: see `eventrelay.tracing`)."""
+    extras = ["aio_pika", "aiokafka", "asyncmy", "asyncpg", "nats", "prometheus_client", "redis"]
+    code = f"import sys, eventrelay; print(sorted(m for m in {extras!r} if m in sys.modules))"
+
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+
+    assert done.stdout.strip() == "[]"

@@ -33,7 +33,7 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
-from eventrelay.config import redact_url
+from eventrelay import redact_url
 
 console = Console()
 # Seconds an eventual effect may take before its step fails (more on a loaded machine: BOOKSTORE_PATIENCE).

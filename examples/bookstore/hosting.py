@@ -12,8 +12,7 @@ from fastapi.responses import PlainTextResponse
 from sqlalchemy import MetaData
 
 from bookstore import traces
-from eventrelay.metrics import scrape
-from eventrelay.service import Service
+from eventrelay import Service, scrape
 
 DATA = Path(os.environ.get("BOOKSTORE_DATA", ".bookstore"))
 

@@ -9,7 +9,15 @@ from __future__ import annotations
 from eventrelay.brokers.base import Broker
 from eventrelay.brokers.memory import MemoryBroker
 from eventrelay.bus import DistributedEventBus, Subscription
-from eventrelay.config import Settings
+from eventrelay.config import Settings, redact_url
+from eventrelay.entity_events import (
+    Change,
+    EntityCreatedEto,
+    EntityDeletedEto,
+    EntityEto,
+    EntityEvents,
+    EntityUpdatedEto,
+)
 from eventrelay.envelope import Delivery, Message
 from eventrelay.errors import (
     BrokerError,
@@ -24,13 +32,17 @@ from eventrelay.errors import (
 )
 from eventrelay.events import DynamicEvent, Event, event_name
 from eventrelay.handlers import Context, DistributedEventHandler, Reject, Retry, RetryPolicy
+from eventrelay.metrics import scrape
+from eventrelay.service import Service
 from eventrelay.stores.base import DeadLetter, Store
+from eventrelay.synchronizer import EntitySynchronizer
 from eventrelay.uow import UnitOfWork
 
 __all__ = [
     "Broker",
     "BrokerError",
     "BrokerUnavailable",
+    "Change",
     "ConfigurationError",
     "Context",
     "DeadLetter",
@@ -39,6 +51,12 @@ __all__ = [
     "DistributedEventBus",
     "DistributedEventHandler",
     "DynamicEvent",
+    "EntityCreatedEto",
+    "EntityDeletedEto",
+    "EntityEto",
+    "EntityEvents",
+    "EntitySynchronizer",
+    "EntityUpdatedEto",
     "Event",
     "EventRelayError",
     "HandlerTimeout",
@@ -48,6 +66,7 @@ __all__ = [
     "Reject",
     "Retry",
     "RetryPolicy",
+    "Service",
     "Settings",
     "Store",
     "StoreError",
@@ -55,4 +74,6 @@ __all__ = [
     "UnitOfWork",
     "UnitOfWorkError",
     "event_name",
+    "redact_url",
+    "scrape",
 ]

@@ -8,7 +8,6 @@ import json
 import logging
 import sys
 from collections.abc import Awaitable, Callable, Sequence
-from datetime import datetime
 from typing import Any, TypeVar
 
 import click
@@ -18,7 +17,7 @@ from rich.text import Text
 
 from eventrelay.config import redact_url
 from eventrelay.envelope import printable
-from eventrelay.errors import EventRelayError
+from eventrelay.errors import ConfigurationError, EventRelayError
 from eventrelay.service import Service
 from eventrelay.stores.base import DeadLetter, Store, utcnow
 
@@ -29,6 +28,7 @@ JSON = click.option("--json", "as_json", is_flag=True, help="Print JSON for scri
 
 @click.group()
 @click.option("-v", "--verbose", is_flag=True, help="Log at DEBUG level.")
+@click.version_option(package_name="eventrelay", prog_name="eventrelay")
 def main(verbose: bool) -> None:
     """Run and inspect eventrelay services.
 
@@ -60,6 +60,10 @@ def load_service(target: str) -> Service:
     return service
 
 
+def _print_json(data: object) -> None:
+    click.echo(json.dumps(data))
+
+
 def _cell(value: object) -> Text:
     """Text for rich, from another service or a message: never read as markup (`[/]` would crash the table,
     `[link=...]` would render), with its control characters escaped so none reaches the terminal."""
@@ -74,22 +78,41 @@ def run_async(coro: Callable[[], Awaitable[T]]) -> T:
         raise click.ClickException(printable(exc)) from exc
 
 
-async def _opened(service: Service) -> Service:
-    await service.prepare()
-    if service.bus.settings.create_tables:
-        await service.bus.store.create_tables()
-    return service
+def _opened(service: Service, action: Callable[[Service], Awaitable[T]]) -> T:
+    """Run `action` on the service prepared, with its tables made, not started (`Service.opened`)."""
+
+    async def go() -> T:
+        async with service.opened():
+            return await action(service)
+
+    return run_async(go)
 
 
 @main.command()
 @TARGET
-def run(target: str) -> None:
+@click.option("--json", "as_json", is_flag=True, help="Print a JSON line when started and when stopped.")
+def run(target: str, as_json: bool) -> None:
     """Consume and relay until SIGINT or SIGTERM, then stop gracefully and exit 0.
 
     Example: eventrelay run orders.app:service
     """
     service = load_service(target)
-    run_async(service.run)
+
+    def started() -> None:
+        database = service.database_url
+        _print_json(
+            {
+                "service": service.name,
+                "started": True,
+                "broker": redact_url(service.bus.broker_url),
+                "database": redact_url(database) if database else None,
+                "handles": service.handled_events,
+            }
+        )
+
+    run_async(lambda: service.run(started if as_json else None))
+    if as_json:
+        _print_json({"service": service.name, "stopped": True})
 
 
 @main.group()
@@ -100,7 +123,8 @@ def db() -> None:
 @db.command("init")
 @click.argument("database", metavar="URL|MODULE:SERVICE")
 @click.option("--prefix", default="eventrelay_", show_default=True, help="Table name prefix (with a URL).")
-def db_init(database: str, prefix: str) -> None:
+@JSON
+def db_init(database: str, prefix: str, as_json: bool) -> None:
     """Create the tables (if they do not exist) in a database URL or a service's database.
 
     Example: eventrelay db init sqlite+aiosqlite:///order.db
@@ -126,7 +150,10 @@ def db_init(database: str, prefix: str) -> None:
             await store.close()
 
     run_async(create)
-    click.echo(f"The eventrelay tables are ready in {redact_url(url)}")
+    if as_json:
+        _print_json({"database": redact_url(url), "ready": True})
+    else:
+        click.echo(f"The eventrelay tables are ready in {redact_url(url)}")
 
 
 @main.command()
@@ -138,18 +165,10 @@ def outbox(target: str, as_json: bool) -> None:
     Example: eventrelay outbox products.app:service
     """
     service = load_service(target)
-
-    async def backlog() -> tuple[int, datetime | None]:
-        await _opened(service)
-        try:
-            return await service.bus.store.outbox_backlog()
-        finally:
-            await service.bus.store.close()
-
-    count, oldest = run_async(backlog)
+    count, oldest = _opened(service, lambda s: s.bus.store.outbox_backlog())
     age = (utcnow() - oldest).total_seconds() if oldest else None
     if as_json:
-        click.echo(json.dumps({"service": service.name, "waiting": count, "oldest_age_seconds": age}))
+        _print_json({"service": service.name, "waiting": count, "oldest_age_seconds": age})
     else:
         click.echo(
             f"{service.name}: {count} event(s) waiting"
@@ -169,9 +188,7 @@ def events(target: str, as_json: bool) -> None:
     run_async(service.prepare)
     handled = {name: [h.name for h in service.bus.handlers_for(name)] for name in service.handled_events}
     if as_json:
-        click.echo(
-            json.dumps({"service": service.name, "publishes": service.published_events, "handles": handled})
-        )
+        _print_json({"service": service.name, "publishes": service.published_events, "handles": handled})
         return
     table = Table(title=_cell(f"Events of {service.name}"))
     table.add_column("event", overflow="fold")
@@ -209,17 +226,6 @@ def _letter_dict(letter: DeadLetter, full: bool) -> dict[str, Any]:
     return data
 
 
-def _letters(service: Service, action: Callable[[Service], Awaitable[T]]) -> T:
-    async def go() -> T:
-        await _opened(service)
-        try:
-            return await action(service)
-        finally:
-            await service.bus.store.close()
-
-    return run_async(go)
-
-
 @dead_letters.command("list")
 @TARGET
 @click.option("--limit", default=100, show_default=True, help="At most this many, oldest first.")
@@ -229,9 +235,9 @@ def dead_letters_list(target: str, limit: int, as_json: bool) -> None:
 
     Example: eventrelay dead-letters list orders.app:service
     """
-    letters = _letters(load_service(target), lambda s: s.bus.dead_letters(limit))
+    letters = _opened(load_service(target), lambda s: s.bus.dead_letters(limit))
     if as_json:
-        click.echo(json.dumps([_letter_dict(letter, full=False) for letter in letters]))
+        _print_json([_letter_dict(letter, full=False) for letter in letters])
         return
     more = " (the oldest; --limit shows more)" if len(letters) == limit else ""
     table = Table(title=_cell(f"{len(letters)} dead letter(s) of {target}{more}"))
@@ -252,13 +258,10 @@ def dead_letters_show(target: str, letter_id: int, as_json: bool) -> None:
 
     Example: eventrelay dead-letters show orders.app:service 7
     """
-    service = load_service(target)
-    letter = _letters(service, lambda s: s.bus.store.dead_letter(letter_id))
-    if letter is None or letter.subscriber != service.name:
-        raise click.ClickException(f"No dead letter {letter_id} in {service.name}")
+    letter = _opened(load_service(target), lambda s: s.bus.dead_letter(letter_id))
     data = _letter_dict(letter, full=True)
     if as_json:
-        click.echo(json.dumps(data))
+        _print_json(data)
         return
     for field, value in data.items():  # a body or a traceback keeps its lines; the rest is one line each
         click.echo(f"{field}: {printable(value, lines=field in ('body', 'error'))}")
@@ -289,9 +292,9 @@ def dead_letters_replay(target: str, letter_ids: Sequence[int], replay_all: bool
                 results.append((letter_id, f"{type(exc).__name__}: {exc}"))
         return results
 
-    results = _letters(service, replay)
+    results = _opened(service, replay)
     if as_json:
-        click.echo(json.dumps([{"id": i, "replayed": e is None, "error": e} for i, e in results]))
+        _print_json([{"id": i, "replayed": e is None, "error": e} for i, e in results])
     else:
         for letter_id, error in results:
             outcome = "replayed" if error is None else f"not replayed: {printable(error)}"
@@ -304,7 +307,8 @@ def dead_letters_replay(target: str, letter_ids: Sequence[int], replay_all: bool
 @TARGET
 @click.argument("letter_ids", type=int, nargs=-1)
 @click.option("--yes", is_flag=True, help="Do not ask for confirmation.")
-def dead_letters_purge(target: str, letter_ids: Sequence[int], yes: bool) -> None:
+@JSON
+def dead_letters_purge(target: str, letter_ids: Sequence[int], yes: bool, as_json: bool) -> None:
     """Delete dead letters without handling them: the given ids, or all of the service's.
 
     Example: eventrelay dead-letters purge orders.app:service --yes
@@ -312,27 +316,39 @@ def dead_letters_purge(target: str, letter_ids: Sequence[int], yes: bool) -> Non
     service = load_service(target)
     what = f"dead letters {', '.join(map(str, letter_ids))}" if letter_ids else "ALL dead letters"
     if not yes:
-        click.confirm(f"Delete {what} of {service.name}?", abort=True)
+        click.confirm(f"Delete {what} of {service.name}?", abort=True, err=as_json)  # stdout holds the JSON
 
-    async def purge(s: Service) -> int:
+    async def purge(s: Service) -> list[int]:
         ids = list(letter_ids) or [d.id for d in await s.bus.dead_letters(limit=1_000_000)]
-        missing = [i for i in ids if await s.bus.store.dead_letter(i) is None]
-        if missing:  # check them all before deleting any
+        missing = []
+        for letter_id in ids:  # check them all before deleting any
+            try:
+                await s.bus.dead_letter(letter_id)
+            except ConfigurationError:
+                missing.append(letter_id)
+        if missing:
             raise click.ClickException(
                 f"No dead letter {', '.join(map(str, missing))} in {s.name}; nothing deleted"
             )
         for letter_id in ids:
             await s.bus.discard(letter_id)
-        return len(ids)
+        return ids
 
-    click.echo(f"Deleted {_letters(service, purge)} dead letter(s) of {service.name}")
+    deleted = _opened(service, purge)
+    if as_json:
+        _print_json({"service": service.name, "deleted": deleted})
+    else:
+        click.echo(f"Deleted {len(deleted)} dead letter(s) of {service.name}")
 
 
 @main.command()
 @TARGET
 @click.option("-o", "--output", type=click.Path(dir_okay=False), help="Write to this file, not stdout.")
 @click.option("--version", "api_version", default="1.0.0", show_default=True, help="info.version.")
-def asyncapi(target: str, output: str | None, api_version: str) -> None:
+@click.option(
+    "--json", "as_json", is_flag=True, help="With -o, say what was written as JSON (the document is JSON)."
+)
+def asyncapi(target: str, output: str | None, api_version: str, as_json: bool) -> None:
     """Write the AsyncAPI 3.0 document (JSON) of what a service publishes and handles.
 
     Example: eventrelay asyncapi orders.app:service -o orders.asyncapi.json
@@ -347,12 +363,16 @@ def asyncapi(target: str, output: str | None, api_version: str) -> None:
     else:
         with open(output, "w", encoding="utf-8") as file:
             file.write(text)
-        click.echo(f"Wrote the AsyncAPI document of {service.name} to {output}", err=True)
+        if as_json:
+            _print_json({"service": service.name, "written": output})
+        else:
+            click.echo(f"Wrote the AsyncAPI document of {service.name} to {output}", err=True)
 
 
 @main.command()
 @TARGET
-def schema(target: str) -> None:
+@click.option("--json", "as_json", is_flag=True, help="Accepted for scripts: the output is JSON either way.")
+def schema(target: str, as_json: bool) -> None:
     """Print the JSON Schema of each event a service publishes or handles, by event name (JSON).
 
     Example: eventrelay schema products.app:service
@@ -373,7 +393,8 @@ def schema(target: str) -> None:
     envvar="EVENTRELAY_DASHBOARD_TOKEN",
     help="Log-in token (or EVENTRELAY_DASHBOARD_TOKEN); required unless --host is 127.0.0.1 or localhost.",
 )
-def dashboard(targets: Sequence[str], host: str, port: int, token: str | None) -> None:
+@click.option("--json", "as_json", is_flag=True, help="Print a JSON line with the URL once listening.")
+def dashboard(targets: Sequence[str], host: str, port: int, token: str | None, as_json: bool) -> None:
     """Serve a web dashboard of services: outbox, inbox, rates, dead letters; replay and discard them.
 
     Example: eventrelay dashboard orders.app:service products.app:service --port 8090
@@ -381,4 +402,8 @@ def dashboard(targets: Sequence[str], host: str, port: int, token: str | None) -
     from eventrelay.dashboard import run_dashboard
 
     services = [load_service(target) for target in targets]
-    run_async(lambda: run_dashboard(services, host, port, token))
+
+    def listening(url: str) -> None:
+        _print_json({"url": url, "services": [s.name for s in services]})
+
+    run_async(lambda: run_dashboard(services, host, port, token, on_listening=listening if as_json else None))

@@ -1,4 +1,4 @@
-"""Settings: the tunables of a bus, as one frozen dataclass."""
+"""Settings: where a bus connects and its tunables, as one frozen dataclass; the default broker URLs."""
 
 from __future__ import annotations
 
@@ -14,11 +14,24 @@ from eventrelay.errors import ConfigurationError
 from eventrelay.handlers import RetryPolicy
 from eventrelay.json_style import JSON_STYLES, JsonStyle
 
+MEMORY_BROKER = "memory://"
+"""The broker of a `DistributedEventBus` given none: in the process, like the outbox and inbox of a bus with
+no database. A bus object lives in one process (a test, a script), and nothing it does is meant to last."""
+EMBEDDED_BROKER = "sqlite+aiosqlite:///eventrelay-broker.db"
+"""The broker of a `Service` given none: one SQLite file in the working folder, shared by the service
+processes started there. A service is a process of its own: in memory, its events would never reach another
+service, and would vanish with the process."""
+
 
 @dataclass(frozen=True, kw_only=True)
 class Settings:
-    """How a bus consumes, relays and cleans up. Every field has a production default."""
+    """Where a bus connects, how it consumes, relays and cleans up. Every field has a production default."""
 
+    broker_url: str | None = None
+    """The broker (`{prefix}BROKER_URL`); None: `EMBEDDED_BROKER` for a `Service`, `MEMORY_BROKER` for a bare
+    `DistributedEventBus`."""
+    database_url: str | None = None
+    """The database of the outbox, inbox and dead letters (`{prefix}DATABASE_URL`); None: in memory."""
     retry: RetryPolicy = field(default_factory=RetryPolicy)
     """Retry policy of handlers subscribed without one."""
     max_in_flight: int = 100
@@ -62,8 +75,9 @@ class Settings:
     def from_env(cls, prefix: str = "EVENTRELAY_", environ: Mapping[str, str] | None = None) -> Self:
         """Settings from `{prefix}FIELD` variables (e.g. `ORDER_MAX_IN_FLIGHT=50`), defaults for the rest.
 
-        Durations are seconds; `{prefix}RETRY_MAX_ATTEMPTS`, `..._RETRY_INITIAL_DELAY`, `..._RETRY_MAX_DELAY`
-        set the retry policy; booleans are `true`/`false`/`1`/`0`.
+        `{prefix}BROKER_URL` and `{prefix}DATABASE_URL` give the URLs. Durations are seconds;
+        `{prefix}RETRY_MAX_ATTEMPTS`, `..._RETRY_INITIAL_DELAY`, `..._RETRY_MAX_DELAY` set the retry policy;
+        booleans are `true`/`false`/`1`/`0`.
         """
         env = os.environ if environ is None else environ
         values: dict[str, Any] = {}
@@ -169,7 +183,7 @@ def _parse(variable: str, raw: str, default: object) -> Any:
             return float(raw)
         if isinstance(default, timedelta):
             return timedelta(seconds=float(raw))
-        if isinstance(default, str):
+        if isinstance(default, str) or default is None:  # None: the URLs, unset by default
             return raw
     except ValueError:
         kind = type(default).__name__ if not isinstance(default, timedelta) else "number of seconds"

@@ -20,7 +20,6 @@ import asyncio
 import contextlib
 import functools
 import logging
-import os
 import signal
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping, Sequence
 from types import TracebackType
@@ -30,7 +29,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from eventrelay.brokers.base import Broker
 from eventrelay.bus import DistributedEventBus, Subscription
-from eventrelay.config import Settings, redact_url
+from eventrelay.config import EMBEDDED_BROKER, Settings, redact_url
 from eventrelay.entity_events import EntityEvents
 from eventrelay.errors import ConfigurationError
 from eventrelay.events import Event, event_name
@@ -38,15 +37,15 @@ from eventrelay.handlers import DistributedEventHandler, RetryPolicy
 
 logger = logging.getLogger(__name__)
 
-DEFAULT_BROKER = "sqlite+aiosqlite:///eventrelay-broker.db"
-"""The embedded default: one SQLite file in the working folder, shared by the services started there."""
-
 
 class Service:
     """One microservice: a bus named after the service, its handlers, and a way to run them.
 
-    `database` and `broker` are URLs. With `env_prefix="ORDER_"`, the environment wins over the code:
-    `ORDER_DATABASE_URL`, `ORDER_BROKER_URL` and the `Settings` fields (`ORDER_MAX_IN_FLIGHT`, ...).
+    `database` and `broker` are URLs, else `Settings.database_url` and `Settings.broker_url`; without a
+    database the outbox and inbox live in memory, without a broker it is `EMBEDDED_BROKER`, a SQLite file.
+    With `env_prefix="ORDER_"`, `Settings.from_env` reads the environment, which wins over the code: for the
+    URLs (`ORDER_DATABASE_URL`, `ORDER_BROKER_URL`) always, for the other fields (`ORDER_MAX_IN_FLIGHT`, ...)
+    unless `settings` is given.
     """
 
     def __init__(
@@ -54,7 +53,7 @@ class Service:
         name: str,
         *,
         database: str | None = None,
-        broker: str | Broker = DEFAULT_BROKER,
+        broker: str | Broker | None = None,
         handlers: Iterable[type[DistributedEventHandler[Any]] | Callable[..., Any]] = (),
         publishes: Sequence[type[Event]] = (),
         entity_events: EntityEvents | None = None,
@@ -62,11 +61,13 @@ class Service:
         env_prefix: str | None = None,
         environ: Mapping[str, str] | None = None,
     ) -> None:
-        env = os.environ if environ is None else environ
-        if env_prefix is not None:
-            database = env.get(f"{env_prefix}DATABASE_URL", database)
-            broker = env.get(f"{env_prefix}BROKER_URL", broker) if isinstance(broker, str) else broker
-            settings = Settings.from_env(env_prefix, env) if settings is None else settings
+        from_env = Settings.from_env(env_prefix, environ) if env_prefix is not None else Settings()
+        if settings is None:
+            settings = from_env
+        # A deployment's variables win over the code's URLs, which win over those in Settings.
+        database = _first(from_env.database_url, database, settings.database_url)
+        if not isinstance(broker, Broker):  # an object is the code's own choice: no variable replaces it
+            broker = _first(from_env.broker_url, broker, settings.broker_url) or EMBEDDED_BROKER
         self.name = name
         self.database_url = database
         self.publishes = tuple(publishes)
@@ -115,6 +116,18 @@ class Service:
         for subscribe in self._pending:
             await subscribe()
 
+    @contextlib.asynccontextmanager
+    async def opened(self) -> AsyncIterator[Self]:
+        """The service prepared, its tables made (unless `Settings.create_tables` is off), not started:
+        what listing, replaying, discarding dead letters need (the CLI, the dashboard); closes the store."""
+        await self.prepare()
+        try:
+            if self.bus.settings.create_tables:
+                await self.bus.store.create_tables()
+            yield self
+        finally:
+            await self.bus.store.close()
+
     @property
     def engine(self) -> AsyncEngine:
         """The SQLAlchemy engine of the service's database, for its own tables."""
@@ -156,10 +169,11 @@ class Service:
     ) -> None:
         await self.stop()
 
-    async def run(self) -> None:
+    async def run(self, on_started: Callable[[], object] | None = None) -> None:
         """Run until SIGINT or SIGTERM; then stop fetching, finish in-flight messages, and return.
 
         With `Settings.metrics_port`, it serves the bus's metrics at `/metrics` on that port meanwhile.
+        `on_started` is called once the service has started (`eventrelay run --json` prints it then).
         """
         loop = asyncio.get_running_loop()
         stopping = asyncio.Event()
@@ -168,6 +182,8 @@ class Service:
             loop.add_signal_handler(sig, stopping.set)
         try:
             async with self, self._metrics_endpoint():
+                if on_started is not None:
+                    on_started()
                 await stopping.wait()
                 logger.info("%s stopping: finishing in-flight messages", self.name)
         finally:
@@ -190,3 +206,8 @@ class Service:
         finally:
             server.close()
             await server.wait_closed()
+
+
+def _first(*urls: str | None) -> str | None:
+    """The first URL given, in order of precedence."""
+    return next((url for url in urls if url is not None), None)

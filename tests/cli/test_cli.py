@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import importlib
+import importlib.metadata
 import json
 import os
 import socket
@@ -25,7 +26,9 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any
 
+import click
 import pytest
+from click import Command
 from click.testing import CliRunner, Result
 from sqlalchemy import inspect
 from sqlalchemy.ext.asyncio import create_async_engine
@@ -38,8 +41,7 @@ from eventrelay.testing import wait_until_idle
 APP = '''
 """A shop: Orders fulfils orders (rejecting poison) and invoices payments (failing until FIXED)."""
 
-from eventrelay import DistributedEventHandler, Event, Reject, RetryPolicy, Settings
-from eventrelay.service import Service
+from eventrelay import DistributedEventHandler, Event, Reject, RetryPolicy, Service, Settings
 
 DATABASE = {database!r}
 FIXED = False
@@ -231,6 +233,14 @@ async def test_db_init_url_creates_the_tables_and_is_idempotent(tmp_path: Path) 
     succeeded(await cli("db", "init", url))  # again: nothing to do, no error
 
 
+async def test_db_init_json(tmp_path: Path, shop: Shop) -> None:
+    url = f"sqlite+aiosqlite:///{tmp_path}/fresh-json.db"
+
+    assert json.loads(succeeded(await cli("db", "init", url, "--json"))) == {"database": url, "ready": True}
+    by_service = json.loads(succeeded(await cli("db", "init", shop.orders, "--json")))
+    assert by_service == {"database": shop.database, "ready": True}
+
+
 async def test_db_init_url_with_a_prefix(tmp_path: Path) -> None:
     url = f"sqlite+aiosqlite:///{tmp_path}/prefixed.db"
 
@@ -370,7 +380,11 @@ async def test_dead_letters_belong_to_their_service(shop: Shop) -> None:
 
     # Orders cannot see, replay or purge the letter of Billing, though both live in one database.
     shown = one_error_line(await cli("dead-letters", "show", shop.orders, str(billing_letter["id"])))
-    assert f"No dead letter {billing_letter['id']} in Orders" in shown
+    assert f"No dead letter {billing_letter['id']} in service 'Orders'" in shown
+    purged = one_error_line(
+        await cli("dead-letters", "purge", shop.orders, str(billing_letter["id"]), "--yes")
+    )
+    assert f"No dead letter {billing_letter['id']} in Orders; nothing deleted" in purged
     succeeded(await cli("dead-letters", "purge", shop.orders, "--yes"))
     assert await letters(shop.orders) == []
     assert [letter["id"] for letter in await letters(shop.billing)] == [billing_letter["id"]]
@@ -442,7 +456,7 @@ async def test_hostile_text_in_a_dead_letter_is_shown_literally_and_logged_on_on
 async def test_dead_letters_show_of_a_missing_id(shop: Shop) -> None:
     succeeded(await cli("db", "init", shop.orders))
 
-    assert "No dead letter 999 in Orders" in one_error_line(
+    assert "No dead letter 999 in service 'Orders'" in one_error_line(
         await cli("dead-letters", "show", shop.orders, "999")
     )
 
@@ -539,6 +553,16 @@ async def test_purge_yes_deletes_every_letter_without_handling(shop: Shop) -> No
     assert "Deleted 2 dead letter(s) of Orders" in output
     assert await letters(shop.orders) == []
     assert shop.module.INVOICED == []
+
+
+async def test_purge_json_lists_what_it_deleted(shop: Shop) -> None:
+    await shop.produce(shop.event("PaymentTaken", order="o-1"), shop.event("OrderPlaced", item="poison"))
+    ids = [letter["id"] for letter in await letters(shop.orders)]
+
+    output = succeeded(await cli("dead-letters", "purge", shop.orders, "--yes", "--json"))
+
+    assert json.loads(output) == {"service": "Orders", "deleted": ids}
+    assert await letters(shop.orders) == []
 
 
 async def test_purge_answering_no_deletes_nothing(shop: Shop) -> None:
@@ -731,21 +755,32 @@ async def test_help_of_every_command(command: list[str]) -> None:
         assert "Example: eventrelay " in output
 
 
+def _leaves(group: click.Group, path: tuple[str, ...] = ()) -> Iterator[tuple[tuple[str, ...], Command]]:
+    for name, command in group.commands.items():
+        if isinstance(command, click.Group):
+            yield from _leaves(command, (*path, name))
+        else:
+            yield (*path, name), command
+
+
 def test_every_leaf_command_has_an_example() -> None:
     """No command escapes the help test above: every leaf command's help has an example."""
-    import click
-
-    def leaves(group: click.Group, path: tuple[str, ...]) -> Iterator[tuple[tuple[str, ...], click.Command]]:
-        for name, command in group.commands.items():
-            if isinstance(command, click.Group):
-                yield from leaves(command, (*path, name))
-            else:
-                yield (*path, name), command
-
-    found = dict(leaves(main, ()))
+    found = dict(_leaves(main))
     assert set(found) == {tuple(c) for c in _all_commands() if c and c[-1] not in ("db", "dead-letters")}
     for path, command in found.items():
         assert "Example: eventrelay " + " ".join(path) in (command.help or ""), path
+
+
+def test_every_command_takes_json() -> None:
+    """As the README says: scripts may pass `--json` to any command."""
+    for path, command in _leaves(main):
+        assert "--json" in {o for p in command.params for o in p.opts}, path
+
+
+async def test_version() -> None:
+    output = succeeded(await cli("--version"))
+
+    assert output == f"eventrelay, version {importlib.metadata.version('eventrelay')}\n"
 
 
 # --- as a real process: errors are one line on stderr, no traceback ----------------------------------

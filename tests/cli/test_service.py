@@ -4,6 +4,7 @@ real process that stops gracefully on SIGTERM or SIGINT."""
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import signal
 import subprocess
@@ -26,6 +27,7 @@ from eventrelay import (
     Settings,
 )
 from eventrelay.brokers.sql import SqlBroker
+from eventrelay.config import EMBEDDED_BROKER
 from eventrelay.service import Service
 from eventrelay.testing import wait_until_idle
 
@@ -131,6 +133,15 @@ def test_from_env_rejects_a_value_out_of_range(variable: str, raw: str, field: s
         Settings.from_env("ORDER_", {variable: raw})
 
 
+def test_from_env_reads_the_urls() -> None:
+    settings = Settings.from_env(
+        "ORDER_", {"ORDER_BROKER_URL": "amqp://broker/", "ORDER_DATABASE_URL": "sqlite+aiosqlite:///o.db"}
+    )
+
+    assert settings == Settings(broker_url="amqp://broker/", database_url="sqlite+aiosqlite:///o.db")
+    assert (Settings().broker_url, Settings().database_url) == (None, None)  # the builder's defaults
+
+
 def test_from_env_reads_os_environ_by_default(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("ORDERTEST_MAX_IN_FLIGHT", "9")
 
@@ -179,6 +190,42 @@ def test_service_keeps_the_code_values_without_variables(
     assert service.bus.broker_url == broker
     assert isinstance(service.bus.broker, SqlBroker)
     assert service.bus.settings == Settings()
+
+
+def test_service_takes_its_urls_from_its_settings(tmp_path: Path) -> None:
+    database = f"sqlite+aiosqlite:///{tmp_path}/from-settings.db"
+
+    service = Service("Orders", settings=Settings(broker_url="memory://", database_url=database))
+
+    assert service.database_url == database
+    assert service.bus.broker_url == "memory://"
+
+
+def test_service_urls_the_environment_then_the_arguments_then_the_settings(tmp_path: Path) -> None:
+    settings = Settings(broker_url="memory://", database_url=f"sqlite+aiosqlite:///{tmp_path}/settings.db")
+    from_code = f"sqlite+aiosqlite:///{tmp_path}/code.db"
+    from_env = f"sqlite+aiosqlite:///{tmp_path}/env.db"
+
+    by_code = Service("Orders", database=from_code, broker=from_code, settings=settings)
+    by_env = Service(
+        "Orders",
+        database=from_code,
+        settings=settings,
+        env_prefix="ORDER_",
+        environ={"ORDER_DATABASE_URL": from_env, "ORDER_BROKER_URL": from_env},
+    )
+
+    assert (by_code.database_url, by_code.bus.broker_url) == (from_code, from_code)
+    assert (by_env.database_url, by_env.bus.broker_url) == (from_env, from_env)
+    assert by_env.bus.settings is settings  # explicit settings win for every other field
+
+
+def test_service_without_a_broker_uses_the_embedded_one() -> None:
+    service = Service("Orders")
+
+    assert service.bus.broker_url == EMBEDDED_BROKER == "sqlite+aiosqlite:///eventrelay-broker.db"
+    assert isinstance(service.bus.broker, SqlBroker)
+    assert service.database_url is None
 
 
 def test_service_reads_no_environment_without_a_prefix() -> None:
@@ -324,8 +371,7 @@ RUN_APP = """
 import asyncio
 import logging
 
-from eventrelay import Event, Settings
-from eventrelay.service import Service
+from eventrelay import Event, Service, Settings
 
 log = logging.getLogger("runapp")
 
@@ -359,30 +405,39 @@ def _wait_for_text(path: Path, text: str, process: subprocess.Popen[bytes], time
     raise AssertionError(f"no {text!r} after {timeout}s:\n{path.read_text()}")
 
 
-@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
-def test_run_stops_gracefully_on_a_signal_and_exits_0(tmp_path: Path, sig: signal.Signals) -> None:
+def _run_and_stop(tmp_path: Path, sig: signal.Signals, *options: str) -> tuple[str, int, str, str]:
+    """`eventrelay run runapp:service OPTIONS` as a process, sent `sig` once it has started (as its log says,
+    or with `--json` its output): the service's name, the exit code, the output and the log."""
     name = f"Runner{uuid.uuid4().hex[:8]}"
     (tmp_path / "runapp.py").write_text(textwrap.dedent(RUN_APP).replace("{name}", name))
-    log = tmp_path / "run.log"
+    out, log = tmp_path / "run.out", tmp_path / "run.log"
     env = {**os.environ, "PYTHONPATH": str(tmp_path)}
-    with log.open("wb") as stderr:
+    with out.open("wb") as stdout, log.open("wb") as stderr:
         process = subprocess.Popen(
-            [sys.executable, "-m", "eventrelay", "run", "runapp:service"],
+            [sys.executable, "-m", "eventrelay", "run", "runapp:service", *options],
             cwd=tmp_path,
             env=env,
-            stdout=subprocess.DEVNULL,
+            stdout=stdout,
             stderr=stderr,
         )
     try:
-        _wait_for_text(log, f"{name} started: database", process, timeout=60)
+        if "--json" in options:
+            _wait_for_text(out, '"started": true', process, timeout=60)
+        else:
+            _wait_for_text(log, f"{name} started: database", process, timeout=60)
         process.send_signal(sig)
         returncode = process.wait(timeout=60)
     finally:
         if process.poll() is None:
             process.kill()
             process.wait(timeout=10)
+    return name, returncode, out.read_text(), log.read_text()
 
-    output = log.read_text()
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+def test_run_stops_gracefully_on_a_signal_and_exits_0(tmp_path: Path, sig: signal.Signals) -> None:
+    name, returncode, _, output = _run_and_stop(tmp_path, sig)
+
     assert returncode == 0, output
     assert "Traceback" not in output
     lines = output.splitlines()
@@ -393,3 +448,18 @@ def test_run_stops_gracefully_on_a_signal_and_exits_0(tmp_path: Path, sig: signa
     assert "INFO" in lines[started]
     assert "handling RunApp.Ping" in lines[started]
     assert "broker memory://" in lines[started]
+
+
+def test_run_json_prints_a_line_when_started_and_one_when_stopped(tmp_path: Path) -> None:
+    name, returncode, output, log = _run_and_stop(tmp_path, signal.SIGTERM, "--json")
+
+    assert returncode == 0, log
+    started, stopped = (json.loads(line) for line in output.splitlines())
+    assert started == {
+        "service": name,
+        "started": True,
+        "broker": "memory://",
+        "database": "sqlite+aiosqlite:///runner.db",
+        "handles": ["RunApp.Ping"],
+    }
+    assert stopped == {"service": name, "stopped": True}

@@ -4,6 +4,7 @@ replay and discard (one and in bulk) through the confirmation step, against real
 from __future__ import annotations
 
 import re
+import signal
 from pathlib import Path
 
 import pytest
@@ -171,6 +172,19 @@ async def test_with_a_token_every_page_needs_a_log_in(database: str) -> None:
 async def test_the_dashboard_needs_a_token_unless_it_listens_on_loopback(database: str) -> None:
     with pytest.raises(ConfigurationError, match="needs --token"):
         await run_dashboard([service(database, Shop())], "0.0.0.0", 0, None)
+
+
+async def test_run_dashboard_says_where_it_listens(database: str) -> None:
+    urls: list[str] = []
+
+    def listening(url: str) -> None:
+        urls.append(url)
+        signal.raise_signal(signal.SIGTERM)  # it stops on that as on Ctrl-C
+
+    await run_dashboard([service(database, Shop())], "127.0.0.1", 0, None, on_listening=listening)
+
+    (url,) = urls
+    assert re.fullmatch(r"http://127\.0\.0\.1:[1-9][0-9]*/", url), url  # port 0: the port it was given
 
 
 async def test_without_a_token_only_a_loopback_host_name_is_answered(database: str) -> None:

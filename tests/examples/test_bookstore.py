@@ -183,18 +183,20 @@ def test_the_story_on_redis(tmp_path: Path, redis_url: str) -> None:
     run_demo(tmp_path, "--broker", redis_url)
 
 
-def _bookstore_imports(path: Path) -> set[str]:
-    """The bookstore packages a file imports (`bookstore.order.app` -> "order")."""
+def _imported_modules(path: Path) -> set[str]:
+    """The modules a file imports from (`from a.b import c` -> "a.b")."""
     found = set()
     for node in ast.walk(ast.parse(path.read_text())):
         if isinstance(node, ast.ImportFrom) and node.module:
-            names = [node.module]
+            found.add(node.module)
         elif isinstance(node, ast.Import):
-            names = [alias.name for alias in node.names]
-        else:
-            continue
-        found |= {n.split(".")[1] for n in names if n.startswith("bookstore.") and n.count(".") >= 1}
+            found |= {alias.name for alias in node.names}
     return found
+
+
+def _bookstore_imports(path: Path) -> set[str]:
+    """The bookstore packages a file imports (`bookstore.order.app` -> "order")."""
+    return {n.split(".")[1] for n in _imported_modules(path) if n.startswith("bookstore.")}
 
 
 @pytest.mark.parametrize("service", SERVICES)
@@ -210,3 +212,10 @@ def test_contracts_import_nothing_of_the_services() -> None:
     for package in CONTRACTS:
         for path in (BOOKSTORE / package).rglob("*.py"):
             assert _bookstore_imports(path) <= {package}, path
+
+
+def test_the_sample_imports_eventrelay_from_its_top_level_only() -> None:
+    """What a user needs is in `eventrelay` itself: the sample reaches into no module of it."""
+    for path in BOOKSTORE.rglob("*.py"):
+        deep = {n for n in _imported_modules(path) if n.startswith("eventrelay.")}
+        assert deep == set(), f"{path.relative_to(BOOKSTORE)} imports {sorted(deep)}"

@@ -84,8 +84,18 @@ def test_the_product_service_document_sends_its_events_and_its_entity_events(tmp
     assert entity["properties"]["entity"] == {"$ref": "#/components/schemas/ProductEto"}
 
 
+def test_asyncapi_json_says_what_it_wrote(tmp_path: Path) -> None:
+    output = tmp_path / "notification.asyncapi.json"
+
+    said = cli(tmp_path, "asyncapi", "bookstore.notification.app:service", "-o", str(output), "--json")
+
+    assert json.loads(said) == {"service": "NotificationService", "written": str(output)}
+    assert errors(json.loads(output.read_text())) == []
+
+
 def test_eventrelay_schema_prints_each_eto_schema_by_event_name(tmp_path: Path) -> None:
     schemas = json.loads(cli(tmp_path, "schema", "bookstore.notification.app:service"))
+    assert json.loads(cli(tmp_path, "schema", "bookstore.notification.app:service", "--json")) == schemas
     assert list(schemas) == ["BookStore.Product.PriceChanged"]
     assert schemas["BookStore.Product.PriceChanged"]["title"] == "ProductPriceChangedEto"
     assert jsonschema.Draft202012Validator(schemas["BookStore.Product.PriceChanged"]).is_valid(

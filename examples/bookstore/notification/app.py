@@ -12,8 +12,7 @@ from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 from bookstore.hosting import create_app, default_broker, sqlite_url
 from bookstore.product_contracts import ProductPriceChangedEto
-from eventrelay import Context
-from eventrelay.service import Service
+from eventrelay import Context, Service
 
 
 class Base(DeclarativeBase):

@@ -23,10 +23,7 @@ from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 from bookstore.hosting import create_app, default_broker, sqlite_url
 from bookstore.identity_contracts import UserEto
 from bookstore.product_contracts import ProductEto, ProductPriceChangedEto
-from eventrelay import DistributedEventHandler
-from eventrelay.entity_events import EntityUpdatedEto
-from eventrelay.service import Service
-from eventrelay.synchronizer import EntitySynchronizer
+from eventrelay import DistributedEventHandler, EntitySynchronizer, EntityUpdatedEto, Service
 
 DISCOUNT_THRESHOLD = Decimal("0.10")  # a price must fall by at least 10% for open orders to get it
 # A broken deployment, for the operations guide (docs/operations.md): discounts fail while this is set.

@@ -13,8 +13,7 @@ from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 from bookstore.hosting import create_app, default_broker, sqlite_url
 from bookstore.product_contracts import ProductEto, ProductPriceChangedEto
-from eventrelay.entity_events import EntityEvents
-from eventrelay.service import Service
+from eventrelay import EntityEvents, Service
 
 
 class Base(DeclarativeBase):

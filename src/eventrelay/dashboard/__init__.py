@@ -1,8 +1,8 @@
 """`eventrelay dashboard`: a small web UI over services' outboxes, inboxes and dead letters.
 
 Server-rendered pages on the library's own minimal HTTP layer (`eventrelay.http`): no framework, no script.
-It opens each service's store the way the `eventrelay` command does; a replay runs the handler in the
-dashboard's process, with the service's code, like `eventrelay dead-letters replay`.
+It opens each service's store as the `eventrelay` command does (`Service.opened`); a replay runs the handler
+in the dashboard's process, with the service's code, like `eventrelay dead-letters replay`.
 """
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ import asyncio
 import contextlib
 import logging
 import signal
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 from eventrelay.dashboard.app import Dashboard
 from eventrelay.errors import ConfigurationError
@@ -21,8 +21,17 @@ from eventrelay.service import Service
 logger = logging.getLogger(__name__)
 
 
-async def run_dashboard(services: Sequence[Service], host: str, port: int, token: str | None) -> None:
-    """Serve the dashboard until SIGINT or SIGTERM. A token is required unless `host` is loopback."""
+async def run_dashboard(
+    services: Sequence[Service],
+    host: str,
+    port: int,
+    token: str | None,
+    on_listening: Callable[[str], object] | None = None,
+) -> None:
+    """Serve the dashboard until SIGINT or SIGTERM. A token is required unless `host` is loopback.
+
+    `on_listening` is called with the dashboard's URL once it listens (port 0: the port it was given).
+    """
     if not token and not is_loopback(host):
         raise ConfigurationError(
             f"The dashboard replays and discards messages: listening on {host} needs --token "
@@ -36,7 +45,10 @@ async def run_dashboard(services: Sequence[Service], host: str, port: int, token
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stopping.set)
     try:
-        logger.info("Dashboard of %s at http://%s:%d/", ", ".join(s.name for s in services), host, port)
+        url = f"http://{host}:{server.sockets[0].getsockname()[1]}/"
+        logger.info("Dashboard of %s at %s", ", ".join(s.name for s in services), url)
+        if on_listening is not None:
+            on_listening(url)
         await stopping.wait()
     finally:
         for sig in (signal.SIGINT, signal.SIGTERM):

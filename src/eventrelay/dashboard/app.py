@@ -22,6 +22,7 @@ Security, in one place:
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import hmac
 import logging
@@ -34,6 +35,7 @@ from datetime import timedelta
 from urllib.parse import unquote, urlsplit
 
 from eventrelay.dashboard import pages
+from eventrelay.errors import ConfigurationError
 from eventrelay.http import MAX_BODY, Request, Response, names_loopback, serve, text
 from eventrelay.service import Service
 from eventrelay.stores.base import DeadLetter, utcnow
@@ -70,17 +72,16 @@ class Dashboard:
         self.sessions: OrderedDict[str, float] = OrderedDict()
         """The logged-in browsers' ids, each with when its session ends (`time.monotonic()`), oldest first."""
         self._key = secrets.token_bytes(32)
+        self._opened = contextlib.AsyncExitStack()
 
     async def open(self) -> None:
-        """Subscribe each service's handlers (for replay) and make sure its tables exist."""
+        """Open the services as `eventrelay` does: handlers subscribed (to replay), tables made."""
         for service in self.services.values():
-            await service.prepare()
-            if service.bus.settings.create_tables:
-                await service.bus.store.create_tables()
+            await self._opened.enter_async_context(service.opened())
 
     async def close(self) -> None:
-        for service in self.services.values():
-            await service.bus.store.close()
+        """Close the services' stores."""
+        await self._opened.aclose()
 
     async def serve(self, host: str, port: int) -> asyncio.Server:
         """Serve the dashboard on `host:port` (port 0: any free port); close the returned server to stop."""
@@ -196,9 +197,10 @@ class Dashboard:
             return Response(200, pages.layout(service.name, body, csrf, refresh=None))
         if len(rest) == 2 and rest[0] == "letters" and request.method == "GET":
             letter_id = parse_letter_id(rest[1])
-            letter = await service.bus.store.dead_letter(letter_id) if letter_id is not None else None
-            if letter is None or letter.subscriber != service.name:
+            found = await self._letters(service, [letter_id] if letter_id is not None else [])
+            if not found:
                 return text(404, f"No dead letter {rest[1]} in {service.name}: replayed or discarded since?")
+            letter = found[0]
             body = pages.letter_page(service.name, letter, form_csrf)
             return Response(200, pages.layout(f"Dead letter {letter.id}", body, csrf))
         if rest in (["confirm"], ["apply"]) and request.method == "POST":
@@ -234,9 +236,14 @@ class Dashboard:
         body = pages.result_page(service.name, action, results)
         return Response(200, pages.layout("Done", body, csrf))
 
-    async def _letters(self, service: Service, ids: list[int]) -> list[DeadLetter]:
-        found = [await service.bus.store.dead_letter(i) for i in ids]
-        return [d for d in found if d is not None and d.subscriber == service.name]
+    @staticmethod
+    async def _letters(service: Service, ids: list[int]) -> list[DeadLetter]:
+        """Those of `ids` that are the service's dead letters (the others: replayed or discarded since)."""
+        letters = []
+        for letter_id in ids:
+            with contextlib.suppress(ConfigurationError):
+                letters.append(await service.bus.dead_letter(letter_id))
+        return letters
 
     async def stats(self, service: Service) -> pages.ServiceStats:
         """The numbers of one service, read now."""
