@@ -13,7 +13,7 @@ from typing import Any, Self
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from eventrelay.brokers import Broker, broker_from_url
-from eventrelay.config import Settings
+from eventrelay.config import MEMORY_BROKER, Settings
 from eventrelay.consumer import Consumer
 from eventrelay.dispatch import Dispatcher
 from eventrelay.entity_events import EntityEvents
@@ -54,16 +54,17 @@ class DistributedEventBus:
     """One service's connection to the distributed event bus.
 
     `service` names the subscription (ABP's ClientName): every service gets its own copy of each event it
-    subscribes to, and instances of one service share it and compete. `broker` is a `Broker` or a URL
-    (`memory://` by default). `database` (a URL, an `AsyncEngine` or a `Store`) holds the outbox, inbox and
-    dead letters next to your tables; without it they live in memory and nothing survives the process.
+    subscribes to, and instances of one service share it and compete. `broker` is a `Broker` or a URL, else
+    `Settings.broker_url`, else `memory://`. `database` (a URL, an `AsyncEngine` or a `Store`, else
+    `Settings.database_url`) holds the outbox, inbox and dead letters next to your tables; without it they
+    live in memory and nothing survives the process.
     """
 
     def __init__(
         self,
         service: str,
         *,
-        broker: Broker | str = "memory://",
+        broker: Broker | str | None = None,
         database: str | AsyncEngine | Store | None = None,
         settings: Settings | None = None,
         entity_events: EntityEvents | None = None,
@@ -74,6 +75,10 @@ class DistributedEventBus:
             )
         self.service = service
         self.settings = settings or Settings()
+        if broker is None:
+            broker = self.settings.broker_url or MEMORY_BROKER
+        if database is None:
+            database = self.settings.database_url
         self._owns_broker = isinstance(broker, str)
         self.broker_url = broker if isinstance(broker, str) else f"{type(broker).__name__} instance"
         self.broker = broker_from_url(broker) if isinstance(broker, str) else broker

@@ -24,7 +24,7 @@ from eventrelay.envelope import (
     new_message_id,
     printable,
 )
-from eventrelay.errors import BrokerUnavailable, ConfigurationError, PublishFailed
+from eventrelay.errors import BrokerUnavailable, ConfigurationError, PublishFailed, StoreError
 from eventrelay.events import DynamicEvent, Event, event_name, validate_event_name
 from eventrelay.handlers import current_context
 from eventrelay.json_style import JsonStyle
@@ -98,8 +98,8 @@ class Relay:
             except Exception as exc:
                 failures += 1
                 pause = reconnect_pause(failures)
-                if isinstance(exc, BrokerUnavailable):
-                    logger.warning("Broker unavailable, relay pauses %.1fs: %s", pause, exc)
+                if isinstance(exc, BrokerUnavailable | StoreError):  # said what failed: no traceback
+                    logger.warning("Relay pauses %.1fs: %s", pause, exc)
                 else:
                     logger.exception("Relay failed, it tries again in %.1fs", pause)
                 if self._stopping:

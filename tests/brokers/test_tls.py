@@ -27,7 +27,7 @@ from eventrelay import DistributedEventBus, Event, Settings
 from eventrelay.brokers.nats import NatsBroker
 from eventrelay.brokers.rabbitmq import RabbitMQBroker
 from eventrelay.errors import BrokerUnavailable, ConfigurationError, EventRelayError, StoreError
-from eventrelay.stores.sqlalchemy import create_engine
+from eventrelay.sql import create_engine
 from eventrelay.testing import wait_until_idle
 from tests.brokers.contract import PATIENCE
 from tests.servers import require_server

@@ -14,7 +14,8 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from eventrelay import DistributedEventBus, Event, RetryPolicy, Settings, UnitOfWork
 from eventrelay.brokers.base import Broker
-from eventrelay.stores.sqlalchemy import READ_ONLY, SqlStore, create_engine
+from eventrelay.sql import READ_ONLY, create_engine
+from eventrelay.stores.sqlalchemy import SqlStore
 
 FAST = Settings(
     retry=RetryPolicy(initial_delay=0.01, max_delay=0.05),

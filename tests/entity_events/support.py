@@ -19,7 +19,7 @@ from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 from eventrelay import DistributedEventBus, Event, Message
 from eventrelay.brokers.base import Broker
 from eventrelay.entity_events import EntityEvents
-from eventrelay.stores.sqlalchemy import READ_ONLY
+from eventrelay.sql import READ_ONLY
 from eventrelay.testing import RecordingBroker, wait_until_idle
 from tests.bus.helpers import settings, sql_store
 

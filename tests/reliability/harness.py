@@ -35,7 +35,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from eventrelay.brokers import broker_from_url
 from eventrelay.envelope import Message
-from eventrelay.stores.sqlalchemy import READ_ONLY, create_engine
+from eventrelay.sql import READ_ONLY, create_engine
 
 EVENT = "Reliability.Numbered"
 APP = Path(__file__).with_name("scenario_app.py")

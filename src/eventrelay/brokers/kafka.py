@@ -279,7 +279,8 @@ class KafkaBroker(Broker):
         admin, refused = self._admin_client(), {}
         async with self.translate("create topics on"):
             new = [NewTopic(t, self.partitions, self.replication_factor) for t in missing]
-            for topic, future in admin.create_topics(new, operation_timeout=self.timeout).items():
+            made = admin.create_topics(new, operation_timeout=self.timeout, request_timeout=self.timeout)
+            for topic, future in made.items():
                 try:
                     await asyncio.wrap_future(future)
                 except KafkaException as exc:  # TOPIC_ALREADY_EXISTS is fine; the metadata tells

@@ -57,11 +57,10 @@ from sqlalchemy import (
 )
 from sqlalchemy.dialects.postgresql import ARRAY
 from sqlalchemy.engine import URL, make_url
-from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncConnection
 from sqlalchemy.util import asbool
 
-from eventrelay.brokers.base import Broker
+from eventrelay.brokers.base import Arrivals, Broker, LeaseKeeper, delivery_token
 from eventrelay.brokers.options import UrlOptions, keyword_names
 from eventrelay.config import redact_url
 from eventrelay.envelope import Delivery, Message
@@ -147,7 +146,8 @@ class SqlBroker(Broker):
         self._fan_out = _fan_out(self.bindings, self.deliveries)
         self._fan_out_arrays = _fan_out_arrays(self.bindings, self.deliveries, self.engine.dialect)
         self._bind = insert_if_absent(self.bindings, self.engine.dialect.name)
-        self._arrival = asyncio.Event()
+        self._arrivals = Arrivals()
+        self._leases = LeaseKeeper("SQL broker", self.lease, lambda: list(self._held), self._renew)
         self._tasks: list[asyncio.Task[None]] = []
         self._listener: AsyncConnection | None = None
         self._notified: Any = None  # the asyncpg connection that LISTENs, to see that it is still open
@@ -163,11 +163,12 @@ class SqlBroker(Broker):
                     await conn.exec_driver_sql("PRAGMA journal_size_limit = 8388608")
             if not self._sqlite:
                 await self._listen()
-        self._tasks = [asyncio.create_task(self._renew_leases(), name="eventrelay-broker-leases")]
+        self._leases.start()
         if self._sqlite:
-            self._tasks.append(asyncio.create_task(self._checkpoint(), name="eventrelay-broker-checkpoint"))
+            self._tasks = [asyncio.create_task(self._checkpoint(), name="eventrelay-broker-checkpoint")]
 
     async def close(self) -> None:
+        await self._leases.stop()
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
@@ -180,7 +181,7 @@ class SqlBroker(Broker):
         self._listener = await self.engine.connect()
         raw = await self._listener.get_raw_connection()
         driver: Any = raw.driver_connection
-        await driver.add_listener(_CHANNEL, lambda *_: self._wake_fetchers())
+        await driver.add_listener(_CHANNEL, lambda *_: self._arrivals.wake())
         self._notified = driver
 
     async def _listen_again(self) -> None:
@@ -211,7 +212,7 @@ class SqlBroker(Broker):
                 arrays = {column: [value[column] for value in values] for column in _BOUND}
                 await conn.execute(self._fan_out_arrays, {**arrays, "b_now": now})
                 await conn.exec_driver_sql(f"NOTIFY {_CHANNEL}")
-        self._wake_fetchers()
+        self._arrivals.wake()
 
     async def bind(self, subscriber: str, name: str) -> None:
         async with self._translate("bind on"), self.engine.begin() as conn:
@@ -238,10 +239,8 @@ class SqlBroker(Broker):
             remaining = deadline - loop.time()
             if remaining <= 0:
                 return []
-            arrival = self._arrival
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(arrival.wait(), min(pause, remaining))
-            pause = self.poll_min if arrival.is_set() else min(pause * 2, self.poll_max)
+            woken = await self._arrivals.wait(min(pause, remaining))
+            pause = self.poll_min if woken else min(pause * 2, self.poll_max)
 
     async def ack(self, delivery: Delivery) -> None:
         await self.ack_many([delivery])
@@ -268,7 +267,7 @@ class SqlBroker(Broker):
 
     async def release(self, delivery: Delivery) -> None:
         await self._update(self._let_go(delivery), lease_until=None)
-        self._wake_fetchers()
+        self._arrivals.wake()
 
     async def pending_count(self, subscriber: str) -> int:
         """Deliveries still owed to `subscriber` (queued, leased or waiting for a retry)."""
@@ -317,37 +316,20 @@ class SqlBroker(Broker):
         return batch
 
     def _let_go(self, delivery: Delivery) -> int:
-        if not isinstance(delivery.token, int):
-            raise ConfigurationError("This delivery did not come from this SqlBroker")
-        self._held.pop(delivery.token, None)
-        return delivery.token
+        row_id = delivery_token(delivery, int, "SqlBroker")
+        self._held.pop(row_id, None)
+        return row_id
 
     async def _update(self, row_id: int, **values: Any) -> None:
         async with self._translate("update"), self.engine.begin() as conn:
             await conn.execute(update(self.deliveries).where(self.deliveries.c.id == row_id).values(**values))
 
-    def _wake_fetchers(self) -> None:
-        arrival, self._arrival = self._arrival, asyncio.Event()
-        arrival.set()
-
-    async def _renew_leases(self) -> None:
-        while True:
-            await asyncio.sleep(self.lease / 3)
-            held = list(self._held)
-            if not held:
-                continue
-            try:
-                until = utcnow() + timedelta(seconds=self.lease)
-                async with self.engine.begin() as conn:
-                    await conn.execute(
-                        update(self.deliveries)
-                        .where(self.deliveries.c.id.in_(held))
-                        .values(lease_until=until)
-                    )
-            except (SQLAlchemyError, OSError):
-                logger.warning(
-                    "Could not renew %d lease(s); they may be delivered again", len(held), exc_info=True
-                )
+    async def _renew(self, held: Sequence[int]) -> None:
+        until = utcnow() + timedelta(seconds=self.lease)
+        async with self.engine.begin() as conn:
+            await conn.execute(
+                update(self.deliveries).where(self.deliveries.c.id.in_(held)).values(lease_until=until)
+            )
 
     async def _checkpoint(self) -> None:
         while True:

@@ -42,6 +42,7 @@ from eventrelay.sql import (
     TIME,
     configure_sqlite,
     create_all,
+    create_engine,
     insert_if_absent,
     lease_ran_out,
     message_columns,
@@ -50,8 +51,6 @@ from eventrelay.sql import (
     read_only,
     store_error,
 )
-from eventrelay.sql import READ_ONLY as READ_ONLY  # importers from before eventrelay.sql keep working
-from eventrelay.sql import create_engine as create_engine
 from eventrelay.stores import sqlite as sqlite_driver
 from eventrelay.stores.base import DeadLetter, NewDeadLetter, OutboxRecord, Store, Transaction, utcnow
 
