@@ -161,7 +161,10 @@ class DistributedEventBus:
         self._tasks = [
             asyncio.create_task(self.consumer.run(), name=f"{self.service}-consumer"),
             asyncio.create_task(self.relay.run(), name=f"{self.service}-relay"),
-            asyncio.create_task(self._purge_inbox(), name=f"{self.service}-inbox-cleanup"),
+            asyncio.create_task(
+                self.inbox.purge_forever(self.settings.inbox_retention, self.settings.inbox_cleanup_interval),
+                name=f"{self.service}-inbox-cleanup",
+            ),
         ]
         self.started = True
         logger.info("Bus of %s started with %d handler(s)", self.service, len(self.handlers))
@@ -337,11 +340,6 @@ class DistributedEventBus:
     async def discard(self, letter_id: int) -> None:
         """Delete a dead letter without handling it."""
         await self.inbox.discard(letter_id)
-
-    # --- background ----------------------------------------------------------------------------------
-
-    async def _purge_inbox(self) -> None:
-        await self.inbox.purge_forever(self.settings.inbox_retention, self.settings.inbox_cleanup_interval)
 
 
 def _store(database: str | AsyncEngine | Store | None) -> Store:

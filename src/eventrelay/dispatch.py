@@ -324,7 +324,7 @@ class Dispatcher:
         with replaying, self._handling(specs[0], message, 1, uow, traced=False):
             async with uow:
                 tx = uow.transaction
-                await self.inbox.store.remove_dead_letter(tx, letter_id)
+                await self.inbox.remove_letter(tx, letter_id)
                 for spec in specs:
                     event = self._decode(message, spec.events[message.name])
                     if claim and not await self.inbox.claim(tx, spec.name, message.id):

@@ -113,7 +113,11 @@ class Inbox:
         """Delete one of this service's dead letters without handling it."""
         await self.letter(letter_id)
         async with self.store.transaction() as tx:
-            await self.store.remove_dead_letter(tx, letter_id)
+            await self.remove_letter(tx, letter_id)
+
+    async def remove_letter(self, tx: Transaction, letter_id: int) -> None:
+        """Delete a dead letter in `tx` (discarded, or replayed in the handlers' transaction)."""
+        await self.store.remove_dead_letter(tx, letter_id)
 
     # --- cleanup -------------------------------------------------------------------------------------
 

@@ -192,9 +192,8 @@ class SqlTransaction(Transaction):
                 self._core_only.discard(key)  # it uses the ORM now: the next blocks get the ORM's savepoints
                 await session.flush()
         except BaseException:
-            if (
-                session.is_active
-            ):  # else the failed flush rolled back the whole transaction, savepoint and all
+            # Not when the failed flush rolled back the whole transaction, savepoint and all.
+            if session.is_active:
                 await self._driver_sql(f"ROLLBACK TO SAVEPOINT {name}", f"RELEASE SAVEPOINT {name}")
             session.expunge_all()  # what the block added or changed must not be flushed later
             raise
