@@ -27,6 +27,8 @@ from eventrelay.errors import (
     EventRelayError,
     HandlerTimeout,
     PublishFailed,
+    RemoteError,
+    RequestTimeout,
     StoreError,
     UnitOfWorkError,
 )
@@ -64,6 +66,8 @@ __all__ = [
     "Message",
     "PublishFailed",
     "Reject",
+    "RemoteError",
+    "RequestTimeout",
     "Retry",
     "RetryPolicy",
     "Service",

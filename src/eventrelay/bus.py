@@ -8,7 +8,7 @@ import logging
 from collections.abc import Callable, Mapping
 from datetime import UTC, datetime, timedelta
 from types import TracebackType
-from typing import Any, Self
+from typing import Any, Self, TypeVar
 
 from sqlalchemy.ext.asyncio import AsyncEngine
 
@@ -26,11 +26,13 @@ from eventrelay.inbox import Inbox
 from eventrelay.json_style import JsonStyle
 from eventrelay.metrics import Metrics, MetricsHooks, NoMetrics
 from eventrelay.outbox import Outbox, Relay
+from eventrelay.requests import Requester
 from eventrelay.stores.base import DeadLetter, Store, utcnow
 from eventrelay.stores.memory import MemoryStore
 from eventrelay.tracing import Tracing
 from eventrelay.uow import UnitOfWork, current_unit_of_work
 
+R = TypeVar("R", bound=Event)
 logger = logging.getLogger(__name__)
 
 
@@ -124,6 +126,7 @@ class DistributedEventBus:
             metrics=self.metrics,
         )
         self.consumer = self._consumer()
+        self.requester = Requester(service, self.broker, self.outbox, self.settings.max_message_bytes)
         # Publishes outside a unit of work that arrive while one commits share the next transaction.
         self._alone: GroupCommit[tuple[Message, datetime | None]] = GroupCommit(self._commit_alone)
         self._tasks: list[asyncio.Task[None]] = []
@@ -186,6 +189,7 @@ class DistributedEventBus:
             task.cancel()
         await asyncio.gather(consumer, relay, cleaner, return_exceptions=True)
         self.consumer = self._consumer()
+        await self.requester.close()
         await self._close_owned()
         logger.info("Bus of %s stopped", self.service)
 
@@ -258,6 +262,18 @@ class DistributedEventBus:
         else:
             await self.outbox.send([message])
         return message.id
+
+    async def request(self, event: Event, *, reply: type[R], timeout: float = 5.0, key: str | None = None) -> R:
+        """Ask: send `event` to the services that handle it, past the outbox, and return the first reply, a
+        `reply` (the handler's return value, validated).
+
+        Raises `RequestTimeout` when no reply came within `timeout` seconds, `RemoteError` when the answering
+        handler raised (the request is then its dead letter), `ConfigurationError` inside a unit of work of
+        this bus (README, "Request/reply", says why).
+        """
+        if not self.started:
+            raise ConfigurationError(f"Start the bus of {self.service} before bus.request (async with bus: ...)")
+        return await self.requester.ask(event, reply, timeout, key=key, owner=self)
 
     async def _commit_alone(self, pending: list[tuple[Message, datetime | None]]) -> None:
         async with self.new_unit_of_work() as own:

@@ -65,6 +65,9 @@ class Settings:
     metrics_port: int = 0
     """When above 0, metrics are on and `Service.run` serves them at `http://{metrics_host}:{port}/metrics`."""
     metrics_host: str = "127.0.0.1"
+    reply_tracebacks: bool = False
+    """Send a failing request handler's traceback to the asker (`RemoteError.traceback`): for debugging only,
+    since it shows this service's code and data to another."""
     json_style: JsonStyle = "eventrelay"
     """How event bodies are written and read: `"eventrelay"` (field names as declared, read exactly) or
     `"abp"` (ABP's System.Text.Json conventions: camelCase out, any case in, decimals as numbers; see

@@ -30,6 +30,7 @@ from eventrelay.handlers import (
 )
 from eventrelay.inbox import Inbox
 from eventrelay.json_style import JsonStyle
+from eventrelay.requests import answer, expired, failure, reply_to
 from eventrelay.metrics import MetricsHooks
 from eventrelay.tracing import Tracing
 
@@ -100,8 +101,13 @@ class Dispatcher:
         """
         inbox, tracing = self.inbox, self.tracing
         jobs: list[tuple[Delivery, list[tuple[HandlerSpec, Any]] | None]] = []
+        done: list[Delivery] = []
+        now = time.time()
         for delivery in deliveries:
             message = delivery.message
+            if self._given_up(message, now):
+                done.append(delivery)
+                continue
             specs = [] if delivery.undecodable else self.handlers.handlers_for(message.name)
             try:
                 decoded = [(s, self._decode(message, s.events[message.name])) for s in specs]
@@ -111,7 +117,7 @@ class Dispatcher:
             jobs.append((delivery, decoded or None))
         started = time.perf_counter()
         blocked: set[str | None] = set()  # keys whose later deliveries wait for the one-by-one path
-        done: list[Delivery] = []
+        replies: list[tuple[str, Message]] = []  # sent once the unit of work has committed
         retries: list[tuple[Delivery, float]] = []
         left: dict[int, float] = {}
         ran: list[tuple[str, Message]] = []
@@ -150,13 +156,16 @@ class Dispatcher:
                                         logger.debug("Duplicate %s for %s skipped", shown, spec.name)
                                         continue
                                     async with uow.savepoint(spec.name):
-                                        await self._invoke(spec, event, context)
+                                        value = await self._invoke(spec, event, context)
+                                        answers = self._answers(message, value)
+                                replies += answers  # the savepoint held: its callbacks ran too
                                 ran.append((spec.name, message))
                                 continue
                             except Exception as exc:
                                 if not tx.usable:  # only a rollback is left: the batch goes one by one
                                     raise
                                 verdict = self._judge(spec, message, attempt, exc)
+                                failures = self._failures(message, exc)
                             if isinstance(verdict, float):
                                 await inbox.unclaim(tx, spec.name, message.id)
                                 delays.append(verdict)
@@ -165,6 +174,7 @@ class Dispatcher:
                                     tx, spec.name, message, attempt, *verdict
                                 )
                                 letters.append((spec.name, message, reason))
+                                replies += failures
                     if not delays:
                         done.append(delivery)
                     elif message.key is None:
@@ -176,6 +186,7 @@ class Dispatcher:
             self.metrics.handled(handler, message, started)
         for handler, message, reason in letters:
             inbox.dead_lettered(handler, message, reason)
+        await self._send_replies(replies)
         try:
             await self.broker.ack_many(done)
         except Exception:
@@ -231,10 +242,13 @@ class Dispatcher:
         `failed_after`: a handler already failed this attempt (in a batch); retry after that many seconds.
         """
         message, broker = delivery.message, self.broker
+        if self._given_up(message, time.time()):
+            await broker.ack(delivery)
+            return
         if delivery.undecodable is not None:
-            await self.inbox.dead_letter(
-                None, message, delivery.attempt, f"cannot decode: {delivery.undecodable}"
-            )
+            reason = f"cannot decode: {delivery.undecodable}"
+            await self.inbox.dead_letter(None, message, delivery.attempt, reason)
+            await self._send_replies(self._failures(message, DecodeError(reason)))
             await broker.ack(delivery)
             return
         specs = self.handlers.handlers_for(message.name)
@@ -243,6 +257,7 @@ class Dispatcher:
             if not message.name.isprintable():  # no event can be declared so: a forged log line, say
                 reason = f"cannot decode: the event name {message.name!r} has control characters"
             await self.inbox.dead_letter(None, message, delivery.attempt, reason)
+            await self._send_replies(self._failures(message, LookupError(reason)))
             await broker.ack(delivery)
             return
         attempt, delay = delivery.attempt, failed_after
@@ -271,6 +286,7 @@ class Dispatcher:
             event = self._decode(message, spec.events[message.name])
         except DecodeError as exc:
             await self.inbox.dead_letter(spec.name, message, attempt, f"cannot decode: {exc}")
+            await self._send_replies(self._failures(message, exc))
             return None
         try:
             started = time.perf_counter()
@@ -283,14 +299,18 @@ class Dispatcher:
                     ):
                         logger.debug("Duplicate %s for %s skipped", printable(message.id), spec.name)
                         return None
-                    await self._invoke(spec, event, context)
+                    value = await self._invoke(spec, event, context)
+                    replies = self._answers(message, value)
             self.metrics.handled(spec.name, message, started)
+            await self._send_replies(replies)
             return None
         except Exception as exc:
             verdict = self._judge(spec, message, attempt, exc)
+            failures = self._failures(message, exc)
         if isinstance(verdict, float):
             return verdict
         await self.inbox.dead_letter(spec.name, message, attempt, *verdict)
+        await self._send_replies(failures)
         return None
 
     def _judge(self, spec: HandlerSpec, message: Message, attempt: int, exc: Exception) -> float | Verdict:
@@ -299,6 +319,9 @@ class Dispatcher:
         policy = spec.retry or self.settings.retry
         if isinstance(exc, Reject):
             return f"rejected by handler: {exc.reason}", None
+        if reply_to(message) is not None:  # its asker waits for this answer, not for a retry
+            reason = f"failed to answer a request: {type(exc).__name__}: {exc}"
+            return reason, "".join(traceback.format_exception(exc))
         if attempt < policy.max_attempts:
             if not isinstance(exc, Retry):
                 logger.warning(
@@ -332,6 +355,38 @@ class Dispatcher:
                     with self._handling(spec, message, 1, uow, event) as context:
                         await self._invoke(spec, event, context)
 
+    def _given_up(self, message: Message, now: float) -> bool:
+        """Whether `message` is a request its asker no longer waits for: then it is dropped, said in the log."""
+        if reply_to(message) is None or not expired(message, now):
+            return False
+        logger.warning(
+            "Request %s (%s) came after its asker gave up; dropped unhandled",
+            printable(message.id),
+            printable(message.name),
+        )
+        return True
+
+    def _answers(self, message: Message, value: object) -> list[tuple[str, Message]]:
+        """The reply a handler's return `value` makes, if `message` is a request and it returned one."""
+        address = reply_to(message)
+        if address is None or value is None:
+            return []
+        return [(address, answer(message, value, self.json_style))]
+
+    def _failures(self, message: Message, exc: BaseException) -> list[tuple[str, Message]]:
+        """The failure reply `exc` makes, if `message` is a request."""
+        address = reply_to(message)
+        if address is None:
+            return []
+        return [(address, failure(message, self.service, exc, self.settings.reply_tracebacks))]
+
+    async def _send_replies(self, replies: list[tuple[str, Message]]) -> None:
+        for address, reply in replies:
+            try:
+                await self.broker.send_reply(address, reply)
+            except Exception:  # the asker times out: a reply is not worth more than the message it answers
+                logger.warning("Could not send the reply to %s", printable(address), exc_info=True)
+
     @contextlib.contextmanager
     def _handling(
         self,
@@ -354,13 +409,14 @@ class Dispatcher:
         finally:
             current_context.reset(token)
 
-    async def _invoke(self, spec: HandlerSpec, event: Event | DynamicEvent, context: Context) -> None:
-        """Run the handler within its time limit: every path (batch, one by one, replay) comes here."""
+    async def _invoke(self, spec: HandlerSpec, event: Event | DynamicEvent, context: Context) -> object:
+        """Run the handler within its time limit and return what it returned: every path (batch, one by one,
+        replay) comes here."""
         limit = self.settings.handler_timeout
         deadline = asyncio.timeout(limit)
         try:
             async with deadline:
-                await spec.invoke(event, context)
+                return await spec.invoke(event, context)
         except TimeoutError:
             if deadline.expired():  # ours, not a TimeoutError the handler raised itself
                 raise HandlerTimeout(f"still running after its time limit of {limit}s; cancelled") from None

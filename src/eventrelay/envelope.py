@@ -15,7 +15,12 @@ CAUSATION_ID = "x-causation-id"
 TENANT_ID = "x-tenant-id"
 TRACEPARENT = "traceparent"
 COMMITTED_AT = "x-eventrelay-committed-at"
+REPLY_TO = "x-eventrelay-reply-to"  # a request's: the reply channel's address
+DEADLINE = "x-eventrelay-deadline"  # a request's: when its asker gives up, in Unix seconds
+IN_REPLY_TO = "x-eventrelay-in-reply-to"  # a reply's: the request's message id
+FAILURE = "x-eventrelay-failure"  # a failure reply's: the type name of the exception that answered
 RESERVED_HEADERS = frozenset({CORRELATION_ID, CAUSATION_ID, TENANT_ID})
+REQUEST_HEADERS = frozenset({REPLY_TO, DEADLINE, IN_REPLY_TO, FAILURE})
 
 
 def printable(text: object, *, lines: bool = False) -> str:

@@ -63,3 +63,20 @@ class DecodeError(EventRelayError):
 
 class HandlerTimeout(EventRelayError):
     """A handler ran past its time limit and was cancelled; the attempt counts as failed."""
+
+
+class RequestTimeout(EventRelayError):
+    """No reply to a request came within its timeout. `event` is the request's event name."""
+
+    def __init__(self, text: str, event: str) -> None:
+        super().__init__(text)
+        self.event = event
+
+
+class RemoteError(EventRelayError):
+    """The service answering a request failed: `type` and `message` are its exception's (`traceback` only
+    when that service sets `Settings.reply_tracebacks`); `service` is the service that failed."""
+
+    def __init__(self, type: str, message: str, service: str, traceback: str | None = None) -> None:
+        super().__init__(f"{service} failed to answer: {type}: {message}")
+        self.type, self.message, self.service, self.traceback = type, message, service, traceback

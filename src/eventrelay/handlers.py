@@ -126,11 +126,14 @@ class DistributedEventHandler(ABC, Generic[E]):
         return self._context
 
     @abstractmethod
-    async def handle_event(self, event: E) -> None:
-        """Handle one event. Raise to retry, `Retry` to retry after a delay, `Reject` to dead-letter."""
+    async def handle_event(self, event: E) -> object:
+        """Handle one event. Raise to retry, `Retry` to retry after a delay, `Reject` to dead-letter.
+
+        A handler of a request (`bus.request`) returns the reply, an event; what a handler returns for an
+        ordinary event is ignored."""
 
 
-Invoke = Callable[[Event | DynamicEvent, Context], Awaitable[None]]
+Invoke = Callable[[Event | DynamicEvent, Context], Awaitable[object]]
 
 
 @dataclass(frozen=True, eq=False)
@@ -215,10 +218,10 @@ def resolve_handler(
         types_ = _handled_types(target)
         make = factory or handler_cls
 
-        async def invoke(ev: Event | DynamicEvent, ctx: Context) -> None:
+        async def invoke(ev: Event | DynamicEvent, ctx: Context) -> object:
             instance = make()
             instance._context = ctx
-            await instance.handle_event(ev)
+            return await instance.handle_event(ev)
 
     elif inspect.iscoroutinefunction(target):
         if factory is not None:
@@ -227,8 +230,8 @@ def resolve_handler(
         takes_context = len(inspect.signature(target).parameters) >= 2
         fn = target
 
-        async def invoke(ev: Event | DynamicEvent, ctx: Context) -> None:
-            await (fn(ev, ctx) if takes_context else fn(ev))
+        async def invoke(ev: Event | DynamicEvent, ctx: Context) -> object:
+            return await (fn(ev, ctx) if takes_context else fn(ev))
 
     elif isinstance(target, DistributedEventHandler):
         raise ConfigurationError(

@@ -18,6 +18,7 @@ from eventrelay.envelope import (
     CAUSATION_ID,
     COMMITTED_AT,
     CORRELATION_ID,
+    REQUEST_HEADERS,
     RESERVED_HEADERS,
     TENANT_ID,
     Message,
@@ -257,6 +258,10 @@ class Outbox:
         if reserved:
             raise ConfigurationError(
                 f"Set {sorted(reserved)} with correlation_id= / tenant_id=, not headers="
+            )
+        if REQUEST_HEADERS & all_headers.keys():
+            raise ConfigurationError(
+                f"{sorted(REQUEST_HEADERS & all_headers.keys())} are set by bus.request and its reply, not headers="
             )
         message_id = new_message_id()
         parent = current_context.get()

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 from abc import ABC, abstractmethod
 from collections.abc import Awaitable, Callable, Sequence
@@ -108,6 +109,45 @@ class LeaseKeeper(Generic[T]):
                     )
 
 
+class Replies(ABC):
+    """The replies to one process's requests: put `address` in a request's reply-to header; whoever answers
+    sends to it with `Broker.send_reply`, and `receive()` hands the replies here, each once, unacked: a reply
+    nobody waits for any more is simply dropped, so a channel need not be durable."""
+
+    address: str
+
+    @abstractmethod
+    async def receive(self, timeout: float) -> list[Message]:
+        """Wait up to `timeout` seconds for replies; return those that came ([] if none)."""
+
+    @abstractmethod
+    async def close(self) -> None:
+        """Stop receiving and remove what the channel made on the broker."""
+
+
+class SubscriptionReplies(Replies):
+    """A reply channel on any broker: a subscription of its own, bound to a name of its own (the address),
+    fetched and acked through the broker port. Brokers with something lighter (a NATS inbox, an exclusive
+    RabbitMQ queue) override `Broker.open_replies`."""
+
+    def __init__(self, broker: Broker, instance: str) -> None:
+        self.broker = broker
+        self.subscriber = self.address = f"eventrelay.replies.{instance}"
+
+    async def open(self) -> Self:
+        await self.broker.bind(self.subscriber, self.address)
+        return self
+
+    async def receive(self, timeout: float) -> list[Message]:
+        deliveries = await self.broker.fetch(self.subscriber, 100, timeout)
+        if deliveries:
+            await self.broker.ack_many(deliveries)
+        return [d.message for d in deliveries if d.undecodable is None]
+
+    async def close(self) -> None:
+        await self.broker.unbind(self.subscriber, self.address)
+
+
 class Broker(ABC):
     """Moves messages from publishers to subscriptions. One subclass per technology.
 
@@ -170,6 +210,18 @@ class Broker(ABC):
     @abstractmethod
     async def release(self, delivery: Delivery) -> None:
         """Give back a delivery that was not handled (shutting down); same attempt, available at once."""
+
+    async def open_replies(self, instance: str) -> Replies:
+        """A channel for the replies to this process's requests (`instance` is unique to the process).
+
+        The default is a subscription of its own, through `bind` and `fetch`; an adapter may override this and
+        `send_reply` with something lighter."""
+        return await SubscriptionReplies(self, instance).open()
+
+    async def send_reply(self, address: str, message: Message) -> None:
+        """Send `message` to the reply channel at `address` (any broker's `Replies.address`). The default
+        publishes it under the address as its name, which only that channel's subscription is bound to."""
+        await self.publish([dataclasses.replace(message, name=address)])
 
     async def pending_count(self, subscriber: str) -> int:
         """Messages the broker still owes `subscriber`: queued, leased or waiting for a retry."""
