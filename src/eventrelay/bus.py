@@ -6,7 +6,7 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import Callable, Mapping
-from datetime import UTC, datetime, timedelta
+from datetime import datetime, timedelta
 from types import TracebackType
 from typing import Any, Self, TypeVar
 
@@ -27,10 +27,11 @@ from eventrelay.json_style import JsonStyle
 from eventrelay.metrics import Metrics, MetricsHooks, NoMetrics
 from eventrelay.outbox import Outbox, Relay
 from eventrelay.requests import Requester
+from eventrelay.saga import Saga, SagaRecord, create_saga_tables, saga_records, saga_spec
 from eventrelay.stores.base import DeadLetter, Store, utcnow
 from eventrelay.stores.memory import MemoryStore
 from eventrelay.tracing import Tracing
-from eventrelay.uow import UnitOfWork, current_unit_of_work
+from eventrelay.uow import UnitOfWork, current_unit_of_work, due_time
 
 R = TypeVar("R", bound=Event)
 logger = logging.getLogger(__name__)
@@ -114,6 +115,8 @@ class DistributedEventBus:
         )
         self.inbox = Inbox(self.store, service, self.metrics, self.settings.max_message_bytes)
         self.handlers = Registry(service)
+        self.sagas: list[type[Saga[Any]]] = []
+        """The saga classes subscribed, in subscription order."""
         self.dispatcher = Dispatcher(
             service,
             self.broker,
@@ -156,6 +159,8 @@ class DistributedEventBus:
         try:
             if self.settings.create_tables:
                 await self.store.create_tables()
+                if self.sagas:
+                    await create_saga_tables(self.store, self.sagas)
             for name in self.handlers.event_names:
                 await self.broker.bind(self.service, name)
         except BaseException:  # a half-started bus holds no connection: the caller never calls stop()
@@ -248,7 +253,7 @@ class DistributedEventBus:
         message = self.outbox.message(
             event, data, headers=headers, key=key, correlation_id=correlation_id, tenant_id=tenant_id
         )
-        due = _due(delay, at)
+        due = due_time(delay, at)
         if due is not None and not use_outbox:
             raise ConfigurationError("A delayed event waits in the outbox: drop use_outbox=False")
         uow = current_unit_of_work()
@@ -263,7 +268,9 @@ class DistributedEventBus:
             await self.outbox.send([message])
         return message.id
 
-    async def request(self, event: Event, *, reply: type[R], timeout: float = 5.0, key: str | None = None) -> R:
+    async def request(
+        self, event: Event, *, reply: type[R], timeout: float = 5.0, key: str | None = None
+    ) -> R:
         """Ask: send `event` to the services that handle it, past the outbox, and return the first reply, a
         `reply` (the handler's return value, validated).
 
@@ -272,7 +279,9 @@ class DistributedEventBus:
         this bus (README, "Request/reply", says why).
         """
         if not self.started:
-            raise ConfigurationError(f"Start the bus of {self.service} before bus.request (async with bus: ...)")
+            raise ConfigurationError(
+                f"Start the bus of {self.service} before bus.request (async with bus: ...)"
+            )
         return await self.requester.ask(event, reply, timeout, key=key, owner=self)
 
     async def _commit_alone(self, pending: list[tuple[Message, datetime | None]]) -> None:
@@ -284,10 +293,10 @@ class DistributedEventBus:
 
     async def subscribe(
         self,
-        handler: type[DistributedEventHandler[Any]] | Callable[..., Any],
+        handler: type[DistributedEventHandler[Any]] | type[Saga[Any]] | Callable[..., Any],
         *,
         event: str | type[Event] | None = None,
-        factory: Callable[[], DistributedEventHandler[Any]] | None = None,
+        factory: Callable[[], DistributedEventHandler[Any] | Saga[Any]] | None = None,
         name: str | None = None,
         retry: RetryPolicy | None = None,
         batch: bool = True,
@@ -297,7 +306,26 @@ class DistributedEventBus:
         is the handler's stable identity in the inbox and dead letters (default: its qualified name).
         The messages of one fetch share one unit of work, each handler in a savepoint of its own;
         `batch=False` gives it a unit of work per message, run concurrently (README, "Handlers")."""
-        spec = resolve_handler(handler, event=event, factory=factory, name=name, retry=retry, batch=batch)
+        if isinstance(handler, type) and issubclass(handler, Saga):
+            if event is not None:
+                raise ConfigurationError(f"{handler.__name__} is a saga: its steps name their events")
+            if isinstance(self.store, MemoryStore):
+                raise ConfigurationError(
+                    f"The saga {handler.__name__} keeps its state in the service's database: pass database="
+                )
+            spec = saga_spec(handler, factory=factory, name=name, retry=retry, batch=batch)  # type: ignore[arg-type]
+            self.sagas.append(handler)
+            if self.started and self.settings.create_tables:
+                await create_saga_tables(self.store, [handler])
+        else:
+            spec = resolve_handler(
+                handler,
+                event=event,
+                factory=factory,  # type: ignore[arg-type]
+                name=name,
+                retry=retry,
+                batch=batch,
+            )
         for event_name in self.handlers.add(spec):
             if self.started:
                 await self.broker.bind(self.service, event_name)
@@ -305,6 +333,7 @@ class DistributedEventBus:
 
     async def unsubscribe(self, handler: str | object) -> None:
         """Remove a handler, given by its name or by what was subscribed. Idempotent."""
+        self.sagas = [saga for saga in self.sagas if saga is not handler]
         for name in self.handlers.remove(handler):
             if self.started:
                 await self.broker.unbind(self.service, name)
@@ -353,6 +382,14 @@ class DistributedEventBus:
                 raise ConfigurationError(f"No handler for {letter.message.name!r} in {self.service!r} yet")
         await self.dispatcher.replay(specs, letter.message, letter.id, claim=letter.handler is None)
 
+    async def saga_records(self, *, limit: int = 100, completed: bool = False) -> list[SagaRecord]:
+        """The open sagas of this service (completed ones too, with `completed`), oldest first per saga."""
+        return [
+            r
+            for saga in self.sagas
+            for r in await saga_records(self.store, saga, limit=limit, completed=completed)
+        ]
+
     async def discard(self, letter_id: int) -> None:
         """Delete a dead letter without handling it."""
         await self.inbox.discard(letter_id)
@@ -366,19 +403,6 @@ def _store(database: str | AsyncEngine | Store | None) -> Store:
     from eventrelay.stores.sqlalchemy import SqlStore
 
     return SqlStore(database)
-
-
-def _due(delay: float | timedelta | None, at: datetime | None) -> datetime | None:
-    if delay is not None and at is not None:
-        raise ConfigurationError("Give delay= or at=, not both")
-    if delay is not None:
-        seconds = delay.total_seconds() if isinstance(delay, timedelta) else float(delay)
-        return utcnow() + timedelta(seconds=max(0.0, seconds))
-    if at is not None:
-        if at.tzinfo is None:
-            raise ConfigurationError("at= needs a timezone-aware datetime, e.g. datetime.now(UTC) + ...")
-        return at.astimezone(UTC).replace(tzinfo=None)
-    return None
 
 
 __all__ = ["DistributedEventBus", "Subscription"]

@@ -30,8 +30,8 @@ from eventrelay.handlers import (
 )
 from eventrelay.inbox import Inbox
 from eventrelay.json_style import JsonStyle
-from eventrelay.requests import answer, expired, failure, reply_to
 from eventrelay.metrics import MetricsHooks
+from eventrelay.requests import answer, expired, failure, reply_to
 from eventrelay.tracing import Tracing
 
 if TYPE_CHECKING:
@@ -356,7 +356,7 @@ class Dispatcher:
                         await self._invoke(spec, event, context)
 
     def _given_up(self, message: Message, now: float) -> bool:
-        """Whether `message` is a request its asker no longer waits for: then it is dropped, said in the log."""
+        """Whether `message` is a request its asker no longer waits for: then it is dropped (and logged)."""
         if reply_to(message) is None or not expired(message, now):
             return False
         logger.warning(

@@ -61,7 +61,7 @@ def answer(request: Message, value: object, style: JsonStyle) -> Message:
     """The reply to `request` that carries `value`, an event; `ConfigurationError` for anything else."""
     if not isinstance(value, Event):
         raise ConfigurationError(
-            f"A request's handler answers with an Event, not {type(value).__name__}: return e.g. StockEto(...)"
+            f"A request's handler answers with an Event, not {type(value).__name__}: return e.g. Stock(...)"
         )
     return _reply(request, encode_body(value, style), {})
 

@@ -3,16 +3,16 @@
 from __future__ import annotations
 
 import contextlib
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from contextvars import ContextVar
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import UTC, datetime, timedelta
 from types import TracebackType
 from typing import TYPE_CHECKING, Protocol
 
 from eventrelay.entity_events import Change, EntityChangeTracker, EntityEvents
 from eventrelay.envelope import Message
-from eventrelay.errors import UnitOfWorkError
+from eventrelay.errors import ConfigurationError, UnitOfWorkError
 from eventrelay.events import Event
 from eventrelay.stores.base import Store, Transaction, utcnow
 
@@ -30,7 +30,14 @@ def current_unit_of_work() -> UnitOfWork | None:
 class Outgoing(Protocol):
     """Where a unit of work sends its events (`eventrelay.outbox.Outbox`)."""
 
-    def message(self, event: Event, *, key: str | None = None, tenant_id: str | None = None) -> Message:
+    def message(
+        self,
+        event: Event,
+        *,
+        headers: Mapping[str, str] | None = None,
+        key: str | None = None,
+        tenant_id: str | None = None,
+    ) -> Message:
         """The stamped message of `event`."""
 
     async def write(self, tx: Transaction, messages: Sequence[Message], due: datetime) -> None:
@@ -74,6 +81,20 @@ class UnitOfWork:
     def add(self, message: Message, *, use_outbox: bool, available_at: datetime | None = None) -> None:
         """Buffer a message until commit; `available_at` None: due at once."""
         self._pending.append(_Pending(message, use_outbox, available_at))
+
+    def publish(
+        self,
+        event: Event,
+        *,
+        key: str | None = None,
+        headers: Mapping[str, str] | None = None,
+        available_at: datetime | None = None,
+    ) -> Message:
+        """Publish `event` through the outbox once this unit of work commits (due at `available_at`, else at
+        once); return its message."""
+        message = self._outgoing.message(event, headers=headers, key=key)
+        self.add(message, use_outbox=True, available_at=available_at)
+        return message
 
     def before_commit(self, callback: Callable[[], Awaitable[None]]) -> None:
         """Run `callback` at commit, before the buffered events are written (it may add more)."""
@@ -160,3 +181,17 @@ class UnitOfWork:
                 await self.rollback()
         finally:
             _current.reset(self._token)  # type: ignore[arg-type]
+
+
+def due_time(delay: float | timedelta | None, at: datetime | None) -> datetime | None:
+    """When an event given `delay=` or `at=` is due (naive UTC, as stored); None: at once."""
+    if delay is not None and at is not None:
+        raise ConfigurationError("Give delay= or at=, not both")
+    if delay is not None:
+        seconds = delay.total_seconds() if isinstance(delay, timedelta) else float(delay)
+        return utcnow() + timedelta(seconds=max(0.0, seconds))
+    if at is not None:
+        if at.tzinfo is None:
+            raise ConfigurationError("at= needs a timezone-aware datetime, e.g. datetime.now(UTC) + ...")
+        return at.astimezone(UTC).replace(tzinfo=None)
+    return None

@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING
 from eventrelay.envelope import Message
 
 if TYPE_CHECKING:
+    from sqlalchemy import MetaData
     from sqlalchemy.ext.asyncio import AsyncSession
 
 
@@ -135,6 +136,12 @@ class Store(ABC):
 
     async def create_tables(self) -> None:
         """Create the tables if they do not exist; the default has none to create."""
+
+    async def create_tables_of(self, metadata: MetaData) -> None:
+        """Create `metadata`'s tables (a saga's) that do not exist yet; only a SQL store can."""
+        from eventrelay.errors import UnitOfWorkError
+
+        raise UnitOfWorkError(f"{type(self).__name__} has no database to create tables in: pass database=")
 
     async def close(self) -> None:
         """Release connections; the default holds none."""

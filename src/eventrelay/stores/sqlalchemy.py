@@ -304,6 +304,12 @@ class SqlStore(Store):
         except DATABASE_ERRORS as exc:
             raise store_error("create the eventrelay tables", self.engine, exc) from exc
 
+    async def create_tables_of(self, metadata: MetaData) -> None:
+        try:
+            await create_all(self.engine, metadata)
+        except DATABASE_ERRORS as exc:
+            raise store_error(f"create the tables {sorted(metadata.tables)}", self.engine, exc) from exc
+
     async def close(self) -> None:
         if self._owns_engine:
             await self.engine.dispose()
