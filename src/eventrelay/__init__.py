@@ -35,6 +35,7 @@ from eventrelay.errors import (
 from eventrelay.events import DynamicEvent, Event, event_name
 from eventrelay.handlers import Context, DistributedEventHandler, Reject, Retry, RetryPolicy
 from eventrelay.metrics import scrape
+from eventrelay.saga import Saga, SagaRecord, step
 from eventrelay.service import Service
 from eventrelay.stores.base import DeadLetter, Store
 from eventrelay.synchronizer import EntitySynchronizer
@@ -70,6 +71,8 @@ __all__ = [
     "RequestTimeout",
     "Retry",
     "RetryPolicy",
+    "Saga",
+    "SagaRecord",
     "Service",
     "Settings",
     "Store",
@@ -80,4 +83,5 @@ __all__ = [
     "event_name",
     "redact_url",
     "scrape",
+    "step",
 ]
