@@ -158,9 +158,7 @@ class DistributedEventBus:
             await self.broker.start()
         try:
             if self.settings.create_tables:
-                await self.store.create_tables()
-                if self.sagas:
-                    await create_saga_tables(self.store, self.sagas)
+                await self.create_tables()
             for name in self.handlers.event_names:
                 await self.broker.bind(self.service, name)
         except BaseException:  # a half-started bus holds no connection: the caller never calls stop()
@@ -197,6 +195,12 @@ class DistributedEventBus:
         await self.requester.close()
         await self._close_owned()
         logger.info("Bus of %s stopped", self.service)
+
+    async def create_tables(self) -> None:
+        """Create the tables of the outbox, inbox, dead letters and subscribed sagas that do not exist yet."""
+        await self.store.create_tables()
+        if self.sagas:
+            await create_saga_tables(self.store, self.sagas)
 
     async def _close_owned(self) -> None:
         """Close the broker and the store the bus made from URLs (those passed in belong to the caller)."""

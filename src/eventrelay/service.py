@@ -34,6 +34,7 @@ from eventrelay.entity_events import EntityEvents
 from eventrelay.errors import ConfigurationError
 from eventrelay.events import Event, event_name
 from eventrelay.handlers import DistributedEventHandler, RetryPolicy
+from eventrelay.saga import Saga
 
 logger = logging.getLogger(__name__)
 
@@ -54,7 +55,7 @@ class Service:
         *,
         database: str | None = None,
         broker: str | Broker | None = None,
-        handlers: Iterable[type[DistributedEventHandler[Any]] | Callable[..., Any]] = (),
+        handlers: Iterable[type[DistributedEventHandler[Any]] | type[Saga[Any]] | Callable[..., Any]] = (),
         publishes: Sequence[type[Event]] = (),
         entity_events: EntityEvents | None = None,
         settings: Settings | None = None,
@@ -83,10 +84,10 @@ class Service:
 
     def subscribe(
         self,
-        handler: type[DistributedEventHandler[Any]] | Callable[..., Any],
+        handler: type[DistributedEventHandler[Any]] | type[Saga[Any]] | Callable[..., Any],
         *,
         event: str | type[Event] | None = None,
-        factory: Callable[[], DistributedEventHandler[Any]] | None = None,
+        factory: Callable[[], DistributedEventHandler[Any] | Saga[Any]] | None = None,
         name: str | None = None,
         retry: RetryPolicy | None = None,
         batch: bool = True,
@@ -123,7 +124,7 @@ class Service:
         await self.prepare()
         try:
             if self.bus.settings.create_tables:
-                await self.bus.store.create_tables()
+                await self.bus.create_tables()
             yield self
         finally:
             await self.bus.store.close()
