@@ -39,4 +39,6 @@ def test_readme_code_runs_verbatim(tmp_path: Path) -> None:
     assert result.returncode == 0, result.stderr
     assert "OrderService: product 42 now costs 15" in result.stdout
     assert "passed test_discount_is_applied" in result.stdout
+    assert "passed test_request_reply" in result.stdout
+    assert "passed test_fulfilment_saga" in result.stdout
     assert (tmp_path / "product.db").exists()
