@@ -4,7 +4,6 @@ commit together, taking turns on one saga's row, with timeouts to itself and com
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable
 
 import pytest
 from pydantic import BaseModel
@@ -13,6 +12,7 @@ from sqlalchemy import MetaData, inspect
 from eventrelay import ConfigurationError, DistributedEventBus, Event, MemoryBroker, Reject, Saga, step
 from eventrelay.envelope import Message
 from eventrelay.saga import define_saga_table
+from eventrelay.testing import wait_until_idle
 from tests.bus.helpers import make_bus
 
 
@@ -59,17 +59,17 @@ class Counting(Saga[Tally], table="saga_tests_counting"):
 
 
 class Timed(Saga[Tally], table="saga_tests_timed", keep_completed=False):
-    """Schedules its timeout at the start; `Added` with amount 0 reschedules it, 99 completes the saga."""
+    """Schedules its timeout at the start; `Added` with amount 0 reschedules it sooner, 99 completes it."""
 
     @step(correlate="order_id", starts=True)
     async def opened(self, event: Opened) -> None:
         self.state = Tally(steps=["opened"])
-        await self.schedule(Expired(order_id=event.order_id), delay=0.3)
+        await self.schedule(Expired(order_id=event.order_id), delay=3)
 
     @step(correlate="order_id")
     async def added(self, event: Added) -> None:
         if event.amount == 0:
-            await self.schedule(Expired(order_id=event.order_id), delay=0.6)
+            await self.schedule(Expired(order_id=event.order_id), delay=0.3)
         elif event.amount == 99:
             self.complete()
         self.state.steps.append(f"added {event.amount}")
@@ -78,13 +78,6 @@ class Timed(Saga[Tally], table="saga_tests_timed", keep_completed=False):
     async def expired(self, event: Expired) -> None:
         self.state.steps.append("expired")
         await self.publish(Closed(order_id=event.order_id, total=len(self.state.steps), expired=True))
-
-
-async def _eventually(check: Callable[[], object], timeout: float = 10.0) -> None:
-    deadline = asyncio.get_running_loop().time() + timeout
-    while not check():
-        assert asyncio.get_running_loop().time() < deadline, "timed out waiting"
-        await asyncio.sleep(0.02)
 
 
 async def _closed(bus: DistributedEventBus) -> list[Closed]:
@@ -107,19 +100,16 @@ async def test_a_saga_runs_its_steps_keeps_its_state_and_completes(database_url:
         await bus.subscribe(Counting)
         closed = await _closed(bus)
         await bus.publish(Opened(order_id=1))
-        await _eventually(lambda: bus.relay.sent >= 1)
         for amount in (2, 3):
             await bus.publish(Added(order_id=1, amount=amount))
-        await _eventually(lambda: bus.relay.sent >= 3)
-        await asyncio.sleep(0.2)
+        await wait_until_idle(bus)
         records = await bus.saga_records()
         assert [(r.saga, r.key, r.state, r.completed) for r in records] == [
             ("Counting", "1", {"total": 5, "steps": ["opened"]}, False)
         ]
         await bus.publish(Expired(order_id=1))
-        await _eventually(lambda: len(closed) == 1)
+        await wait_until_idle(bus)
         assert closed == [Closed(order_id=1, total=5, expired=True)]
-        await _eventually(lambda: bus.relay.sent >= 5)
         assert await bus.saga_records() == []
         (done,) = await bus.saga_records(completed=True)
         assert done.completed
@@ -127,7 +117,7 @@ async def test_a_saga_runs_its_steps_keeps_its_state_and_completes(database_url:
 
         # A late event for the completed saga is ignored: no dead letter, no change.
         await bus.publish(Added(order_id=1, amount=100))
-        await asyncio.sleep(0.3)
+        await wait_until_idle(bus)
         assert (await bus.saga_records(completed=True))[0].state["total"] == 5
         assert await bus.dead_letters() == []
 
@@ -138,8 +128,7 @@ async def test_an_event_for_a_saga_that_does_not_exist_is_a_dead_letter_with_the
     async with make_bus("Orders", MemoryBroker(), database_url) as bus:
         await bus.subscribe(Counting)
         await bus.publish(Added(order_id=7))
-        await _eventually(lambda: bus.relay.sent >= 1)
-        await asyncio.sleep(0.3)
+        await wait_until_idle(bus)
         (letter,) = await bus.dead_letters()
         assert letter.reason == "rejected by handler: no Counting saga has the key '7' and Added starts none"
         assert await bus.saga_records() == []
@@ -158,7 +147,7 @@ async def test_if_missing_ignore_ignores_an_event_without_its_saga(sqlite_url: s
     async with make_bus("Orders", MemoryBroker(), sqlite_url) as bus:
         await bus.subscribe(Lenient)
         await bus.publish(Added(order_id=7))
-        await asyncio.sleep(0.3)
+        await wait_until_idle(bus)
         assert await bus.dead_letters() == []
         assert await bus.saga_records(completed=True) == []
 
@@ -169,8 +158,7 @@ async def test_a_step_that_rejects_leaves_the_state_as_it_was(sqlite_url: str) -
         await bus.publish(Opened(order_id=1))
         await bus.publish(Added(order_id=1, amount=4))
         await bus.publish(Added(order_id=1, amount=-1))
-        await _eventually(lambda: bus.relay.sent >= 3)
-        await asyncio.sleep(0.3)
+        await wait_until_idle(bus)
         assert await _open_states(bus) == {"1": {"total": 4, "steps": ["opened"]}}
         (letter,) = await bus.dead_letters()
         assert letter.reason == "rejected by handler: negative amount"
@@ -181,14 +169,13 @@ async def test_a_redelivered_event_never_advances_a_saga_twice(database_url: str
     async with make_bus("Orders", broker, database_url) as bus:
         await bus.subscribe(Counting)
         await bus.publish(Opened(order_id=1))
-        await _eventually(lambda: bus.relay.sent >= 1)
-        await asyncio.sleep(0.2)
+        await wait_until_idle(bus)
         duplicate = Message(
             "0123456789abcdef0123456789abcdef", "SagaTests.Added", b'{"order_id": 1, "amount": 5}'
         )
         for _ in range(3):  # what a broker redelivering after a lost ack hands over
             await broker.publish([duplicate])
-        await asyncio.sleep(0.5)
+        await wait_until_idle(bus)
         assert await _open_states(bus) == {"1": {"total": 5, "steps": ["opened"]}}
 
 
@@ -201,17 +188,14 @@ async def test_fifty_concurrent_events_on_one_saga_lose_no_update(database_url: 
         for bus in (first, second):
             await bus.subscribe(Counting, batch=batch)
         await first.publish(Opened(order_id=1))
-        await _eventually(lambda: first.relay.sent >= 1)
-        await asyncio.sleep(0.2)
+        await wait_until_idle(first, second)
         await asyncio.gather(*(first.publish(Added(order_id=1, amount=n)) for n in range(1, 51)))
 
         async def total() -> object:
             return (await _open_states(first)).get("1", {}).get("total")
 
-        deadline = asyncio.get_running_loop().time() + 60
-        while await total() != sum(range(1, 51)):
-            assert asyncio.get_running_loop().time() < deadline, f"total is {await total()}"
-            await asyncio.sleep(0.1)
+        await wait_until_idle(first, second, timeout=60)
+        assert await total() == sum(range(1, 51))
         assert await first.dead_letters() == []
 
 
@@ -220,13 +204,8 @@ async def test_a_timeout_fires_once_and_rescheduling_replaces_it(database_url: s
         await bus.subscribe(Timed)
         closed = await _closed(bus)
         await bus.publish(Opened(order_id=1))
-        await _eventually(lambda: bus.relay.sent >= 1)
-        await asyncio.sleep(0.05)
-        (record,) = await bus.saga_records()
-        assert record.timeout_at is not None
-        await bus.publish(Added(order_id=1, amount=0))  # reschedules: the first timeout is ignored
-        await _eventually(lambda: len(closed) == 1)
-        await asyncio.sleep(0.8)  # room for a second timeout, if one were to fire
+        await bus.publish(Added(order_id=1, amount=0))  # reschedules, sooner: the first one is ignored
+        await wait_until_idle(bus, timeout=10)  # until both timeouts came
         assert len(closed) == 1
         (record,) = await bus.saga_records()
         assert record.state["steps"] == ["opened", "added 0", "expired"]
@@ -240,8 +219,7 @@ async def test_a_timeout_after_the_saga_completed_does_nothing(sqlite_url: str) 
         closed = await _closed(bus)
         await bus.publish(Opened(order_id=1))
         await bus.publish(Added(order_id=1, amount=99))  # completes it; keep_completed=False deletes it
-        await _eventually(lambda: bus.relay.sent >= 2)
-        await asyncio.sleep(0.8)
+        await wait_until_idle(bus, timeout=10)  # until its timeout came
         assert closed == []
         assert await bus.saga_records(completed=True) == []
         assert await bus.dead_letters() == []
