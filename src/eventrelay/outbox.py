@@ -253,14 +253,14 @@ class Outbox:
             raise ConfigurationError(f"publish takes an Event or an event name, not {type(event).__name__}")
         if key is not None and (not isinstance(key, str) or len(key) > 256):
             raise ConfigurationError(f"key must be a string of at most 256 characters: {key!r}")
-        all_headers = check_headers(headers or {})
-        reserved = RESERVED_HEADERS & all_headers.keys()
-        if reserved:
-            raise ConfigurationError(
-                f"Set {sorted(reserved)} with correlation_id= / tenant_id=, not headers="
-            )
-        if taken := REQUEST_HEADERS & all_headers.keys():
-            raise ConfigurationError(f"{sorted(taken)} are set by bus.request and its reply, not headers=")
+        all_headers = check_headers(headers) if headers else {}
+        if all_headers:
+            if reserved := RESERVED_HEADERS & all_headers.keys():
+                raise ConfigurationError(
+                    f"Set {sorted(reserved)} with correlation_id= / tenant_id=, not headers="
+                )
+            if taken := REQUEST_HEADERS & all_headers.keys():
+                raise ConfigurationError(f"{sorted(taken)} are set by bus.request and its reply, not headers=")
         message_id = new_message_id()
         parent = current_context.get()
         correlation = correlation_id or (parent.correlation_id if parent else None) or message_id
