@@ -260,7 +260,9 @@ class Outbox:
                     f"Set {sorted(reserved)} with correlation_id= / tenant_id=, not headers="
                 )
             if taken := REQUEST_HEADERS & all_headers.keys():
-                raise ConfigurationError(f"{sorted(taken)} are set by bus.request and its reply, not headers=")
+                raise ConfigurationError(
+                    f"{sorted(taken)} are set by bus.request and its reply, not headers="
+                )
         message_id = new_message_id()
         parent = current_context.get()
         correlation = correlation_id or (parent.correlation_id if parent else None) or message_id

@@ -73,9 +73,9 @@ def step(*, correlate: str | Callable[[Any], object], starts: bool = False) -> C
     """Declare a saga method a step: it handles the event class its parameter is annotated with.
 
     `correlate` reads the saga's key from the event: a field name (`"order_id"`) or a function
-    (`lambda e: e.order_id`). With `starts`, the event starts a saga when none has its key (else it is a step
-    of the one that has); without it, an event whose saga does not exist is a dead letter (or ignored, with
-    the saga's `if_missing="ignore"`).
+    (`lambda e: e.order_id`). With `starts`, the event starts a saga when none has its key (for one that
+    has, the step runs on its state, with `is_new` False); without it, an event whose saga does not exist
+    is a dead letter (or ignored, with the saga's `if_missing="ignore"`).
     """
     if isinstance(correlate, str):
         field = correlate
@@ -125,7 +125,15 @@ class Saga(Generic[S]):
     _state_type: ClassVar[type[BaseModel]]
     _table: ClassVar[Table]
 
+    # Per instance once set; class-level defaults, so that a subclass's own __init__ need not call ours.
     _context: Context | None = None
+    _state: S | None = None
+    _completed = False
+    _timeout: tuple[str, datetime] | None = None
+    key = ""
+    """The saga's key, read from the event by the step's `correlate`."""
+    is_new = False
+    """Whether this step is starting the saga (no saga had its key)."""
 
     def __init_subclass__(
         cls,
@@ -147,16 +155,12 @@ class Saga(Generic[S]):
                 f"pass table='...' (class {cls.__name__}(Saga[...], table='order_sagas'))"
             )
         cls.keep_completed, cls.if_missing = keep_completed, if_missing
-        cls._state_type = _state_type(cls)
+        state = _state_type(cls)
+        if state is None:  # a generic base of sagas (`class Audited(Saga[S])`): its subclasses are the sagas
+            return
+        cls._state_type = state
         cls._steps = _steps(cls)
         cls._table = define_saga_table(cls, MetaData())
-
-    def __init__(self) -> None:
-        self._state: S | None = None
-        self._completed = False
-        self._timeout: tuple[str, datetime] | None = None
-        self.key = ""
-        self.is_new = False
 
     # --- what a step uses ---------------------------------------------------------------------------
 
@@ -287,6 +291,8 @@ def saga_spec(
     batch: bool = True,
 ) -> HandlerSpec:
     """The handler the bus runs for `saga`'s steps."""
+    if "_steps" not in saga.__dict__:
+        raise ConfigurationError(f"{saga.__name__} leaves its state open: subscribe a saga that names it")
     make = factory or saga
 
     async def invoke(event: Any, context: Context) -> None:
@@ -344,11 +350,15 @@ def _snake(name: str) -> str:
     return re.sub(r"(?<=[a-z0-9])(?=[A-Z])", "_", name).lower()
 
 
-def _state_type(cls: type) -> type[BaseModel]:
+def _state_type(cls: type) -> type[BaseModel] | None:
+    """The class's state model; None for a generic base that leaves it open."""
     for klass in cls.__mro__:
         for base in getattr(klass, "__orig_bases__", ()):
-            if typing.get_origin(base) is Saga:
+            origin = typing.get_origin(base)
+            if origin is Saga or (isinstance(origin, type) and issubclass(origin, Saga)):
                 (arg,) = typing.get_args(base)
+                if isinstance(arg, TypeVar):
+                    return None
                 if isinstance(arg, type) and issubclass(arg, BaseModel):
                     return arg
                 raise ConfigurationError(f"{cls.__name__}'s state is a pydantic model, not {arg!r}")

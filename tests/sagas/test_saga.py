@@ -4,6 +4,7 @@ commit together, taking turns on one saga's row, with timeouts to itself and com
 from __future__ import annotations
 
 import asyncio
+from typing import TypeVar
 
 import pytest
 from pydantic import BaseModel
@@ -280,3 +281,41 @@ def test_a_saga_declared_wrong_says_how_to_fix_it() -> None:
             @step(correlate="order_id")
             async def one(self, event: Added) -> None:
                 pass
+
+
+S = TypeVar("S", bound=BaseModel)
+
+
+class Audited(Saga[S]):
+    """A generic base of sagas, with a dependency given by the factory and a step of its own."""
+
+    def __init__(self, audit: list[str]) -> None:  # does not call Saga.__init__: it need not
+        self.audit = audit
+
+    @step(correlate="order_id")
+    async def expired(self, event: Expired) -> None:
+        self.audit.append(f"{type(self).__name__} {self.key} expired")
+        self.complete()
+
+
+class AuditedCounting(Audited[Tally], table="saga_tests_audited"):
+    @step(correlate="order_id", starts=True)
+    async def opened(self, event: Opened) -> None:
+        if self.is_new:
+            self.state = Tally()
+        self.state.total += 1
+        self.audit.append(f"opened {self.key}, new: {self.is_new}")
+
+
+async def test_a_generic_base_of_sagas_and_a_factory_with_dependencies(sqlite_url: str) -> None:
+    audit: list[str] = []
+    async with make_bus("Orders", MemoryBroker(), sqlite_url) as bus:
+        with pytest.raises(ConfigurationError, match="leaves its state open"):
+            await bus.subscribe(Audited)
+        await bus.subscribe(AuditedCounting, factory=lambda: AuditedCounting(audit))
+        for event in (Opened(order_id=3), Opened(order_id=3), Expired(order_id=3)):
+            await bus.publish(event)
+        await wait_until_idle(bus)
+        assert audit == ["opened 3, new: True", "opened 3, new: False", "AuditedCounting 3 expired"]
+        (record,) = await bus.saga_records(completed=True)
+        assert record.state == {"total": 2, "steps": []}
