@@ -34,9 +34,10 @@ from sqlalchemy import (
     update,
 )
 from sqlalchemy.dialects import mysql
+from sqlalchemy.exc import SQLAlchemyError
 
 from eventrelay.envelope import printable
-from eventrelay.errors import ConfigurationError, EventRelayError
+from eventrelay.errors import ConfigurationError, EventRelayError, StoreError
 from eventrelay.events import Event, event_name
 from eventrelay.handlers import Context, HandlerSpec, Reject, RetryPolicy
 from eventrelay.stores.base import Store, utcnow
@@ -320,8 +321,15 @@ async def saga_records(
     query = select(table).order_by(table.c.created_at, table.c.key).limit(limit)
     if not completed:
         query = query.where(table.c.completed.is_(False))
-    async with store.transaction() as tx:
-        rows = (await tx.session.execute(query)).all()
+    try:
+        async with store.transaction() as tx:
+            rows = (await tx.session.execute(query)).all()
+    except SQLAlchemyError as exc:
+        said = getattr(exc, "orig", None) or exc
+        raise StoreError(
+            f"Could not read the {saga.__name__} sagas from {saga.table}: {said}. "
+            "If the table is missing, start the service once or run `eventrelay db init MODULE:SERVICE`"
+        ) from exc
     return [
         SagaRecord(
             saga.__name__,

@@ -299,16 +299,14 @@ class SqlStore(Store):
         )
 
     async def create_tables(self) -> None:
-        try:
-            await create_all(self.engine, self.metadata)
-        except DATABASE_ERRORS as exc:
-            raise store_error("create the eventrelay tables", self.engine, exc) from exc
+        await self.create_tables_of(self.metadata)
 
     async def create_tables_of(self, metadata: MetaData) -> None:
         try:
             await create_all(self.engine, metadata)
         except DATABASE_ERRORS as exc:
-            raise store_error(f"create the tables {sorted(metadata.tables)}", self.engine, exc) from exc
+            what = "eventrelay" if metadata is self.metadata else f"saga {sorted(metadata.tables)}"
+            raise store_error(f"create the {what} tables", self.engine, exc) from exc
 
     async def close(self) -> None:
         if self._owns_engine:
