@@ -128,13 +128,15 @@ def db() -> None:
 @click.option("--prefix", default="eventrelay_", show_default=True, help="Table name prefix (with a URL).")
 @JSON
 def db_init(database: str, prefix: str, as_json: bool) -> None:
-    """Create the tables (if they do not exist) in a database URL or a service's database.
+    """Create the tables (if they do not exist) in a database URL or a service's database (with the
+    service's saga tables).
 
     Example: eventrelay db init sqlite+aiosqlite:///order.db
     """
     from eventrelay.stores.sqlalchemy import SqlStore
 
     store: Store
+    service: Service | None = None
     if "://" in database:
         try:  # a wrong scheme or a missing driver is one line, not a traceback
             url, store = database, SqlStore(database, prefix=prefix)
@@ -149,6 +151,9 @@ def db_init(database: str, prefix: str, as_json: bool) -> None:
     async def create() -> None:
         try:
             await store.create_tables()
+            if service is not None:
+                await service.prepare()  # subscribes its sagas
+                await create_saga_tables(store, service.bus.sagas)
         finally:
             await store.close()
 
@@ -389,8 +394,7 @@ def sagas(target: str, completed: bool, limit: int, as_json: bool) -> None:
 
 
 async def _saga_records(service: Service, limit: int, completed: bool) -> list[SagaRecord]:
-    """The service's sagas, after making their tables as `Service.opened` makes the bus's (unless
-    `Settings.create_tables` is off): a service that never ran has none yet."""
+    """The service's sagas; their tables made first, as `Service.opened` makes the bus's (it skips them)."""
     if service.bus.sagas and service.bus.settings.create_tables:
         await create_saga_tables(service.bus.store, service.bus.sagas)
     return await service.bus.saga_records(limit=limit, completed=completed)

@@ -19,7 +19,7 @@ from eventrelay.cli import _until
 from eventrelay.saga import SagaRecord
 from eventrelay.service import Service
 from tests.bus.helpers import eventually
-from tests.cli.test_cli import HOSTILE, TERMINAL_CODES, cli, succeeded, write_module
+from tests.cli.test_cli import HOSTILE, TERMINAL_CODES, cli, succeeded, table_names, write_module
 
 APP = '''
 """Orders fulfils each order in a saga: placed (a deadline to ship, unless a gift), then paid (completed)."""
@@ -186,6 +186,12 @@ async def test_a_service_without_sagas_or_without_open_ones_says_so(app: ModuleT
         succeeded(await cli("sagas", f"{app.__name__}:orders")) == "Orders has no open sagas (Fulfilment)\n"
     )
     assert await listed(f"{app.__name__}:orders", "--completed") == []
+
+
+async def test_db_init_of_a_service_makes_its_saga_tables(app: ModuleType, sqlite_url: str) -> None:
+    succeeded(await cli("db", "init", f"{app.__name__}:orders"))
+
+    assert "eventrelay_saga_fulfilment" in await table_names(sqlite_url)
 
 
 async def test_a_long_state_is_cut_in_the_table_but_whole_in_json(app: ModuleType) -> None:
