@@ -7,7 +7,9 @@ import importlib
 import json
 import logging
 import sys
+from collections import Counter
 from collections.abc import Awaitable, Callable, Sequence
+from datetime import datetime, timedelta
 from typing import Any, TypeVar
 
 import click
@@ -18,6 +20,7 @@ from rich.text import Text
 from eventrelay.config import redact_url
 from eventrelay.envelope import printable
 from eventrelay.errors import ConfigurationError, EventRelayError
+from eventrelay.saga import SagaRecord, create_saga_tables
 from eventrelay.service import Service
 from eventrelay.stores.base import DeadLetter, Store, utcnow
 
@@ -125,13 +128,15 @@ def db() -> None:
 @click.option("--prefix", default="eventrelay_", show_default=True, help="Table name prefix (with a URL).")
 @JSON
 def db_init(database: str, prefix: str, as_json: bool) -> None:
-    """Create the tables (if they do not exist) in a database URL or a service's database.
+    """Create the tables (if they do not exist) in a database URL or a service's database (with the
+    service's saga tables).
 
     Example: eventrelay db init sqlite+aiosqlite:///order.db
     """
     from eventrelay.stores.sqlalchemy import SqlStore
 
     store: Store
+    service: Service | None = None
     if "://" in database:
         try:  # a wrong scheme or a missing driver is one line, not a traceback
             url, store = database, SqlStore(database, prefix=prefix)
@@ -146,6 +151,9 @@ def db_init(database: str, prefix: str, as_json: bool) -> None:
     async def create() -> None:
         try:
             await store.create_tables()
+            if service is not None:
+                await service.prepare()  # subscribes its sagas
+                await create_saga_tables(store, service.bus.sagas)
         finally:
             await store.close()
 
@@ -343,6 +351,88 @@ def dead_letters_purge(target: str, letter_ids: Sequence[int], yes: bool, as_jso
 
 @main.command()
 @TARGET
+@click.option("--completed", is_flag=True, help="Include the completed sagas (those whose rows are kept).")
+@click.option("--limit", default=100, show_default=True, help="At most this many of each saga, oldest first.")
+@JSON
+def sagas(target: str, completed: bool, limit: int, as_json: bool) -> None:
+    """List a service's open sagas: state, age, last update and next timeout.
+
+    Example: eventrelay sagas orders.app:service --completed
+    """
+    service = load_service(target)
+    records = _opened(service, lambda s: _saga_records(s, limit, completed))
+    now = utcnow()
+    if as_json:
+        _print_json([_saga_dict(record, now) for record in records])
+        return
+    which = "saga" if completed else "open saga"
+    if not service.bus.sagas:
+        click.echo(f"{service.name} has no sagas: it subscribes no Saga class")
+        return
+    if not records:
+        click.echo(f"{service.name} has no {which}s ({', '.join(s.__name__ for s in service.bus.sagas)})")
+        return
+    table = Table(title=_cell(f"{len(records)} {which}(s) of {service.name}"))
+    table.add_column("saga", overflow="fold")
+    table.add_column("key", overflow="fold")
+    table.add_column("state", max_width=60, no_wrap=True, overflow="ellipsis")
+    for column in ("age", "updated", "next timeout", "status"):
+        table.add_column(column, no_wrap=True)
+    for r in records:
+        table.add_row(
+            _cell(r.saga),
+            _cell(r.key),
+            _cell(json.dumps(r.state, separators=(",", ":"), ensure_ascii=False)),
+            _duration(now - r.created_at),
+            _duration(now - r.updated_at) + " ago",
+            "none" if r.timeout_at is None else _until(r.timeout_at - now),
+            "completed" if r.completed else "open",
+        )
+    Console().print(table)
+    if limit in Counter(r.saga for r in records).values():
+        click.echo(f"Only the oldest {limit} of each saga are shown: --limit shows more")
+
+
+async def _saga_records(service: Service, limit: int, completed: bool) -> list[SagaRecord]:
+    """The service's sagas; their tables made first, as `Service.opened` makes the bus's (it skips them)."""
+    if service.bus.sagas and service.bus.settings.create_tables:
+        await create_saga_tables(service.bus.store, service.bus.sagas)
+    return await service.bus.saga_records(limit=limit, completed=completed)
+
+
+def _saga_dict(record: SagaRecord, now: datetime) -> dict[str, Any]:
+    timeout = record.timeout_at
+    return {
+        "saga": record.saga,
+        "key": record.key,
+        "state": dict(record.state),
+        "completed": record.completed,
+        "version": record.version,
+        "created_at": record.created_at.isoformat(),
+        "updated_at": record.updated_at.isoformat(),
+        "timeout_at": timeout.isoformat() if timeout else None,
+        "age_seconds": (now - record.created_at).total_seconds(),
+        "timeout_in_seconds": (timeout - now).total_seconds() if timeout else None,
+    }
+
+
+def _duration(span: timedelta) -> str:
+    """A duration for a person: 42.0s, 5.2 min, 3.1 h, 2.0 d."""
+    seconds = span.total_seconds()
+    if seconds < 120:
+        return f"{seconds:.1f}s"
+    if seconds < 7200:
+        return f"{seconds / 60:.1f} min"
+    return f"{seconds / 3600:.1f} h" if seconds < 172_800 else f"{seconds / 86_400:.1f} d"
+
+
+def _until(span: timedelta) -> str:
+    """When a timeout is due, `span` from now: "in 5.0 min", or "overdue by 2.0s" when it has passed."""
+    return f"in {_duration(span)}" if span >= timedelta(0) else f"overdue by {_duration(-span)}"
+
+
+@main.command()
+@TARGET
 @click.option("-o", "--output", type=click.Path(dir_okay=False), help="Write to this file, not stdout.")
 @click.option("--version", "api_version", default="1.0.0", show_default=True, help="info.version.")
 @click.option(
@@ -395,7 +485,7 @@ def schema(target: str, as_json: bool) -> None:
 )
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON line with the URL once listening.")
 def dashboard(targets: Sequence[str], host: str, port: int, token: str | None, as_json: bool) -> None:
-    """Serve a web dashboard of services: outbox, inbox, rates, dead letters; replay and discard them.
+    """Serve a web dashboard of services: outbox, inbox, rates, open sagas, dead letters; replay and discard.
 
     Example: eventrelay dashboard orders.app:service products.app:service --port 8090
     """

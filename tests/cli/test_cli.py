@@ -141,18 +141,6 @@ def write_module(folder: Path, name: str, source: str) -> None:
 
 
 @pytest.fixture
-def app_folder(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
-    """A folder on sys.path and the working directory; modules imported from it are forgotten afterwards."""
-    monkeypatch.chdir(tmp_path)
-    monkeypatch.syspath_prepend(str(tmp_path))
-    before = set(sys.modules)
-    yield tmp_path
-    for name in set(sys.modules) - before:
-        if getattr(sys.modules[name], "__file__", None) and str(tmp_path) in str(sys.modules[name].__file__):
-            del sys.modules[name]
-
-
-@pytest.fixture
 def make_shop(app_folder: Path) -> Callable[[str], Shop]:
     def make(database: str) -> Shop:
         unique = uuid.uuid4().hex[:10]
@@ -679,6 +667,7 @@ COMMANDS: list[tuple[str, ...]] = [
     ("dead-letters", "show"),
     ("dead-letters", "replay"),
     ("dead-letters", "purge"),
+    ("sagas",),
 ]
 
 

@@ -1,4 +1,4 @@
-"""`eventrelay dashboard`: a small web UI over services' outboxes, inboxes and dead letters.
+"""`eventrelay dashboard`: a small web UI over services' outboxes, inboxes, open sagas and dead letters.
 
 Server-rendered pages on the library's own minimal HTTP layer (`eventrelay.http`): no framework, no script.
 It opens each service's store as the `eventrelay` command does (`Service.opened`); a replay runs the handler

@@ -37,6 +37,7 @@ from urllib.parse import unquote, urlsplit
 from eventrelay.dashboard import pages
 from eventrelay.errors import ConfigurationError
 from eventrelay.http import MAX_BODY, Request, Response, names_loopback, serve, text
+from eventrelay.saga import create_saga_tables
 from eventrelay.service import Service
 from eventrelay.stores.base import DeadLetter, utcnow
 
@@ -75,9 +76,12 @@ class Dashboard:
         self._opened = contextlib.AsyncExitStack()
 
     async def open(self) -> None:
-        """Open the services as `eventrelay` does: handlers subscribed (to replay), tables made."""
+        """Open the services as `eventrelay` does: handlers subscribed (to replay), tables made (the sagas'
+        too)."""
         for service in self.services.values():
             await self._opened.enter_async_context(service.opened())
+            if service.bus.sagas and service.bus.settings.create_tables:  # `opened` makes the bus's only
+                await create_saga_tables(service.bus.store, service.bus.sagas)
 
     async def close(self) -> None:
         """Close the services' stores."""
@@ -193,7 +197,8 @@ class Dashboard:
         rest = parts[2:]
         if rest == [] and request.method == "GET":
             letters = await service.bus.dead_letters(LIST_LIMIT)
-            body = pages.service_page(await self.stats(service), letters, form_csrf, LIST_LIMIT)
+            sagas = await service.bus.saga_records(limit=LIST_LIMIT) if service.bus.sagas else None
+            body = pages.service_page(await self.stats(service), letters, form_csrf, LIST_LIMIT, sagas)
             return Response(200, pages.layout(service.name, body, csrf, refresh=None))
         if len(rest) == 2 and rest[0] == "letters" and request.method == "GET":
             letter_id = parse_letter_id(rest[1])

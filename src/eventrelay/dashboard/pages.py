@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import json
+from collections import Counter
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from datetime import datetime
 from html import escape
 from urllib.parse import quote
 
-from eventrelay.stores.base import DeadLetter
+from eventrelay.saga import SagaRecord
+from eventrelay.stores.base import DeadLetter, utcnow
 from eventrelay.tracing import trace_id
 
 STYLE = """
@@ -16,6 +19,7 @@ body { font: 14px/1.45 system-ui, sans-serif; margin: 0; color: #1d2430; backgro
 header { background: #1d2430; color: #fff; padding: 10px 24px; display: flex; gap: 24px; }
 header { align-items: center; min-height: 32px; }
 td.time { white-space: nowrap; }
+td code { word-break: break-all; }
 header a { color: #fff; text-decoration: none; font-weight: 600; }
 header form { margin-left: auto; }
 main { padding: 16px 24px; max-width: 1200px; }
@@ -35,6 +39,14 @@ button { font: inherit; padding: 5px 12px; border-radius: 4px; border: 1px solid
 button.danger { border-color: #b42318; color: #b42318; }
 button.primary { border-color: #1d2430; background: #1d2430; color: #fff; }
 """
+
+
+STATE_SHOWN = 1000
+"""How many characters of a saga's state (JSON) its row shows."""
+CUT_NOTE = (
+    f" States are cut at {STATE_SHOWN} characters: <code>eventrelay sagas SERVICE --json</code> shows them"
+    " whole."
+)
 
 
 def h(value: object) -> str:
@@ -126,8 +138,52 @@ def _letter_rows(letters: Iterable[DeadLetter], service: str, checkboxes: bool) 
 LETTER_HEAD = "<th>id</th><th>event</th><th>handler</th><th>attempts</th><th>reason</th><th>since (UTC)</th>"
 
 
-def service_page(stats: ServiceStats, letters: Sequence[DeadLetter], csrf: str, limit: int) -> str:
-    """One service: its numbers and its dead letters, with replay and discard (one, some or all)."""
+def sagas_section(sagas: Sequence[SagaRecord], limit: int) -> str:
+    """Open sagas, oldest first: state as JSON (cut at `STATE_SHOWN` characters), age, last update, next
+    timeout; each time relative, the UTC one in its title."""
+    if not sagas:
+        return '<h2>Open sagas</h2><p class="muted">No open sagas.</p>'
+    now = utcnow()
+    rows, cut = [], False
+    for r in sagas:
+        state = json.dumps(dict(r.state), separators=(",", ":"), ensure_ascii=False)
+        if len(state) > STATE_SHOWN:
+            state, cut = state[:STATE_SHOWN] + "…", True
+        timeout = (
+            '<td class="muted">none</td>'
+            if r.timeout_at is None
+            else _time(r.timeout_at, _due((r.timeout_at - now).total_seconds()))
+        )
+        rows.append(
+            f"<tr><td>{h(r.saga)}</td><td>{h(r.key)}</td><td><code>{h(state)}</code></td>"
+            f"{_time(r.created_at, _age((now - r.created_at).total_seconds()))}"
+            f"{_time(r.updated_at, _age((now - r.updated_at).total_seconds()) + ' ago')}{timeout}</tr>"
+        )
+    more = f" (the oldest {limit} of a saga)" if limit in Counter(r.saga for r in sagas).values() else ""
+    return (
+        "<h2>Open sagas</h2><table><thead><tr><th>saga</th><th>key</th><th>state</th><th>age</th>"
+        f"<th>updated</th><th>next timeout</th></tr></thead><tbody>{''.join(rows)}</tbody></table>"
+        f'<p class="muted">{h(len(sagas))} open saga(s){h(more)}.{CUT_NOTE if cut else ""}</p>'
+    )
+
+
+def _time(at: datetime, shown: str) -> str:
+    return f'<td class="time" title="{h(at.isoformat(sep=" ", timespec="seconds"))} UTC">{shown}</td>'
+
+
+def _due(seconds: float) -> str:
+    return f"in {_age(seconds)}" if seconds >= 0 else f'<span class="bad">overdue by {_age(-seconds)}</span>'
+
+
+def service_page(
+    stats: ServiceStats,
+    letters: Sequence[DeadLetter],
+    csrf: str,
+    limit: int,
+    sagas: Sequence[SagaRecord] | None = None,
+) -> str:
+    """One service: its numbers, its open sagas (`None`: it has no saga) and its dead letters, with replay
+    and discard (one, some or all)."""
     name = stats.name
     if not letters:
         listing = '<p class="ok">No dead letters.</p>'
@@ -152,7 +208,7 @@ def service_page(stats: ServiceStats, letters: Sequence[DeadLetter], csrf: str, 
     return (
         f"<h1>{h(name)}</h1><p>{outbox} Inbox: {_count(stats.inbox)} records, "
         f"{_count(stats.handled_last_minute)} in the last minute.</p>"
-        f"<h2>Dead letters</h2>{listing}"
+        f"{'' if sagas is None else sagas_section(sagas, limit)}<h2>Dead letters</h2>{listing}"
     )
 
 
