@@ -360,7 +360,7 @@ def sagas(target: str, completed: bool, limit: int, as_json: bool) -> None:
     Example: eventrelay sagas orders.app:service --completed
     """
     service = load_service(target)
-    records = _opened(service, lambda s: _saga_records(s, limit, completed))
+    records = _opened(service, lambda s: s.bus.saga_records(limit=limit, completed=completed))
     now = utcnow()
     if as_json:
         _print_json([_saga_dict(record, now) for record in records])
@@ -391,13 +391,6 @@ def sagas(target: str, completed: bool, limit: int, as_json: bool) -> None:
     Console().print(table)
     if limit in Counter(r.saga for r in records).values():
         click.echo(f"Only the oldest {limit} of each saga are shown: --limit shows more")
-
-
-async def _saga_records(service: Service, limit: int, completed: bool) -> list[SagaRecord]:
-    """The service's sagas; their tables made first, as `Service.opened` makes the bus's (it skips them)."""
-    if service.bus.sagas and service.bus.settings.create_tables:
-        await create_saga_tables(service.bus.store, service.bus.sagas)
-    return await service.bus.saga_records(limit=limit, completed=completed)
 
 
 def _saga_dict(record: SagaRecord, now: datetime) -> dict[str, Any]:

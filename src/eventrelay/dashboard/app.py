@@ -37,7 +37,6 @@ from urllib.parse import unquote, urlsplit
 from eventrelay.dashboard import pages
 from eventrelay.errors import ConfigurationError
 from eventrelay.http import MAX_BODY, Request, Response, names_loopback, serve, text
-from eventrelay.saga import create_saga_tables
 from eventrelay.service import Service
 from eventrelay.stores.base import DeadLetter, utcnow
 
@@ -80,8 +79,6 @@ class Dashboard:
         too)."""
         for service in self.services.values():
             await self._opened.enter_async_context(service.opened())
-            if service.bus.sagas and service.bus.settings.create_tables:  # `opened` makes the bus's only
-                await create_saga_tables(service.bus.store, service.bus.sagas)
 
     async def close(self) -> None:
         """Close the services' stores."""
