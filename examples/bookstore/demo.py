@@ -38,6 +38,8 @@ from eventrelay import redact_url
 console = Console()
 # Seconds an eventual effect may take before its step fails (more on a loaded machine: BOOKSTORE_PATIENCE).
 PATIENCE = float(os.environ.get("BOOKSTORE_PATIENCE", "30"))
+# Seconds an order waits for its payment before its saga cancels it: a few, so that the demo stays quick.
+PAYMENT_TIMEOUT = os.environ.get("ORDER_PAYMENT_TIMEOUT", "5")
 
 
 @dataclass
@@ -58,6 +60,7 @@ SERVICES = [
     Process("ProductService", "bookstore.product.app:app", "PRODUCT_"),
     Process("OrderService", "bookstore.order.app:app", "ORDER_"),
     Process("NotificationService", "bookstore.notification.app:app", "NOTIFICATION_"),
+    Process("PaymentService", "bookstore.payment.app:app", "PAYMENT_"),
 ]
 
 
@@ -130,11 +133,19 @@ async def create_databases(urls: list[str]) -> None:
             await connection.close()
 
 
-def start(services: list[Process], data: Path, broker: str | None, database: str | None) -> None:
+def start(
+    services: list[Process],
+    data: Path,
+    broker: str | None,
+    database: str | None,
+    environ: dict[str, str] | None = None,
+) -> None:
+    """Start `services` as processes, with `environ` added to this one's environment, and wait until each
+    is healthy."""
     examples = str(Path(__file__).resolve().parent.parent)
     for service in services:
         service.port = free_port()
-        env = {**os.environ, "BOOKSTORE_DATA": str(data), "PYTHONPATH": examples}
+        env = {**os.environ, **(environ or {}), "BOOKSTORE_DATA": str(data), "PYTHONPATH": examples}
         if broker:
             env[f"{service.env_prefix}BROKER_URL"] = broker
         if database:
@@ -178,7 +189,7 @@ def stop(services: list[Process]) -> bool:
     return clean
 
 
-def story(identity: str, product: str, order: str, notification: str) -> None:
+def story(identity: str, product: str, order: str, notification: str, payment: str) -> None:
     with step("IdentityService: users alice and bob created (it publishes EntityCreatedEto[UserEto])"):
         alice = call(
             "POST",
@@ -189,9 +200,13 @@ def story(identity: str, product: str, order: str, notification: str) -> None:
             "POST", f"{identity}/users", {"user_name": "bob", "name": "Bob Brown", "email": "bob@example.com"}
         )
 
-    with step("ProductService: two books created at 40.00 and 25.00"):
-        book = call("POST", f"{product}/products", {"name": "Mastering Microservices", "price": "40.00"})
-        guide = call("POST", f"{product}/products", {"name": "ABP in Action", "price": "25.00"})
+    with step("ProductService: two books created at 40.00 and 25.00, 10 copies of each in stock"):
+        book = call(
+            "POST",
+            f"{product}/products",
+            {"name": "Mastering Microservices", "price": "40.00", "stock": 10},
+        )
+        guide = call("POST", f"{product}/products", {"name": "ABP in Action", "price": "25.00", "stock": 10})
 
     def place(buyer: dict[str, Any], item: dict[str, Any], quantity: int) -> dict[str, Any]:
         body = {"buyer_id": buyer["id"], "product_id": item["id"], "quantity": quantity}
@@ -252,8 +267,87 @@ def story(identity: str, product: str, order: str, notification: str) -> None:
             lambda: call("GET", f"{order}/orders/{alices['id']}")["buyer_name"] == "Alice Johnson",
         )
 
+    fulfilment(product, order, payment, place, [alices, bobs, bobs_guide], (alice, bob), (book, guide))
 
-def final_table(identity: str, product: str, order: str, notification: str) -> None:
+
+def fulfilment(
+    product: str,
+    order: str,
+    payment: str,
+    place: Callable[[dict[str, Any], dict[str, Any], int], dict[str, Any]],
+    placed: list[dict[str, Any]],
+    buyers: tuple[dict[str, Any], dict[str, Any]],
+    books: tuple[dict[str, Any], dict[str, Any]],
+) -> None:
+    """The fulfilment saga: order A is paid, order C is out of stock, order B is never paid, times out and is
+    compensated. Every order placed so far went through the saga too."""
+    (alice, bob), (book, guide) = buyers, books
+
+    def stock(item: dict[str, Any]) -> int:
+        return int(call("GET", f"{product}/products/{item['id']}/stock")["available"])
+
+    def status(placed_order: dict[str, Any]) -> str:
+        return str(call("GET", f"{order}/orders/{placed_order['id']}")["status"])
+
+    def saga(placed_order: dict[str, Any]) -> dict[str, Any]:
+        sagas = {s["key"]: s for s in call("GET", f"{order}/sagas")}
+        if placed_order["id"] not in sagas:
+            raise StoryFailed(f"no saga for order {placed_order['id']}")
+        return dict(sagas[placed_order["id"]])
+
+    def payment_of(placed_order: dict[str, Any]) -> str:
+        """The status of the order's payment in PaymentService."""
+        return str(call("GET", f"{payment}/payments/{placed_order['id']}")["status"])
+
+    def ended(placed_order: dict[str, Any], stage: str) -> bool:
+        state = saga(placed_order)
+        return bool(state["completed"]) and state["state"]["stage"] == stage
+
+    def expect(what: str, actual: object, wanted: object) -> None:
+        if actual != wanted:
+            raise StoryFailed(f"{what}: {actual!r}, not {wanted!r}")
+
+    with step("OrderFulfilment saga: the 3 orders so far got their stock and were paid"):
+        eventually("the three orders paid", lambda: all(status(o) == "paid" for o in placed))
+        expect("Mastering Microservices in stock (10 - 2 - 1)", stock(book), 7)
+        expect("ABP in Action in stock (10 - 1)", stock(guide), 9)
+
+    with step("Order A placed: alice, 1 x ABP in Action at 24.00 (OrderPlacedEto starts a saga)"):
+        order_a = place(alice, guide, 1)
+    with step("Stock reserved: ProductService holds A's copy, 9 -> 8 (StockReservedEto)"):
+        eventually("A's copy held", lambda: stock(guide) == 8)
+    with step("Paid: PaymentService captured A's 24.00 (PaymentCapturedEto)"):
+        eventually("A's payment captured", lambda: payment_of(order_a) == "captured")
+    with step("Order A completed: status paid, its saga completed"):
+        eventually("order A paid", lambda: status(order_a) == "paid" and ended(order_a, "paid"))
+
+    with step("Order C placed: 50 x Mastering Microservices, 7 in stock: rejected"):
+        order_c = place(alice, book, 50)
+        eventually(
+            "order C rejected", lambda: status(order_c) == "rejected" and ended(order_c, "out of stock")
+        )
+        expect("Mastering Microservices in stock after order C", stock(book), 7)
+
+    with step("PaymentService's card gateway goes silent (simulated): payments will wait"):
+        call("PUT", f"{payment}/gateway", {"answering": False})
+    with step("Order B placed: bob, 2 x Mastering Microservices at 30.00"):
+        order_b = place(bob, book, 2)
+    with step("Stock reserved: ProductService holds B's 2 copies, 7 -> 5"):
+        eventually("B's copies held", lambda: stock(book) == 5)
+    with step("No payment: PaymentService holds B's 60.00 unanswered"):
+        eventually(
+            "B's payment pending", lambda: payment_of(order_b) == "pending" and status(order_b) == "reserved"
+        )
+    with step(f"Timed out after {PAYMENT_TIMEOUT} s: B's saga cancelled order B (OrderCancelledEto)"):
+        eventually(
+            "order B cancelled", lambda: status(order_b) == "cancelled" and ended(order_b, "timed out")
+        )
+    with step("Stock released (compensated): 7 in stock again, B's payment voided"):
+        eventually("B's copies back in stock", lambda: stock(book) == 7)
+        eventually("B's payment voided", lambda: payment_of(order_b) == "voided")
+
+
+def final_table(identity: str, product: str, order: str, notification: str, payment: str) -> None:
     table = Table(title="What each service holds now")
     table.add_column("service")
     table.add_column("data")
@@ -262,18 +356,26 @@ def final_table(identity: str, product: str, order: str, notification: str) -> N
         "IdentityService", "\n".join(f"{u['user_name']}: {u['name']} <{u['email']}>" for u in users)
     )
     products = call("GET", f"{product}/products")
-    table.add_row("ProductService", "\n".join(f"{p['name']}: {p['price']}" for p in products))
+    stock = {p["id"]: call("GET", f"{product}/products/{p['id']}/stock")["available"] for p in products}
+    table.add_row(
+        "ProductService", "\n".join(f"{p['name']}: {p['price']}, {stock[p['id']]} in stock" for p in products)
+    )
     orders = call("GET", f"{order}/orders")
     table.add_row(
         "OrderService",
         "\n".join(
             f"{o['buyer_name']}: {o['quantity']} x {o['product_name']} at {o['unit_price']}, "
-            f"discount {o['discount']}"
+            f"discount {o['discount']}, {o['status']}"
             for o in orders
         ),
     )
     notices = call("GET", f"{notification}/notices")
     table.add_row("NotificationService", "\n".join(n["text"] for n in notices))
+    payments = call("GET", f"{payment}/payments")
+    table.add_row(
+        "PaymentService",
+        "\n".join(f"order {p['order_id'][:8]}: {p['amount']}, {p['status']}" for p in payments),
+    )
     console.print(table)
 
 
@@ -295,14 +397,14 @@ def main(argv: list[str] | None = None) -> int:
     data.mkdir(parents=True, exist_ok=True)
     where = where_they_talk(args.broker, args.database)
     console.rule("[bold]BookStore: asynchronous communication between microservices")
-    console.print(f"Four services, each its own process and database; {where}. Logs in {data}")
+    console.print(f"Five services, each its own process and database; {where}. Logs in {data}")
     services = [Process(s.name, s.app, s.env_prefix) for s in SERVICES]
     ok = False
     try:
         if args.database:
             asyncio.run(create_databases([per_service_database(args.database, s.name) for s in services]))
         with step("Services started and healthy"):
-            start(services, data, args.broker, args.database)
+            start(services, data, args.broker, args.database, {"ORDER_PAYMENT_TIMEOUT": PAYMENT_TIMEOUT})
         urls = [s.url for s in services]
         story(*urls)
         final_table(*urls)

@@ -90,7 +90,9 @@ def broken_bookstore(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterato
         alice = demo.call(
             "POST", f"{identity}/users", {"user_name": "alice", "name": "Alice", "email": "a@example.com"}
         )
-        book = demo.call("POST", f"{product}/products", {"name": "Mastering Microservices", "price": "40.00"})
+        book = demo.call(
+            "POST", f"{product}/products", {"name": "Mastering Microservices", "price": "40.00", "stock": 10}
+        )
         body = {"buyer_id": alice["id"], "product_id": book["id"], "quantity": 2}
         placed = demo.eventually("the order", lambda: demo.call("POST", f"{order}/orders", body))
         demo.call("PUT", f"{product}/products/{book['id']}/price", {"price": "30.00"})

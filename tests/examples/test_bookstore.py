@@ -16,8 +16,8 @@ import pytest
 
 EXAMPLES = Path(__file__).parent.parent.parent / "examples"
 BOOKSTORE = EXAMPLES / "bookstore"
-SERVICES = ["identity", "product", "order", "notification"]
-CONTRACTS = {"identity_contracts", "product_contracts"}
+SERVICES = ["identity", "product", "order", "notification", "payment"]
+CONTRACTS = {"identity_contracts", "product_contracts", "order_contracts", "payment_contracts"}
 
 STORY = [
     "✓ Services started and healthy",
@@ -26,6 +26,18 @@ STORY = [
     "✓ NotificationService got its own copy of the same event",
     "is under the 10% threshold: no discount, but a notice",
     "✓ OrderService shows the new name on alice's orders",
+    # The fulfilment saga: A is paid, C is out of stock, B is never paid, times out and is compensated.
+    "✓ OrderFulfilment saga: the 3 orders so far got their stock and were paid",
+    "✓ Order A placed: alice, 1 x ABP in Action at 24.00 (OrderPlacedEto starts a saga)",
+    "✓ Stock reserved: ProductService holds A's copy, 9 -> 8 (StockReservedEto)",
+    "✓ Paid: PaymentService captured A's 24.00 (PaymentCapturedEto)",
+    "✓ Order A completed: status paid, its saga completed",
+    "✓ Order C placed: 50 x Mastering Microservices, 7 in stock: rejected",
+    "✓ Order B placed: bob, 2 x Mastering Microservices at 30.00",
+    "✓ Stock reserved: ProductService holds B's 2 copies, 7 -> 5",
+    "✓ No payment: PaymentService holds B's 60.00 unanswered",
+    "✓ Timed out after 15 s: B's saga cancelled order B (OrderCancelledEto)",
+    "✓ Stock released (compensated): 7 in stock again, B's payment voided",
     "✓ Every service stopped cleanly",
 ]
 
@@ -34,12 +46,14 @@ def run_demo(data: Path, *options: str) -> str:
     result = subprocess.run(
         [sys.executable, "-m", "bookstore.demo", "--data", str(data), *options],
         cwd=EXAMPLES,
-        # A patient story: the suite may run beside other heavy tests on two cores.
+        # A patient story: the suite may run beside other heavy tests on two cores. Orders are paid in about
+        # a second; the payment timeout leaves them more, and is what order B waits for.
         env={
             "PYTHONPATH": str(EXAMPLES),
             "PATH": "/usr/bin:/bin",
             "COLUMNS": "200",
             "BOOKSTORE_PATIENCE": "120",
+            "ORDER_PAYMENT_TIMEOUT": "15",
         },
         capture_output=True,
         text=True,
@@ -58,6 +72,8 @@ def run_demo(data: Path, *options: str) -> str:
 def test_the_story_on_the_embedded_broker(tmp_path: Path) -> None:
     output = run_demo(tmp_path)
     assert "Alice Johnson: 2 x Mastering Microservices at 30.00, discount 20.00" in output
+    assert "Bob Brown: 2 x Mastering Microservices at 30.00, discount 0.00, cancelled" in output
+    assert "Mastering Microservices: 30.00, 7 in stock" in output
     assert (tmp_path / "broker.db").exists()  # they talked through the SQLite broker file
 
 
@@ -84,7 +100,7 @@ def test_the_story_on_postgresql(tmp_path: Path, postgresql_base: str, postgresq
     assert not (tmp_path / "broker.db").exists()
 
 
-SERVICE_NAMES = ["IdentityService", "ProductService", "OrderService", "NotificationService"]
+SERVICE_NAMES = ["IdentityService", "ProductService", "OrderService", "NotificationService", "PaymentService"]
 
 
 @pytest.fixture

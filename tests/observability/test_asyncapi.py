@@ -54,7 +54,7 @@ def test_the_order_service_document_is_valid_asyncapi_3_and_says_what_it_handles
     assert errors(document) == []
     assert document["asyncapi"] == "3.0.0"
     assert document["info"]["title"] == "OrderService"
-    assert {op["action"] for op in document["operations"].values()} == {"receive"}  # it publishes nothing
+    assert document["operations"]["send.BookStore.Order.Placed"]["action"] == "send"  # its saga's events
     price = document["operations"]["receive.BookStore.Product.PriceChanged"]
     assert price["channel"] == {"$ref": "#/channels/BookStore.Product.PriceChanged"}
     assert price["x-eventrelay-handlers"] == ["bookstore.order.app.OrderProductPriceChangedHandler"]
@@ -67,16 +67,22 @@ def test_the_order_service_document_is_valid_asyncapi_3_and_says_what_it_handles
     assert payload["properties"]["new_price"]["type"] == "string"  # a Decimal travels as a string
 
 
-def test_the_product_service_document_sends_its_events_and_its_entity_events(tmp_path: Path) -> None:
+def test_the_product_service_document_sends_its_events_and_its_entity_events_and_receives_stock_requests(
+    tmp_path: Path,
+) -> None:
     output = tmp_path / "product.asyncapi.json"
     cli(tmp_path, "asyncapi", "bookstore.product.app:service", "-o", str(output), "--version", "2.1.0")
     document = json.loads(output.read_text())
     assert errors(document) == []
     assert document["info"]["version"] == "2.1.0"
     assert sorted(document["operations"]) == [
+        "receive.BookStore.Order.Cancelled",
+        "receive.BookStore.Order.StockReservationRequested",
         "send.BookStore.Product.Created",
         "send.BookStore.Product.Deleted",
         "send.BookStore.Product.PriceChanged",
+        "send.BookStore.Product.StockRejected",
+        "send.BookStore.Product.StockReserved",
         "send.BookStore.Product.Updated",
     ]
     updated = document["components"]["messages"]["BookStore.Product.Updated"]

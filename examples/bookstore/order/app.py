@@ -1,6 +1,9 @@
-"""OrderService: orders over HTTP. It depends only on the contracts of IdentityService and ProductService.
+"""OrderService: orders over HTTP. It depends only on the contracts of IdentityService, ProductService and
+PaymentService.
 
 Its handlers:
+- `OrderFulfilment`, a saga, takes each placed order through ProductService (stock held or rejected) and
+  PaymentService (paid), and cancels it, giving its stock back, when it is not paid within `PAYMENT_TIMEOUT`.
 - `OrderProductPriceChangedHandler` applies a discount to the open orders of a product whose price fell by
   at least `DISCOUNT_THRESHOLD` (10%): their unit price becomes the new price, and the difference times the
   quantity is added to the order's discount.
@@ -13,7 +16,9 @@ from __future__ import annotations
 
 import os
 import uuid
+from datetime import datetime
 from decimal import Decimal
+from typing import Any
 
 from fastapi import HTTPException
 from pydantic import BaseModel, Field
@@ -22,12 +27,35 @@ from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 from bookstore.hosting import create_app, default_broker, sqlite_url
 from bookstore.identity_contracts import UserEto
-from bookstore.product_contracts import ProductEto, ProductPriceChangedEto
-from eventrelay import DistributedEventHandler, EntitySynchronizer, EntityUpdatedEto, Service
+from bookstore.order_contracts import (
+    OrderCancelledEto,
+    OrderPlacedEto,
+    PaymentRequestedEto,
+    StockReservationRequestedEto,
+)
+from bookstore.payment_contracts import PaymentCapturedEto
+from bookstore.product_contracts import (
+    ProductEto,
+    ProductPriceChangedEto,
+    StockRejectedEto,
+    StockReservedEto,
+)
+from eventrelay import (
+    DistributedEventHandler,
+    EntitySynchronizer,
+    EntityUpdatedEto,
+    Event,
+    Saga,
+    Service,
+    step,
+)
 
 DISCOUNT_THRESHOLD = Decimal("0.10")  # a price must fall by at least 10% for open orders to get it
 # A broken deployment, for the operations guide (docs/operations.md): discounts fail while this is set.
 BROKEN_PRICING = os.environ.get("ORDER_BROKEN_PRICING") == "1"
+# Seconds an order may wait for its payment after it was placed; `make demo` makes it a few seconds.
+PAYMENT_TIMEOUT = float(os.environ.get("ORDER_PAYMENT_TIMEOUT", "900"))
+CLOSED = ("rejected", "cancelled")  # an order in these states is not open: it gets no discount
 
 
 class Base(DeclarativeBase):
@@ -69,7 +97,8 @@ class Order(Base):
     quantity: Mapped[int] = mapped_column()
     unit_price: Mapped[Decimal] = mapped_column(Numeric(12, 2))
     discount: Mapped[Decimal] = mapped_column(Numeric(12, 2), default=Decimal("0"))
-    status: Mapped[str] = mapped_column(String(16), default="open")
+    # "placed", "reserved" (its stock held), "paid"; or closed: "rejected" (out of stock), "cancelled".
+    status: Mapped[str] = mapped_column(String(16), default="placed")
 
 
 class BuyerDirectory(EntitySynchronizer[UserEto, Buyer]):
@@ -92,7 +121,7 @@ class OrderProductPriceChangedHandler(DistributedEventHandler[ProductPriceChange
         orders = await session.scalars(
             select(Order).where(
                 Order.product_id == event.product_id,
-                Order.status == "open",
+                Order.status.not_in(CLOSED),
                 Order.unit_price > event.new_price,
             )
         )
@@ -111,11 +140,93 @@ class OrderUserUpdateHandler(DistributedEventHandler[EntityUpdatedEto[UserEto]])
         )
 
 
+class FulfilmentTimedOutEto(Event, name="BookStore.Order.FulfilmentTimedOut"):
+    """The fulfilment saga's timeout, which it sends to itself: OrderService's own, in no contract."""
+
+    order_id: uuid.UUID
+
+
+class Fulfilment(BaseModel):
+    """The state of an order's fulfilment saga."""
+
+    order_id: uuid.UUID
+    stage: str = "reserving stock"  # then "awaiting payment"; at the end "paid", "out of stock", "timed out"
+
+
+class OrderFulfilment(Saga[Fulfilment]):
+    """An order from placed to paid: ProductService holds its stock, PaymentService takes the payment. An
+    order not paid within `PAYMENT_TIMEOUT` of being placed is cancelled, and its stock given back.
+
+    Each step writes the order's status in the step's transaction. The saga itself asks ProductService for
+    the stock (rather than ProductService taking `OrderPlacedEto`), so an answer never comes before its saga.
+    """
+
+    @step(correlate="order_id", starts=True)
+    async def placed(self, event: OrderPlacedEto) -> None:
+        self.state = Fulfilment(order_id=event.order_id)
+        request = StockReservationRequestedEto(
+            order_id=event.order_id, product_id=event.product_id, quantity=event.quantity
+        )
+        await self.publish(request, key=self.key)
+        await self.schedule(FulfilmentTimedOutEto(order_id=event.order_id), delay=PAYMENT_TIMEOUT)
+
+    @step(correlate="order_id")
+    async def reserved(self, event: StockReservedEto) -> None:
+        order = await self._order("reserved")
+        self.state.stage = "awaiting payment"
+        amount = order.unit_price * order.quantity
+        await self.publish(
+            PaymentRequestedEto(order_id=order.id, buyer_id=order.buyer_id, amount=amount), key=self.key
+        )
+
+    @step(correlate="order_id")
+    async def rejected(self, event: StockRejectedEto) -> None:
+        await self._order("rejected")
+        self.state.stage = "out of stock"
+        self.complete()
+
+    @step(correlate="order_id")
+    async def paid(self, event: PaymentCapturedEto) -> None:
+        await self._order("paid")
+        self.state.stage = "paid"
+        self.complete()
+
+    @step(correlate="order_id")
+    async def timed_out(self, event: FulfilmentTimedOutEto) -> None:
+        """Compensate: ProductService gives the stock back and PaymentService voids the payment."""
+        order = await self._order("cancelled")
+        reason = f"not paid within {PAYMENT_TIMEOUT:g} s ({self.state.stage})"
+        self.state.stage = "timed out"
+        await self.publish(
+            OrderCancelledEto(order_id=order.id, product_id=order.product_id, reason=reason), key=self.key
+        )
+        self.complete()
+
+    async def _order(self, status: str) -> Order:
+        order = await self.context.session.get(Order, self.state.order_id)
+        assert order is not None  # stored in the transaction that published OrderPlacedEto
+        order.status = status
+        return order
+
+
 service = Service(
     "OrderService",
     database=sqlite_url("order"),
     broker=default_broker(),
-    handlers=[OrderProductPriceChangedHandler, OrderUserUpdateHandler, BuyerDirectory, Catalog],
+    handlers=[
+        OrderFulfilment,
+        OrderProductPriceChangedHandler,
+        OrderUserUpdateHandler,
+        BuyerDirectory,
+        Catalog,
+    ],
+    publishes=[
+        OrderPlacedEto,
+        StockReservationRequestedEto,
+        PaymentRequestedEto,
+        OrderCancelledEto,
+        FulfilmentTimedOutEto,
+    ],
     env_prefix="ORDER_",
 )
 app = create_app(service, Base.metadata, "OrderService")
@@ -171,10 +282,14 @@ async def place_order(body: OrderIn) -> OrderOut:
             quantity=body.quantity,
             unit_price=item.price,
             discount=Decimal("0"),
-            status="open",
+            status="placed",
         )
         uow.session.add(order)
         await uow.session.flush()
+        placed = OrderPlacedEto(
+            order_id=order.id, buyer_id=buyer.id, product_id=item.id, quantity=order.quantity
+        )
+        await service.bus.publish(placed, key=str(order.id))  # leaves only if the order is stored
         return _out(order)
 
 
@@ -191,3 +306,21 @@ async def show_order(order_id: uuid.UUID) -> OrderOut:
         if order is None:
             raise HTTPException(404, f"No order {order_id}")
         return _out(order)
+
+
+class SagaOut(BaseModel):
+    saga: str
+    key: str
+    state: dict[str, Any]
+    completed: bool
+    timeout_at: datetime | None
+
+
+@app.get("/sagas")
+async def list_sagas() -> list[SagaOut]:
+    """The fulfilment sagas, completed ones too, oldest first."""
+    records = await service.bus.saga_records(limit=1000, completed=True)
+    return [
+        SagaOut(saga=r.saga, key=r.key, state=dict(r.state), completed=r.completed, timeout_at=r.timeout_at)
+        for r in records
+    ]

@@ -28,3 +28,20 @@ class ProductEto(Event, name="BookStore.Product"):
     name: str
     price: Decimal
     entity_version: int = 0
+
+
+class StockReservedEto(Event, name="BookStore.Product.StockReserved"):
+    """`quantity` copies of the product are held for the order (the answer to a reservation request)."""
+
+    order_id: UUID
+    product_id: UUID
+    quantity: int
+
+
+class StockRejectedEto(Event, name="BookStore.Product.StockRejected"):
+    """Fewer copies are in stock than the order asked for: none are held for it."""
+
+    order_id: UUID
+    product_id: UUID
+    requested: int
+    available: int
