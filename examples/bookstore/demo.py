@@ -290,10 +290,7 @@ def fulfilment(
         return str(call("GET", f"{order}/orders/{placed_order['id']}")["status"])
 
     def saga(placed_order: dict[str, Any]) -> dict[str, Any]:
-        sagas = {s["key"]: s for s in call("GET", f"{order}/sagas")}
-        if placed_order["id"] not in sagas:
-            raise StoryFailed(f"no saga for order {placed_order['id']}")
-        return dict(sagas[placed_order["id"]])
+        return dict(call("GET", f"{order}/sagas/{placed_order['id']}"))
 
     def payment_of(placed_order: dict[str, Any]) -> str:
         """The status of the order's payment in PaymentService."""

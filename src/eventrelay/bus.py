@@ -394,6 +394,11 @@ class DistributedEventBus:
             for r in await saga_records(self.store, saga, limit=limit, completed=completed)
         ]
 
+    async def saga_record(self, saga: type[Saga[Any]], key: object) -> SagaRecord | None:
+        """The saga of `saga`'s class with `key` (open or completed), if there is one."""
+        found = await saga_records(self.store, saga, key=str(key))
+        return found[0] if found else None
+
     async def discard(self, letter_id: int) -> None:
         """Delete a dead letter without handling it."""
         await self.inbox.discard(letter_id)

@@ -314,12 +314,15 @@ async def create_saga_tables(store: Store, sagas: list[type[Saga[Any]]]) -> None
 
 
 async def saga_records(
-    store: Store, saga: type[Saga[Any]], *, limit: int = 100, completed: bool = False
+    store: Store, saga: type[Saga[Any]], *, limit: int = 100, completed: bool = False, key: str | None = None
 ) -> list[SagaRecord]:
-    """`saga`'s open sagas (and completed ones, with `completed`), oldest first."""
+    """`saga`'s open sagas (and completed ones, with `completed`), oldest first; only the one of `key`, if
+    given (open or completed)."""
     table = saga._table
     query = select(table).order_by(table.c.created_at, table.c.key).limit(limit)
-    if not completed:
+    if key is not None:
+        query = query.where(table.c.key == key)
+    elif not completed:
         query = query.where(table.c.completed.is_(False))
     try:
         async with store.transaction() as tx:

@@ -112,6 +112,8 @@ async def test_a_saga_runs_its_steps_keeps_its_state_and_completes(database_url:
         await wait_until_idle(bus)
         assert closed == [Closed(order_id=1, total=5, expired=True)]
         assert await bus.saga_records() == []
+        assert await bus.saga_record(Counting, 2) is None
+        assert await bus.saga_record(Counting, 1) == (await bus.saga_records(completed=True))[0]
         (done,) = await bus.saga_records(completed=True)
         assert done.completed
         assert done.state == {"total": 5, "steps": ["opened", "expired"]}

@@ -46,6 +46,7 @@ from eventrelay import (
     EntityUpdatedEto,
     Event,
     Saga,
+    SagaRecord,
     Service,
     step,
 )
@@ -316,11 +317,22 @@ class SagaOut(BaseModel):
     timeout_at: datetime | None
 
 
+def _saga_out(r: SagaRecord) -> SagaOut:
+    return SagaOut(
+        saga=r.saga, key=r.key, state=dict(r.state), completed=r.completed, timeout_at=r.timeout_at
+    )
+
+
 @app.get("/sagas")
 async def list_sagas() -> list[SagaOut]:
     """The fulfilment sagas, completed ones too, oldest first."""
-    records = await service.bus.saga_records(limit=1000, completed=True)
-    return [
-        SagaOut(saga=r.saga, key=r.key, state=dict(r.state), completed=r.completed, timeout_at=r.timeout_at)
-        for r in records
-    ]
+    return [_saga_out(r) for r in await service.bus.saga_records(limit=1000, completed=True)]
+
+
+@app.get("/sagas/{order_id}")
+async def show_saga(order_id: uuid.UUID) -> SagaOut:
+    """The fulfilment saga of one order."""
+    record = await service.bus.saga_record(OrderFulfilment, order_id)
+    if record is None:
+        raise HTTPException(404, f"No saga for order {order_id}")
+    return _saga_out(record)
