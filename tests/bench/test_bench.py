@@ -24,6 +24,7 @@ from bench.stats import Spread, percentile
 
 from bench import report, run
 from eventrelay.codec import encode_body
+from tests.servers import require_server
 
 SVG = "{http://www.w3.org/2000/svg}"
 JSON_KEYS = (
@@ -65,6 +66,19 @@ def test_the_baselines_send_the_bytes_eventrelay_sends() -> None:
 def test_the_faststream_rpc_sends_the_bytes_eventrelay_sends() -> None:
     assert request_body(7, 123) == encode_body(question(7, 123))
     assert body(7, 123) == encode_body(answer(question(7, 123)))
+
+
+@pytest.mark.parametrize(
+    ("broker", "system", "port"),
+    [("rabbitmq", FASTSTREAM, 5672), ("rabbitmq", EVENTRELAY, 5672), ("nats", EVENTRELAY, 4222)],
+)
+def test_a_tiny_request_round_answers_every_request(broker: str, system: str, port: int) -> None:
+    require_server(broker, port)
+    scenario = DECLARED[f"request.{broker}.concurrent", system]
+    result = run_round(replace(scenario, n=2 * scenario.window), kafka=None)
+    assert result.ok, result.problem  # each request arrived, and each reply answered its own request
+    assert result.throughput > 0
+    assert result.p50_ms <= result.p99_ms
 
 
 def test_request_rows_are_compared_with_faststream_rpc_in_the_same_mode() -> None:
