@@ -3,6 +3,10 @@
 Both publish the benchmark's JSON bytes as persistent messages with publisher confirms, `job.window` awaiting
 their confirm at once, straight to a durable queue; both consume with a prefetch of 1000 and ack each message
 after its handler ran. FastStream's per-message logging is off (`logger=None`), which only helps it.
+
+For the request/reply rows, FastStream's RPC: `RabbitBroker.request` (RabbitMQ's direct reply-to) sends each
+question as a persistent, confirmed message to the answering subscriber's durable queue, whose handler
+returns the answer's bytes; FastStream publishes it to the reply-to address.
 """
 
 from __future__ import annotations
@@ -15,8 +19,16 @@ from typing import Any
 import aio_pika
 from aio_pika.abc import AbstractIncomingMessage
 
-from bench.child import Job, Tally, serve_consumer, serve_publisher
-from bench.wire import body, stamp_of
+from bench.child import (
+    REQUEST_TIMEOUT,
+    WARM_UP,
+    Job,
+    RoundTrips,
+    Tally,
+    serve_consumer,
+    serve_publisher,
+)
+from bench.wire import body, request_body, stamp_of
 
 PREFETCH = 1000
 
@@ -94,3 +106,53 @@ async def faststream_publish(job: Job, conn: Connection) -> None:
         )
 
     await serve_publisher(job, conn, send, broker.stop)
+
+
+async def faststream_answer(job: Job, conn: Connection) -> None:
+    """FastStream: a subscriber on the queue that returns the product asked for, counting each request."""
+    from faststream import AckPolicy
+    from faststream.rabbit import Channel, RabbitBroker, RabbitQueue
+
+    tally = Tally(job)
+    broker = RabbitBroker(job.url, logger=None)
+
+    @broker.subscriber(
+        RabbitQueue(job.destination, durable=True),
+        channel=Channel(prefetch_count=PREFETCH),
+        ack_policy=AckPolicy.ACK,
+    )
+    async def get_product(message: dict[str, Any]) -> bytes:
+        seq, sent_ns = int(message["seq"]), int(message["sent_ns"])
+        if seq != WARM_UP:
+            tally.record(seq, sent_ns)
+        return body(seq, sent_ns)
+
+    await broker.start()
+    await serve_consumer(job, conn, tally, broker.stop)
+
+
+async def faststream_ask(job: Job, conn: Connection) -> None:
+    """FastStream: `broker.request` for each product, `job.window` callers awaiting their reply at once."""
+    from faststream.rabbit import RabbitBroker
+
+    broker = RabbitBroker(job.url, logger=None)
+    await broker.start()
+    trips = RoundTrips()
+
+    async def request(seq: int) -> int:
+        reply = await broker.request(
+            request_body(seq, time.time_ns()),
+            job.destination,
+            persist=True,
+            timeout=REQUEST_TIMEOUT,
+            content_type="application/json",
+            message_id=uuid.uuid4().hex,
+        )
+        return stamp_of(reply.body)[0]
+
+    await request(WARM_UP)  # as eventrelay's asker does
+
+    async def send(seq: int) -> None:
+        await trips.time(seq, request(seq))
+
+    await serve_publisher(job, conn, send, broker.stop, figures=trips.figures)

@@ -13,6 +13,11 @@ threads too) over its part of the round: the consumer from "go" (a backlog's con
 events/s do) until every event arrived; the publisher from "go" until its "stop", so the relay's work for the
 last events is in, plus a pipe's round trip of idling. The consumer reports its CPU seconds in "done", the
 publisher in "stopped".
+
+The request/reply rows play the same talk with an answering service as the consumer (it counts each request
+that arrives) and an asker as the publisher: each of its units is one `request` awaited to its reply, timed
+by the asker alone (`RoundTrips`), whose round trips go with its "published" figures. An asker may name in
+its "ready" the queues it made that the runner is to delete after the round.
 """
 
 from __future__ import annotations
@@ -31,6 +36,11 @@ TABLE = "bench_price_changes"
 """The consumer's handler table: one row per event, written in the handler's transaction (every system that
 has a database; the rows check counts them)."""
 CREATE_TABLE = f"CREATE TABLE {TABLE} (seq INTEGER PRIMARY KEY, product_id TEXT, new_price NUMERIC)"
+REQUEST_TIMEOUT = 30.0
+"""Seconds an asker waits for one reply: a request without one fails the round."""
+WARM_UP = -1
+"""The `seq` of the request an asker sends before it says "ready" (its reply channel and connection warm):
+answered, but not counted."""
 
 ROLES = {
     "raw.publish": "bench.baselines:raw_publish",
@@ -44,6 +54,10 @@ ROLES = {
     "bare_sqlite.consume": "bench.bare_sqlite:consume",
     "hand_written.publish": "bench.hand_written:publish",
     "hand_written.consume": "bench.hand_written:consume",
+    "eventrelay.ask": "bench.eventrelay_roles:ask",
+    "eventrelay.answer": "bench.eventrelay_roles:answer_requests",
+    "faststream.ask": "bench.baselines:faststream_ask",
+    "faststream.answer": "bench.baselines:faststream_answer",
 }
 """Role name -> `module:function`, imported in the child only, so a baseline never imports eventrelay's
 brokers and the other way round."""
@@ -214,15 +228,39 @@ class Tally:
         }
 
 
+class RoundTrips:
+    """An asker's count: how long each request took to its reply, and that each reply answers its request."""
+
+    def __init__(self) -> None:
+        self.latencies_ms: list[float] = []
+
+    async def time(self, seq: int, asking: Awaitable[int]) -> None:
+        """Await `asking`, the request for `seq` that returns the `seq` its reply carries."""
+        started = time.perf_counter()
+        answered = await asking
+        self.latencies_ms.append((time.perf_counter() - started) * 1e3)
+        if answered != seq:
+            raise RuntimeError(f"the reply to request {seq} answered request {answered}")
+
+    def figures(self) -> dict[str, Any]:
+        return {"latencies_ms": self.latencies_ms}
+
+
 async def serve_publisher(
-    job: Job, conn: Connection, send: Callable[[int], Awaitable[None]], close: Callable[[], Awaitable[None]]
+    job: Job,
+    conn: Connection,
+    send: Callable[[int], Awaitable[None]],
+    close: Callable[[], Awaitable[None]],
+    ready: dict[str, Any] | None = None,
+    figures: Callable[[], dict[str, Any]] | None = None,
 ) -> None:
-    """A publisher's part of the talk: ready, publish on "go", report, close on "stop" and report its CPU."""
-    conn.send(("ready", None))
+    """A publisher's part of the talk: ready (with `ready`), publish on "go", report (with what `figures`
+    adds), close on "stop" and report its CPU."""
+    conn.send(("ready", ready))
     await until(conn, "go")
     cpu_started = time.process_time()
     start_ns, end_ns = await drive(job, send)
-    conn.send(("published", {"start_ns": start_ns, "end_ns": end_ns}))
+    conn.send(("published", {"start_ns": start_ns, "end_ns": end_ns, **(figures() if figures else {})}))
     await until(conn, "stop")
     cpu_s = time.process_time() - cpu_started
     await close()

@@ -1,5 +1,6 @@
 """eventrelay's side: a ProductService that publishes (direct or through its outbox) and an OrderService that
-consumes (with its inbox and a row written per event when it has a database), each in its own process."""
+consumes (with its inbox and a row written per event when it has a database), each in its own process; for
+the request/reply rows, a service that answers `GetProductEto` and one that asks with `bus.request`."""
 
 from __future__ import annotations
 
@@ -10,10 +11,23 @@ from multiprocessing.connection import Connection
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import create_async_engine
 
-from bench.child import CREATE_TABLE, TABLE, Job, Tally, serve_consumer, serve_publisher, until
-from bench.payload import ProductPriceChangedEto, event
+from bench.child import (
+    CREATE_TABLE,
+    REQUEST_TIMEOUT,
+    TABLE,
+    WARM_UP,
+    Job,
+    RoundTrips,
+    Tally,
+    serve_consumer,
+    serve_publisher,
+    until,
+)
+from bench.payload import GetProductEto, ProductEto, ProductPriceChangedEto, answer, event, question
 from eventrelay import DistributedEventBus, DistributedEventHandler, event_name
 from eventrelay.brokers import broker_from_url
+from eventrelay.brokers.base import SubscriptionReplies
+from eventrelay.brokers.rabbitmq import RabbitMQBroker
 from eventrelay.codec import encode_body
 from eventrelay.envelope import Message, new_message_id
 
@@ -98,6 +112,50 @@ async def fill(job: Job, conn: Connection) -> None:
     await until(conn, "stop")
     await broker.close()
     conn.send(("stopped", {"cpu_s": cpu_s}))
+
+
+async def answer_requests(job: Job, conn: Connection) -> None:
+    """The answering service: a handler that returns the product asked for, counting each request."""
+    tally = Tally(job)
+    bus = DistributedEventBus(job.destination, broker=job.url)
+
+    async def get_product(request: GetProductEto) -> ProductEto:
+        if request.seq != WARM_UP:
+            tally.record(request.seq, request.sent_ns)
+        return answer(request)
+
+    await bus.start()
+    await bus.subscribe(get_product)
+    await serve_consumer(job, conn, tally, bus.stop)
+
+
+async def ask(job: Job, conn: Connection) -> None:
+    """The asking service: `bus.request` for each product, `job.window` awaiting their reply at once."""
+    bus = DistributedEventBus(job.publisher, broker=job.url)
+    await bus.start()
+    trips = RoundTrips()
+
+    async def request(seq: int) -> int:
+        reply = await bus.request(question(seq, time.time_ns()), reply=ProductEto, timeout=REQUEST_TIMEOUT)
+        return reply.seq
+
+    await request(WARM_UP)  # opens the reply channel, outside the clock
+
+    async def send(seq: int) -> None:
+        await trips.time(seq, request(seq))
+
+    left = {"queues": _reply_queues(bus, job.url)}
+    await serve_publisher(job, conn, send, bus.stop, ready=left, figures=trips.figures)
+
+
+def _reply_queues(bus: DistributedEventBus, url: str) -> list[str]:
+    """What a reply channel may leave on RabbitMQ: the generic one (`SubscriptionReplies`) unbinds its queue
+    when closed but leaves it and its retry queues, which the runner deletes. A native channel leaves none
+    (and deleting a queue that is not there is fine); on NATS the stream goes with the round."""
+    if not url.startswith("amqp"):
+        return []
+    queue = SubscriptionReplies(bus.broker, bus.requester.instance).subscriber
+    return [queue, *RabbitMQBroker(url).retry_queues(queue)]
 
 
 async def _sql(url: str, statement: str) -> None:

@@ -207,8 +207,14 @@ def _by_hand_ratio(row: Row, rows: Sequence[Row]) -> str:
 
 
 def _ratios(row: Row, rows: Sequence[Row]) -> tuple[str, str]:
-    """Throughput against raw aio-pika's and FastStream's E1 throughput in the same run."""
-    if row.scenario.measure != "throughput" or row.scenario.system != EVENTRELAY:
+    """Throughput against raw aio-pika's and FastStream's E1 throughput in the same run; a request/reply row's
+    round trips against FastStream's RPC on RabbitMQ, one at a time or as many in flight."""
+    s = row.scenario
+    if s.measure == "requests" and s.system == EVENTRELAY:
+        base = _find(rows, f"request.rabbitmq.{s.key.rsplit('.', 1)[-1]}", FASTSTREAM)
+        r = row.throughput.ratio(base.throughput) if base else math.nan
+        return "", "" if math.isnan(r) else f"{r:.2f}x"
+    if s.measure != "throughput" or s.system != EVENTRELAY:
         return "", ""
     out = []
     for system in (RAW, FASTSTREAM):
@@ -294,11 +300,12 @@ def markdown(rows: Sequence[Row], found: Sequence[Target], context: Sequence[str
 
 
 def throughput_plot(rows: Sequence[Row]) -> str:
-    """The SVG: throughput per scenario (grouped by title and broker), one bar per system."""
+    """The SVG: throughput per scenario (grouped by title and broker), one bar per system; events/s only, so
+    no request/reply round trips."""
     groups: list[str] = []
     values: dict[tuple[str, str], Spread] = {}
     for row in rows:
-        if row.scenario.measure == "latency" or math.isnan(row.throughput.median):
+        if row.scenario.measure in ("latency", "requests") or math.isnan(row.throughput.median):
             continue
         group = f"{row.scenario.title.split(', ')[0]} {row.scenario.broker}"
         if row.scenario.per_unit > 1:

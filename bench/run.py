@@ -107,21 +107,26 @@ def run_round(scenario: Scenario, kafka: str | None) -> RoundResult:
 async def _provisioned_round(scenario: Scenario, plan: Any) -> RoundResult:
     async with provisioned(plan):
         # The processes are driven from a thread: their pipes block, and this loop must stay free to clean up.
-        return await asyncio.to_thread(_round, scenario, plan.consumer, plan.publisher)
+        return await asyncio.to_thread(_round, scenario, plan.consumer, plan.publisher, plan.queues)
 
 
-def _roles(system: str) -> tuple[str, str]:
+def _roles(scenario: Scenario) -> tuple[str, str]:
+    """The consumer's and the publisher's role (the answering and the asking side of request/reply)."""
     prefix = {
         EVENTRELAY: "eventrelay",
         FASTSTREAM: "faststream",
         BARE_SQLITE: "bare_sqlite",
         HAND_WRITTEN: "hand_written",
-    }.get(system, "raw")
+    }.get(scenario.system, "raw")
+    if scenario.measure == "requests":
+        return f"{prefix}.answer", f"{prefix}.ask"
     return f"{prefix}.consume", f"{prefix}.publish"
 
 
-def _round(scenario: Scenario, consumer_job: Job, publisher_job: Job) -> RoundResult:
-    consume, publish = _roles(scenario.system)
+def _round(scenario: Scenario, consumer_job: Job, publisher_job: Job, leftovers: list[str]) -> RoundResult:
+    """One round's talk with its processes; the queues the publisher names when ready go into `leftovers`
+    (the round's queues, deleted after it)."""
+    consume, publish = _roles(scenario)
     if scenario.measure == "backlog":
         publish = "eventrelay.fill"
     started: list[Process] = []
@@ -141,7 +146,7 @@ def _round(scenario: Scenario, consumer_job: Job, publisher_job: Job) -> RoundRe
             consumer.expect("ready", START_TIMEOUT)
             publisher = Process(publish, publisher_job)
             started.append(publisher)
-            publisher.expect("ready", START_TIMEOUT)
+            leftovers += (publisher.expect("ready", START_TIMEOUT) or {}).get("queues", [])
             consumer.say("go")  # its CPU clock starts: the publisher's first event comes after this
             publisher.say("go")
             published = publisher.expect("published", scenario.timeout)
@@ -157,8 +162,9 @@ def _round(scenario: Scenario, consumer_job: Job, publisher_job: Job) -> RoundRe
     return _result(scenario, published, figures | {"publisher_cpu_s": publisher_cpu_s})
 
 
-def _result(scenario: Scenario, published: dict[str, int], figures: dict[str, Any]) -> RoundResult:
-    """Check that every event arrived (and every row was written), then compute the round's figures."""
+def _result(scenario: Scenario, published: dict[str, Any], figures: dict[str, Any]) -> RoundResult:
+    """Check that every event arrived (and every row was written), then compute the round's figures: a
+    request/reply row's are the asker's, from its first request to its last reply."""
     n = scenario.n
     problems = []
     if figures["distinct"] != n:
@@ -169,16 +175,20 @@ def _result(scenario: Scenario, published: dict[str, int], figures: dict[str, An
         problems.append(f"{figures['rows']} rows written for {n} events")
     if problems:
         raise RoundFailed(f"{scenario.key} ({scenario.system}): " + "; ".join(problems))
-    start = figures["started_ns"] if scenario.measure == "backlog" else published["start_ns"]
-    seconds = (figures["last_ns"] - start) / 1e9
-    latencies = figures["latencies_ms"]
+    if scenario.measure == "requests":
+        start, end, latencies = published["start_ns"], published["end_ns"], published["latencies_ms"]
+    else:
+        start = figures["started_ns"] if scenario.measure == "backlog" else published["start_ns"]
+        end, latencies = figures["last_ns"], figures["latencies_ms"]
+    seconds = (end - start) / 1e9
+    timed = scenario.measure in ("latency", "requests")
     return RoundResult(
         scenario.key,
         scenario.system,
         ok=True,
         throughput=n / seconds if scenario.measure != "latency" else math.nan,
-        p50_ms=percentile(latencies, 50) if scenario.measure == "latency" else math.nan,
-        p99_ms=percentile(latencies, 99) if scenario.measure == "latency" else math.nan,
+        p50_ms=percentile(latencies, 50) if timed else math.nan,
+        p99_ms=percentile(latencies, 99) if timed else math.nan,
         peak_mib=figures["peak_rss_kib"] / 1024 if scenario.measure == "backlog" else math.nan,
         duplicates=figures["duplicates"],
         rate=scenario.rate or math.nan,

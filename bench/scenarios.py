@@ -27,6 +27,8 @@ DURABLE_RATE = 200.0
 second runs at half the throughput of the same system's 1 event/UoW row in the same round."""
 AT_RATE, AT_HALF = f"latency{DURABLE_RATE:.0f}", "latency-half"
 """The last part of the keys of those two rows, e.g. `e2.rabbitmq.latency200`, `e3.sqlite.latency-half`."""
+IN_FLIGHT = 32
+"""Requests awaiting their reply at once in the concurrent request/reply rows."""
 
 
 @dataclass(frozen=True)
@@ -38,7 +40,8 @@ class Scenario:
     title: str
     """What the row measures, e.g. `E2 durable, 1 event/UoW, 8 publishers`."""
     measure: str
-    """`throughput` (events/s end to end), `latency` (p50/p99 at a fixed rate) or `backlog` (drain rate)."""
+    """`throughput` (events/s end to end), `latency` (p50/p99 at a fixed rate), `backlog` (drain rate) or
+    `requests` (request/reply round trips: their rate and their p50/p99, `window` at once)."""
     system: str
     broker: str
     """`rabbitmq`, `nats`, `redis`, `kafka` or `sqlite` (eventrelay's SQL broker on a SQLite file)."""
@@ -207,6 +210,21 @@ def _direct(broker: str) -> list[Scenario]:
     ]
 
 
+def _requests() -> list[Scenario]:
+    """Issue 19: request/reply round trips, one at a time (their p50/p99 without queueing) and `IN_FLIGHT` at
+    once (their rate); eventrelay's `bus.request` on RabbitMQ and NATS, FastStream's RPC on RabbitMQ."""
+    modes = (
+        ("sequential", "Request/reply, one at a time", 1_000, 1),
+        ("concurrent", f"Request/reply, {IN_FLIGHT} in flight", 5_000, IN_FLIGHT),
+    )
+    return [
+        Scenario(f"request.{broker}.{mode}", title, "requests", system, broker, n, window=window)
+        for broker, systems in (("rabbitmq", (FASTSTREAM, EVENTRELAY)), ("nats", (EVENTRELAY,)))
+        for mode, title, n, window in modes
+        for system in systems
+    ]
+
+
 def all_scenarios(backlog: int) -> list[Scenario]:
     """Every scenario at its default size, in the order the table shows them."""
     found = (
@@ -218,6 +236,7 @@ def all_scenarios(backlog: int) -> list[Scenario]:
     )
     for broker in ("nats", "redis", "kafka"):
         found += _direct(broker) + _durable(broker, "e2", 1_500)
+    found += _requests()
     found.append(
         Scenario(
             "backlog.rabbitmq",

@@ -16,7 +16,7 @@ from dataclasses import replace
 from pathlib import Path
 
 import pytest
-from bench.payload import SIZE, body, event, stamp_of
+from bench.payload import SIZE, answer, body, event, question, request_body, stamp_of
 from bench.plot import bar_chart, nice_top
 from bench.run import RoundResult, run_round
 from bench.scenarios import BARE_SQLITE, EVENTRELAY, FASTSTREAM, HAND_WRITTEN, RAW, Scenario, all_scenarios
@@ -24,6 +24,7 @@ from bench.stats import Spread, percentile
 
 from bench import report, run
 from eventrelay.codec import encode_body
+from tests.servers import require_server
 
 SVG = "{http://www.w3.org/2000/svg}"
 JSON_KEYS = (
@@ -60,6 +61,41 @@ def test_the_baselines_send_the_bytes_eventrelay_sends() -> None:
     assert body(7, 123) == encode_body(event(7, 123))
     assert abs(len(body(7, 123)) - SIZE) <= 16
     assert stamp_of(body(7, 123)) == (7, 123)
+
+
+def test_the_faststream_rpc_sends_the_bytes_eventrelay_sends() -> None:
+    assert request_body(7, 123) == encode_body(question(7, 123))
+    assert body(7, 123) == encode_body(answer(question(7, 123)))
+
+
+@pytest.mark.parametrize(
+    ("broker", "system", "port"),
+    [("rabbitmq", FASTSTREAM, 5672), ("rabbitmq", EVENTRELAY, 5672), ("nats", EVENTRELAY, 4222)],
+)
+def test_a_tiny_request_round_answers_every_request(broker: str, system: str, port: int) -> None:
+    require_server(broker, port)
+    scenario = DECLARED[f"request.{broker}.concurrent", system]
+    result = run_round(replace(scenario, n=2 * scenario.window), kafka=None)
+    assert result.ok, result.problem  # each request arrived, and each reply answered its own request
+    assert result.throughput > 0
+    assert result.p50_ms <= result.p99_ms
+
+
+def test_request_rows_are_compared_with_faststream_rpc_in_the_same_mode() -> None:
+    rows = [
+        _declared("request.rabbitmq.sequential", FASTSTREAM, throughput=200, p50=4.0),
+        _declared("request.rabbitmq.sequential", throughput=300, p50=3.0),
+        _declared("request.rabbitmq.concurrent", FASTSTREAM, throughput=250, p50=100.0),
+        _declared("request.nats.concurrent", throughput=1000, p50=30.0),
+    ]
+    columns = [report.HEADERS.index(h) for h in ("p50 ms", "vs raw", "vs FastStream")]
+    assert [[report.cells(r, rows)[c] for c in columns] for r in rows] == [
+        ["4.00 (4.00-4.00)", "", ""],
+        ["3.00 (3.00-3.00)", "", "1.50x"],
+        ["100.00 (100.00-100.00)", "", ""],
+        ["30.00 (30.00-30.00)", "", "4.00x"],
+    ]
+    assert "Request/reply" not in report.throughput_plot(rows)  # round trips are not events/s
 
 
 def _row(
@@ -181,6 +217,11 @@ def test_default_scenarios_are_bounded_and_cover_the_issue() -> None:
         "backlog.rabbitmq",
     } <= keys
     assert {f"e1.{b}.throughput" for b in ("nats", "redis", "kafka")} <= keys
+    assert {f"request.{b}.{m}" for b in ("rabbitmq", "nats") for m in ("sequential", "concurrent")} <= keys
+    assert {s.key for s in scenarios if s.system == FASTSTREAM and s.measure == "requests"} == {
+        "request.rabbitmq.sequential",
+        "request.rabbitmq.concurrent",
+    }
     assert all(s.n % s.per_unit == 0 and s.timeout < 600 for s in scenarios)
     assert {(s.key, s.per_unit) for s in scenarios if s.system == BARE_SQLITE} == {
         ("e3.sqlite.bare.uow1", 1),
