@@ -19,10 +19,20 @@ import pytest
 from eventrelay import Context, DistributedEventBus, Event
 from eventrelay.brokers.base import Broker
 from eventrelay.envelope import CORRELATION_ID, REPLY_TO, Message, new_message_id
-from eventrelay.errors import PublishFailed, RemoteError, RequestTimeout
+from eventrelay.errors import BrokerUnavailable, PublishFailed, RemoteError, RequestTimeout
 from eventrelay.events import event_name as name_of
-from tests.brokers.contract import PATIENCE, MakeBroker, event_name, message, nothing_for, subscriber_name
+from tests.brokers.contract import (
+    OUTAGES,
+    PATIENCE,
+    QUIET,
+    MakeBroker,
+    event_name,
+    message,
+    nothing_for,
+    subscriber_name,
+)
 from tests.bus.helpers import eventually, settings
+from tests.faultproxy import FaultProxy
 
 # What an adapter may be unable to be tested for (a key of the test class's `cannot`).
 REPLY_CHANNEL = "looking on the server for a reply channel"
@@ -62,8 +72,11 @@ class Processes:
     def __init__(self, make_broker: MakeBroker, folder: Path, stack: contextlib.AsyncExitStack) -> None:
         self.make_broker, self.folder, self.stack = make_broker, folder, stack
 
-    async def bus(self, service: str, *handlers: Callable[..., Any]) -> DistributedEventBus:
-        broker = await self.stack.enter_async_context(self.make_broker())
+    async def bus(
+        self, service: str, *handlers: Callable[..., Any], port: int | None = None
+    ) -> DistributedEventBus:
+        """A started bus of `service` on a broker of its own (through 127.0.0.1:`port`, a fault proxy)."""
+        broker = await self.stack.enter_async_context(self.make_broker(port=port))
         database = f"sqlite+aiosqlite:///{self.folder}/{service}.db"  # shared by the service's instances
         bus = DistributedEventBus(service, broker=broker, database=database, settings=settings())
         for handler in handlers:
@@ -206,6 +219,30 @@ class ReplyContract:
 
         assert caught.value.event == ASKED
         assert repr(ASKED) in str(caught.value)
+
+    async def test_an_asker_that_lost_its_connection_gets_replies_again(
+        self, make_broker: MakeBroker, tmp_path: Path
+    ) -> None:
+        if OUTAGES in self.cannot:
+            pytest.skip(f"no test of {OUTAGES}: {self.cannot[OUTAGES]}")
+        server_port: int = getattr(self, "server_port", 0)
+        async with FaultProxy(server_port) as proxy, processes(make_broker, tmp_path) as run:
+            await run.bus(subscriber_name(), answerer("stock"))
+            shop = await run.bus(subscriber_name(), port=proxy.port)
+            await shop.request(StockAsked(asker="shop", n=1), reply=StockTold, timeout=ANSWER_WITHIN)
+
+            proxy.reset()  # every connection of the asker's broker, its reply channel's too, gets a TCP RST
+
+            async with asyncio.timeout(2 * ANSWER_WITHIN):
+                while True:  # until the broker is back and its reply channel with it
+                    try:
+                        event = StockAsked(asker="shop", n=2)
+                        told = await shop.request(event, reply=StockTold, timeout=QUIET * 4)
+                        break
+                    except (BrokerUnavailable, RequestTimeout):
+                        await asyncio.sleep(0.1)
+
+        assert told == StockTold(asker="shop", n=2, by="stock")
 
     async def test_the_reply_channel_is_gone_once_the_bus_stops(
         self, make_broker: MakeBroker, tmp_path: Path

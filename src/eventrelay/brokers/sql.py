@@ -373,11 +373,28 @@ class SqlBroker(Broker):
 
 
 class _SqlReplies(SubscriptionReplies):
-    """The generic reply channel; its close deletes its binding and the rows of replies nobody fetched."""
+    """The generic reply channel; its close deletes its binding and the rows of replies nobody fetched.
+
+    A cancelled `receive` (the asker stopping) leaves its fetch running rather than cancel it inside a
+    transaction, where SQLAlchemy can lose the connection to the garbage collector; `close` waits for it.
+    """
 
     broker: SqlBroker
+    _receiving: asyncio.Task[list[Message]] | None = None
+
+    async def receive(self, timeout: float) -> list[Message]:
+        if self._receiving is None:
+            self._receiving = asyncio.ensure_future(super().receive(timeout))
+        receiving = self._receiving
+        try:
+            return await asyncio.shield(receiving)
+        finally:
+            if receiving.done():
+                self._receiving = None
 
     async def close(self) -> None:
+        if self._receiving is not None:
+            await asyncio.gather(self._receiving, return_exceptions=True)  # its replies come too late
         await self.broker.delete_subscription(self.subscriber)
 
 
