@@ -24,6 +24,7 @@ from confluent_kafka import Message as Record
 from confluent_kafka.admin import AdminClient
 
 from eventrelay.brokers import broker_from_url
+from eventrelay.brokers.base import Broker
 from eventrelay.brokers.kafka import KafkaBroker, topic_name
 from eventrelay.envelope import Delivery, Message, new_message_id
 from eventrelay.errors import ConfigurationError, PublishFailed
@@ -39,6 +40,7 @@ from tests.brokers.contract import (
     nothing_for,
     subscriber_name,
 )
+from tests.brokers.contract_replies import ReplyContract
 from tests.brokers.kafka_server import tansu_server
 from tests.examples.test_bookstore import run_demo
 
@@ -67,7 +69,7 @@ def url(kafka_bootstrap: str, prefix: str) -> str:
     return kafka_url(kafka_bootstrap, prefix)
 
 
-class TestKafkaBroker(BrokerContract):
+class TestKafkaBroker(BrokerContract, ReplyContract):
     # A topic per event name: Kafka orders within a partition (a name's unkeyed messages share one), never
     # across topics.
     orders_across_names = False
@@ -85,6 +87,15 @@ class TestKafkaBroker(BrokerContract):
             return KafkaBroker(f"{url}&{options}" if options else url)
 
         return make
+
+    async def reply_channel_exists(self, broker: Broker, address: str) -> bool:
+        """Whether the generic reply channel's topic, retry topic or consumer group is on the server."""
+        assert isinstance(broker, KafkaBroker)
+        prefix, client = broker.topic_prefix, admin(broker.config["bootstrap.servers"])
+        topics = (await asyncio.to_thread(client.list_topics, timeout=PATIENCE)).topics
+        made = {topic_name(prefix, address), topic_name(f"{prefix}_retry_", address)}
+        groups = (await asyncio.wrap_future(client.list_consumer_groups(request_timeout=PATIENCE))).valid
+        return bool(made & set(topics)) or f"{prefix}{address}" in {g.group_id for g in groups}
 
 
 # --- helpers --------------------------------------------------------------------------------------------

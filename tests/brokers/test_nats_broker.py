@@ -14,6 +14,7 @@ import uuid
 from collections.abc import AsyncIterator
 
 import nats
+import nats.errors
 import nats.js.errors
 import pytest
 
@@ -24,6 +25,7 @@ from eventrelay.envelope import Message, new_message_id
 from eventrelay.errors import BrokerUnavailable, ConfigurationError, PublishFailed
 from tests.brokers.contract import (
     PATIENCE,
+    QUIET,
     BrokerContract,
     MakeBroker,
     collect,
@@ -33,6 +35,7 @@ from tests.brokers.contract import (
     receive,
     subscriber_name,
 )
+from tests.brokers.contract_replies import ReplyContract
 from tests.faultproxy import FaultProxy
 from tests.servers import require_server
 
@@ -90,7 +93,7 @@ async def _until_the_stream_is_empty(broker: NatsBroker) -> None:
     await _until_the_stream_holds(broker, 0)
 
 
-class TestNatsBroker(BrokerContract):
+class TestNatsBroker(BrokerContract, ReplyContract):
     # A durable consumer per (service, event name), fetched in turn: each name keeps its stream order, but
     # nothing orders one name's messages against another's.
     orders_across_names = False
@@ -109,6 +112,20 @@ class TestNatsBroker(BrokerContract):
             return NatsBroker(f"{url}&{options}" if options else url)
 
         return make
+
+    async def reply_channel_exists(self, broker: Broker, address: str) -> bool:
+        """Whether the server has a subscriber to `address`: a request to it finds none at once, or waits
+        (the reply channel drops a message that answers no request of its process)."""
+        client = await nats.connect(f"nats://127.0.0.1:{PORT}")
+        try:
+            await client.request(address, b"", timeout=QUIET)
+        except nats.errors.NoRespondersError:
+            return False
+        except nats.errors.TimeoutError:
+            return True
+        finally:
+            await client.close()
+        raise AssertionError(f"{address} answered a request")
 
 
 # --- configuration ---------------------------------------------------------------------------------
@@ -135,6 +152,20 @@ def test_event_names_map_to_subject_levels_reversibly() -> None:
     assert subject_token("a.*.>") == "a.%2A.%3E"
     assert subject_token("100%") == "100%25"
     assert durable("svc", "a.b") != durable("svc", "a b")  # same slug, told apart by the digest
+
+
+async def test_replies_never_reach_the_stream(nats_url: str) -> None:
+    with pytest.raises(ConfigurationError, match="is under _INBOX"):  # its stream would capture replies
+        NatsBroker("nats://127.0.0.1:4222?prefix=_INBOX.shop")
+    async with NatsBroker(nats_url) as broker:
+        replies = await broker.open_replies("x")
+        await replies.close()
+        forged = [f"{broker.prefix}.Orders", "_INBOX.*", "_INBOX.>", f"{replies.address}.x", "Orders"]
+        for address in forged:
+            with pytest.raises(PublishFailed, match="Not a NATS reply subject"):
+                await broker.send_reply(address, Message(new_message_id(), "Orders", b"{}"))
+        await broker.send_reply(replies.address, Message(new_message_id(), "Orders", b"{}"))  # gone: dropped
+        assert (await _stream_info(broker)).state.messages == 0
 
 
 async def test_a_closed_broker_starts_again(nats_url: str) -> None:

@@ -19,6 +19,7 @@ from typing import ClassVar
 from uuid import UUID
 
 import aio_pika
+import aiormq.exceptions
 import pamqp.frame
 import pytest
 from aiormq import spec
@@ -45,6 +46,7 @@ from tests.brokers.contract import (
     receive,
     subscriber_name,
 )
+from tests.brokers.contract_replies import ReplyContract
 from tests.brokers.raw_amqp import content_header, nested_table, publish_raw, short_string
 from tests.faultproxy import FaultProxy
 from tests.servers import require_server
@@ -115,7 +117,21 @@ async def topology() -> AsyncIterator[Topology]:
     await topology.delete()
 
 
-class TestRabbitMQBroker(BrokerContract):
+async def reply_queue_exists(address: str) -> bool:
+    """Whether the reply queue `address` is on the server (a passive declare on a connection of our own,
+    which its owner's exclusive lock refuses)."""
+    async with await aio_pika.connect(SERVER) as connection:
+        channel = await connection.channel()
+        try:
+            await channel.declare_queue(address, passive=True)
+        except aiormq.exceptions.ChannelNotFoundEntity:
+            return False
+        except aiormq.exceptions.ChannelLockedResource:
+            return True
+        raise AssertionError(f"{address} is not exclusive to its process")
+
+
+class TestRabbitMQBroker(BrokerContract, ReplyContract):
     options = ""
     unreachable_urls = ("amqp://someone:secret@127.0.0.1:9/?exchange=x",)
     server_port = PORT
@@ -134,6 +150,9 @@ class TestRabbitMQBroker(BrokerContract):
 
         return make
 
+    async def reply_channel_exists(self, broker: Broker, address: str) -> bool:
+        return await reply_queue_exists(address)
+
 
 class TestRabbitMQQuorumBroker(TestRabbitMQBroker):
     options = "queue_type=quorum&retry_delays=0.2,1"
@@ -148,6 +167,22 @@ class TestRabbitMQQuorumBroker(TestRabbitMQBroker):
             channel = await connection.channel()
             with pytest.raises(aio_pika.exceptions.ChannelPreconditionFailed, match="x-queue-type"):
                 await channel.declare_queue(subscriber, durable=True)  # a classic one is refused
+
+
+class TestRabbitMQAbpReplies(ReplyContract):
+    """Request/reply with ABP's profile: an exchange without an alternate one, and ABP's JSON."""
+
+    @pytest.fixture
+    def make_broker(self, topology: Topology) -> MakeBroker:
+        exchange = exchange_name()
+
+        def make(options: str = "", *, port: int | None = None) -> TrackedBroker:
+            return topology.broker(f"profile=abp&{options}".rstrip("&"), exchange=exchange)
+
+        return make
+
+    async def reply_channel_exists(self, broker: Broker, address: str) -> bool:
+        return await reply_queue_exists(address)
 
 
 # --- URLs and errors -------------------------------------------------------------------------------------
@@ -188,6 +223,43 @@ async def test_settings_that_contradict_the_server_are_configuration_errors(topo
 
 
 # --- routing keys nobody binds ----------------------------------------------------------------------------
+
+
+async def test_replies_go_only_to_reply_queues_and_one_nobody_waits_for_is_dropped(
+    topology: Topology,
+) -> None:
+    subscriber, name = subscriber_name(), event_name()
+    async with topology.broker() as broker:
+        await broker.bind(subscriber, name)
+        for address in (subscriber, broker.unrouted, "amq.rabbitmq.reply-to"):
+            with pytest.raises(PublishFailed, match="Not a RabbitMQ reply queue"):
+                await broker.send_reply(address, message(name))
+        replies = await broker.open_replies("x")
+        await replies.close()
+        await broker.send_reply(replies.address, message(name))  # its queue is gone: dropped, not kept
+        assert await broker.pending_count(subscriber) == 0
+        assert not await reply_queue_exists(replies.address)
+
+
+async def test_a_reply_queue_the_server_still_holds_for_a_lost_connection_is_named_anew(
+    topology: Topology,
+) -> None:
+    instance = uuid.uuid4().hex
+    async with await aio_pika.connect(SERVER) as half_open, topology.broker() as broker:
+        held = await (await half_open.channel()).declare_queue(
+            f"eventrelay.replies.{instance}", exclusive=True, auto_delete=True
+        )
+        replies = await broker.open_replies(instance)
+        try:
+            assert replies.address == f"{held.name}.1"
+            sent = message("Replies.Any")
+            await broker.send_reply(replies.address, sent)
+            async with asyncio.timeout(PATIENCE):
+                while not (got := await replies.receive(1.0)):
+                    pass
+            assert [m.id for m in got] == [sent.id]
+        finally:
+            await replies.close()
 
 
 async def test_a_message_nobody_binds_is_kept_in_the_unrouted_queue(topology: Topology) -> None:

@@ -20,9 +20,10 @@ from redis.asyncio import Redis
 
 from eventrelay import Context, DistributedEventBus, Event
 from eventrelay.brokers import broker_from_url
+from eventrelay.brokers.base import Broker
 from eventrelay.brokers.redis import RedisBroker
 from eventrelay.envelope import Message, new_message_id
-from eventrelay.errors import BrokerUnavailable, ConfigurationError
+from eventrelay.errors import BrokerUnavailable, ConfigurationError, PublishFailed
 from eventrelay.testing import wait_until_idle
 from tests.brokers.contract import (
     PATIENCE,
@@ -34,6 +35,7 @@ from tests.brokers.contract import (
     nothing_for,
     subscriber_name,
 )
+from tests.brokers.contract_replies import ReplyContract
 from tests.bus.helpers import settings
 from tests.faultproxy import FaultProxy
 from tests.servers import require_server
@@ -76,7 +78,7 @@ async def prefix() -> AsyncIterator[str]:
         await delete_keys(prefix)
 
 
-class TestRedisBroker(BrokerContract):
+class TestRedisBroker(BrokerContract, ReplyContract):
     unreachable_urls = ("redis://someone:secret@127.0.0.1:9/0",)
     server_port = PORT
     short_lease = "visibility_timeout=0.3"
@@ -89,8 +91,25 @@ class TestRedisBroker(BrokerContract):
 
         return make
 
+    async def reply_channel_exists(self, broker: Broker, address: str) -> bool:
+        async with redis_client() as client:
+            [(_, subscribers)] = await client.pubsub_numsub(address)
+        return bool(subscribers)
+
 
 # --- configuration and errors ---------------------------------------------------------------------------
+
+
+async def test_replies_go_only_to_reply_channels_under_the_prefix(prefix: str) -> None:
+    async with RedisBroker(redis_url(prefix)) as broker:
+        for address in ("other:replies:x", f"{prefix}queue:Orders", "Orders"):
+            with pytest.raises(PublishFailed, match="Not a Redis reply channel"):
+                await broker.send_reply(address, Message(new_message_id(), "Orders", b"{}"))
+        replies = await broker.open_replies("x")
+        await replies.close()
+        await broker.send_reply(replies.address, Message(new_message_id(), "Orders", b"{}"))  # gone: dropped
+    async with redis_client() as client:
+        assert [key async for key in client.scan_iter(match=f"{prefix}*")] == [], "a reply leaves no key"
 
 
 def test_urls_choose_the_redis_broker_and_its_options() -> None:

@@ -10,13 +10,16 @@ from pathlib import Path
 from typing import ClassVar
 
 import pytest
+from sqlalchemy import func, select, union_all
 
 from eventrelay.brokers import broker_from_url
+from eventrelay.brokers.base import Broker
 from eventrelay.brokers.sql import SqlBroker
 from eventrelay.envelope import Delivery, Message, new_message_id
 from eventrelay.errors import BrokerUnavailable, ConfigurationError
 from eventrelay.stores.base import utcnow
 from tests.brokers.contract import OUTAGES, PATIENCE, SERVER, BrokerContract, MakeBroker, collect
+from tests.brokers.contract_replies import ReplyContract
 from tests.conftest import POSTGRESQL_PORT
 from tests.faultproxy import FaultProxy
 
@@ -25,7 +28,19 @@ def _with(url: str, options: str) -> str:
     return f"{url}?{options}" if options else url
 
 
-class TestSqliteBroker(BrokerContract):
+async def _reply_rows(broker: Broker, address: str) -> bool:
+    """Whether the generic reply channel at `address` has a binding or a delivery row left."""
+    assert isinstance(broker, SqlBroker)
+    bindings, deliveries = broker.bindings, broker.deliveries
+    rows = union_all(
+        select(bindings.c.subscriber).where(bindings.c.subscriber == address),
+        select(deliveries.c.subscriber).where(deliveries.c.subscriber == address),
+    ).subquery()
+    async with broker.engine.connect() as conn:
+        return bool(await conn.scalar(select(func.count()).select_from(rows)))
+
+
+class TestSqliteBroker(BrokerContract, ReplyContract):
     cannot: ClassVar[Mapping[str, str]] = {
         SERVER: "a file: there is no server, and its URL has no password",
         OUTAGES: "a file: there is no server to lose",
@@ -39,9 +54,12 @@ class TestSqliteBroker(BrokerContract):
 
         return make
 
+    async def reply_channel_exists(self, broker: Broker, address: str) -> bool:
+        return await _reply_rows(broker, address)
+
 
 @pytest.mark.postgresql
-class TestPostgresqlBroker(BrokerContract):
+class TestPostgresqlBroker(BrokerContract, ReplyContract):
     unreachable_urls = ("postgresql+asyncpg://someone:secret@127.0.0.1:9/nowhere",)
     server_port = POSTGRESQL_PORT
     short_lease = "lease=0.3"
@@ -53,6 +71,9 @@ class TestPostgresqlBroker(BrokerContract):
             return SqlBroker(_with(url, options))
 
         return make
+
+    async def reply_channel_exists(self, broker: Broker, address: str) -> bool:
+        return await _reply_rows(broker, address)
 
 
 def test_urls_choose_the_sql_broker(tmp_path: Path) -> None:

@@ -17,7 +17,7 @@ from types import TracebackType
 from typing import Generic, Self, TypeVar
 
 from eventrelay.envelope import Delivery, Message
-from eventrelay.errors import ConfigurationError
+from eventrelay.errors import ConfigurationError, PublishFailed
 
 logger = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -109,6 +109,10 @@ class LeaseKeeper(Generic[T]):
                     )
 
 
+REPLIES = "eventrelay.replies."
+"""What the name of every generic reply channel (and RabbitMQ's reply queue) begins with: no event's."""
+
+
 class Replies(ABC):
     """The replies to one process's requests: put `address` in a request's reply-to header; whoever answers
     sends to it with `Broker.send_reply`, and `receive()` hands the replies here, each once, unacked: a reply
@@ -132,7 +136,7 @@ class SubscriptionReplies(Replies):
 
     def __init__(self, broker: Broker, instance: str) -> None:
         self.broker = broker
-        self.subscriber = self.address = f"eventrelay.replies.{instance}"
+        self.subscriber = self.address = f"{REPLIES}{instance}"
 
     async def open(self) -> Self:
         await self.broker.bind(self.subscriber, self.address)
@@ -220,7 +224,10 @@ class Broker(ABC):
 
     async def send_reply(self, address: str, message: Message) -> None:
         """Send `message` to the reply channel at `address` (any broker's `Replies.address`). The default
-        publishes it under the address as its name, which only that channel's subscription is bound to."""
+        publishes it under the address as its name, which only that channel's subscription is bound to; it
+        refuses any other name, so that a forged reply-to header cannot make a reply pass for an event."""
+        if not address.startswith(REPLIES):
+            raise PublishFailed(f"Not a reply channel: {address[:100]!r}")
         await self.publish([dataclasses.replace(message, name=address)])
 
     async def pending_count(self, subscriber: str) -> int:

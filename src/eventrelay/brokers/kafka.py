@@ -42,6 +42,9 @@ keeps its partitions), `partitions` (6) and `replication_factor` (-1: the broker
 checks them at `start`); any other is an error when the broker is made. A consumer prefetches at most 4 MiB
 (`queued.max.messages.kbytes=4096`, librdkafka's default is 64 MiB).
 
+Replies (`bus.request`): the generic reply channel, a subscriber of the process's own (a topic, a retry topic
+and a consumer group), whose close leaves the group and deletes all three, so that a process leaves nothing.
+
 Why confluent-kafka (librdkafka): its idempotent producer, which lets `acks=all` retry without duplicates or
 reordering, works against Kafka and Tansu alike; aiokafka's idempotent producer and transactions fail at
 start on Tansu. Its calls block, so they run in threads.
@@ -91,7 +94,7 @@ try:
 except ImportError as exc:  # pragma: no cover
     raise ImportError("Kafka support needs an extra: pip install 'eventrelay[kafka]'") from exc
 
-from eventrelay.brokers.base import Broker
+from eventrelay.brokers.base import Broker, Replies, SubscriptionReplies
 from eventrelay.brokers.options import UrlOptions, url_query
 from eventrelay.config import redact_url
 from eventrelay.envelope import Delivery, Message
@@ -256,6 +259,27 @@ class KafkaBroker(Broker):
                 total += max(0, max(end, owned.get((topic, p), 0)) - start)
         return total
 
+    async def open_replies(self, instance: str) -> Replies:
+        """The generic reply channel, whose close deletes what it made (see the module docstring)."""
+        return await _KafkaReplies(self, instance).open()
+
+    async def delete_subscription(self, subscriber: str) -> None:
+        """Leave `subscriber`'s group, then delete it, its retry topic and the topic of the name that is the
+        subscriber's own (a reply channel's), which nobody else reads."""
+        if (group := self._groups.pop(subscriber, None)) is not None:
+            await group.run(group.close)
+            group.thread.shutdown(wait=False)
+        retry = topic_name(f"{self.topic_prefix}_retry_", subscriber)  # as its `Group` names it
+        admin, topics = self._admin_client(), [self._topic(subscriber), retry]
+        async with self.translate("delete topics on"):
+            for topic, future in admin.delete_topics(topics, operation_timeout=self.timeout).items():
+                self._partitions.pop(topic, None)
+                with contextlib.suppress(KafkaException):  # never made (no reply came), say
+                    await asyncio.wrap_future(future)
+            for future in admin.delete_consumer_groups([f"{self.topic_prefix}{subscriber}"]).values():
+                with contextlib.suppress(KafkaException):  # no offset committed: no group
+                    await asyncio.wrap_future(future)
+
     # --- internals -----------------------------------------------------------------------------------
 
     def _topic(self, name: str) -> str:
@@ -336,6 +360,15 @@ class KafkaBroker(Broker):
             raise kind(text) from exc
         except (BufferError, TimeoutError) as exc:
             raise BrokerUnavailable(f"Could not {action} Kafka at {self.url}: {exc or 'timed out'}") from exc
+
+
+class _KafkaReplies(SubscriptionReplies):
+    """The generic reply channel; its close deletes its topics and consumer group."""
+
+    broker: KafkaBroker
+
+    async def close(self) -> None:
+        await self.broker.delete_subscription(self.subscriber)
 
 
 def _unavailable(error: KafkaError) -> bool:

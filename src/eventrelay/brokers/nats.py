@@ -42,6 +42,10 @@ certificate) and `tls_handshake_first=1` (for a server with `handshake_first`: T
 `tls://` URL (or a `tls_*` option) to a server whose INFO does not ask for TLS is refused: nats-py would go on
 in plaintext (after sending CONNECT; only `tls_handshake_first` keeps that from an impostor).
 
+Replies (`bus.request`): a core NATS subscription per process to `_INBOX.<nuid>` (`nats_replies.py`), no
+stream and no consumer; `send_reply` publishes there and flushes. A `prefix` under `_INBOX` is refused, so
+that the stream never captures a reply (or nats-py's own inboxes).
+
 Limits: per-key order across the instances of a service only with `max_ack_pending=1`, which delivers one
 event name in stream order, one message at a time (retries included), never across event names. A message
 is at most the server's `max_payload` (1 MB by default).
@@ -68,12 +72,13 @@ try:
     from nats.js import api
 
     from eventrelay.brokers import nats_topology, nats_wire
+    from eventrelay.brokers.nats_replies import NatsReplies
     from eventrelay.brokers.nats_topology import Consumer, Pulled, Request, consumer_info, durable
     from eventrelay.brokers.nats_wire import subject_token
 except ImportError as exc:  # pragma: no cover
     raise ImportError("NATS support needs an extra: pip install 'eventrelay[nats]'") from exc
 
-from eventrelay.brokers.base import Arrivals, Broker, LeaseKeeper, delivery_token
+from eventrelay.brokers.base import Arrivals, Broker, LeaseKeeper, Replies, delivery_token
 from eventrelay.brokers.options import UrlOptions, url_query
 from eventrelay.config import redact_url
 from eventrelay.envelope import Delivery, Message
@@ -105,6 +110,8 @@ class NatsBroker(Broker):
             raise ConfigurationError(
                 f"NATS broker URL: stream={self.stream!r} must be a name, prefix={self.prefix!r} a subject"
             )
+        if self.prefix.split(".")[0] == nats_wire.INBOX:  # its stream would capture replies and pull answers
+            raise ConfigurationError(f"NATS broker URL: prefix={self.prefix!r} is under {nats_wire.INBOX}")
         self.url = parts._replace(query="").geturl()
         token = parts.username is not None and parts.password is None  # nats://<token>@host
         self.safe_url = redact_url(self.url.replace(f"{parts.username}@", "***@", 1) if token else self.url)
@@ -304,6 +311,19 @@ class NatsBroker(Broker):
     async def release(self, delivery: Delivery) -> None:
         async with self._translate("release on"):
             await self._nak(*self._let_go(delivery))
+
+    async def open_replies(self, instance: str) -> Replies:
+        """A core NATS subscription to a reply subject of this process's own (see the module docstring)."""
+        async with self._translate("open replies on"):
+            return await NatsReplies(self._nc, self._round_trip).open()
+
+    async def send_reply(self, address: str, message: Message) -> None:
+        """Publish to the reply subject `address` (core NATS, flushed); anything else is refused."""
+        if not nats_wire.reply_subject(address):
+            raise PublishFailed(f"Not a NATS reply subject: {address[:100]!r}")
+        async with self._translate("reply on"):
+            await self._nc.publish(address, message.body, headers=nats_wire.outgoing(message))
+            await self._round_trip()
 
     async def pending_count(self, subscriber: str) -> int:
         """What the subscriber's consumers still hold: not delivered yet, or delivered and not acked."""

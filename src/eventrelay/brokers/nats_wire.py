@@ -9,19 +9,27 @@ Headers: the message's own as NATS headers, percent-escaped where NATS would alt
 first character escaped). The message id is `Nats-Msg-Id` (JetStream stores an id once within its duplicate
 window), the ordering key `Eventrelay-Key`. A message without an id (not published by eventrelay) takes
 `<stream>:<sequence>`.
+
+Replies: core NATS (no stream) to a subject of one level under `_INBOX` (`reply_subject`), which no stream of
+this adapter captures (a `prefix` under `_INBOX` is refused) and no nats-py inbox (two levels or more) is.
+A reply's name is its subject, as on the generic reply channel.
 """
 
 from __future__ import annotations
 
+import re
+from collections.abc import Callable
 from urllib.parse import quote, unquote
 
 from nats.aio.msg import Msg
 
-from eventrelay.envelope import Message
+from eventrelay.envelope import Message, new_message_id
 
 MSG_ID, KEY_HEADER = "Nats-Msg-Id", "Eventrelay-Key"
 _VALUE_SAFE = "".join(chr(c) for c in range(32, 127) if chr(c) != "%")  # printable ASCII stays readable
 _NAME_SAFE = "!#$&'*+-.^_`|~"  # what a NATS header name may hold besides letters and digits
+INBOX = "_INBOX"  # nats-py's inbox prefix (the adapter never changes it)
+_REPLY_SUBJECT = re.compile(rf"{INBOX}\.[A-Za-z0-9]+")  # what `Client.new_inbox()` makes: one level
 
 
 def subject_token(name: str) -> str:
@@ -51,8 +59,22 @@ def outgoing(message: Message) -> dict[str, str]:
 
 def incoming(msg: Msg, name: str, stream: str) -> Message:
     """The message `msg` carries, fetched from `stream` by the consumer of event name `name`."""
+    return _read(msg, name, lambda: f"{stream}:{msg.metadata.sequence.stream}")
+
+
+def reply_subject(address: str) -> bool:
+    """Whether `address` is a reply subject: `_INBOX.<letters and digits>`, one level, no wildcard."""
+    return _REPLY_SUBJECT.fullmatch(address) is not None
+
+
+def reply(msg: Msg) -> Message:
+    """The reply `msg` carries, named by its subject (a core message has no stream sequence to name it by)."""
+    return _read(msg, msg.subject, new_message_id)
+
+
+def _read(msg: Msg, name: str, default_id: Callable[[], str]) -> Message:
     raw = msg.headers or {}
-    message_id = unquote(raw.get(MSG_ID, f"{stream}:{msg.metadata.sequence.stream}"))
+    message_id = unquote(raw[MSG_ID]) if MSG_ID in raw else default_id()
     key = unquote(raw[KEY_HEADER]) if KEY_HEADER in raw else None
     headers = {unquote(k): unquote(v) for k, v in raw.items() if not _reserved(k)}
     return Message(message_id, name, msg.data, headers, key)

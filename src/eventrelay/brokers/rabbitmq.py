@@ -38,6 +38,9 @@ retry queue whose delay is not shorter, then acks. Each retry queue has one TTL 
 default exchange back to the service queue, so a short delay never waits behind a long one (per-message
 TTLs expire only at the head). A longer delay than the longest goes round that queue until it is due.
 
+Replies: an exclusive queue per process (`rabbitmq_replies.py`); `send_reply` publishes to it through the
+default exchange, not mandatory (a reply to an asker that has gone is dropped): alike with `profile=abp`.
+
 Reconnection: a dropped connection is reopened with the bus's backoff (`reconnect_pause`: 0.1 s, doubling up
 to 5 s); the exchange, queues and bindings are declared again and consuming resumes. Meanwhile publish raises
 `BrokerUnavailable` (as does a publish whose confirm did not come, so its outbox row stays); fetch waits up to
@@ -61,7 +64,7 @@ from yarl import URL
 
 from eventrelay.brokers import amqp_guard
 from eventrelay.brokers.amqp_guard import UndecodableHeaders
-from eventrelay.brokers.base import Arrivals, Broker, delivery_token, reconnect_pause
+from eventrelay.brokers.base import Arrivals, Broker, Replies, delivery_token, reconnect_pause
 from eventrelay.brokers.options import UrlOptions
 from eventrelay.config import redact_url
 from eventrelay.envelope import Delivery, Message, printable
@@ -78,7 +81,9 @@ try:
     )
     from aiormq import exceptions as amqp
 
+    from eventrelay.brokers import rabbitmq_replies
     from eventrelay.brokers import rabbitmq_wire as wire
+    from eventrelay.brokers.rabbitmq_replies import RabbitMQReplies
 except ImportError as exc:  # pragma: no cover
     raise ImportError("RabbitMQ support needs an extra: pip install 'eventrelay[rabbitmq]'") from exc
 
@@ -134,6 +139,7 @@ class RabbitMQBroker(Broker):
         self._closed = False
         self._bindings: dict[str, set[str]] = {}
         self._subscribers: dict[str, _Subscriber] = {}
+        self._replies: set[RabbitMQReplies] = set()  # declared again on each new connection
         self._declared: set[str] = set()  # subscribers whose retry queues this connection declared
         self._returned: dict[str, bool] = {}  # ids given back unhandled: their redelivery is no attempt
 
@@ -183,6 +189,8 @@ class RabbitMQBroker(Broker):
                     await queue.bind(self.exchange, name)
             for sub in self._subscribers.values():
                 await self._consume(sub, conn)
+            for replies in self._replies:
+                await replies.attach(conn)
         except BaseException:
             with contextlib.suppress(Exception):
                 await conn.close()
@@ -306,6 +314,26 @@ class RabbitMQBroker(Broker):
         """Publish straight to a queue (through the default exchange), confirmed."""
         channel = await self._channel("_publisher")
         await channel.default_exchange.publish(message, queue, timeout=self.publish_timeout)
+
+    async def open_replies(self, instance: str) -> Replies:
+        """An exclusive, auto-delete queue of this process's own (see the module docstring)."""
+        replies = RabbitMQReplies(instance, self._replies.discard)
+        async with self._translate("open replies on"):
+            if self._conn is None:
+                raise BrokerUnavailable(f"Not connected to RabbitMQ at {redact_url(self._url)}")
+            await replies.attach(self._conn)
+        self._replies.add(replies)
+        return replies
+
+    async def send_reply(self, address: str, message: Message) -> None:
+        """Publish to the reply queue `address`, confirmed, through the default exchange."""
+        if not address.startswith(rabbitmq_replies.PREFIX):
+            raise PublishFailed(f"Not a RabbitMQ reply queue: {address[:100]!r}")
+        reply = wire.outgoing(message)
+        reply.delivery_mode = aio_pika.DeliveryMode.NOT_PERSISTENT  # its queue does not outlive its process
+        async with self._translate("reply on"):
+            exchange = (await self._channel("_publisher")).default_exchange
+            await exchange.publish(reply, address, mandatory=False, timeout=self.publish_timeout)
 
     # --- consuming -----------------------------------------------------------------------------------
 

@@ -26,6 +26,10 @@ what it holds (`XCLAIM ... JUSTID`) every third of the timeout, so only a dead i
 with `attempt + 1`, due by the server's clock. `release` leaves the entry pending but reclaimable at once,
 its delivery counter set back so that no attempt is counted.
 
+Replies (`bus.request`): pub/sub on the channel `<prefix>replies:<instance>`, one per process, unsubscribed at
+close. Fire and forget: nothing is stored, and a reply sent while nobody listens (its asker gone) is lost. A
+payload is the reply's id, headers and key as one JSON line, then its body.
+
 Options (query string): `prefix` (`eventrelay:`), `visibility_timeout` (30 s), `poll` (1 s: the longest a
 fetch blocks before it looks for due retries and reclaimable entries again), `maxlen` (0: no cap; n: each
 queue is capped with `XADD MAXLEN ~ n`). redis-py's URL options go to it (e.g. `socket_timeout`), TLS's too:
@@ -61,11 +65,12 @@ import socket
 import uuid
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Self
 from urllib.parse import urlencode, urlsplit, urlunsplit
 
 try:
     from redis.asyncio import BlockingConnectionPool, Redis
+    from redis.asyncio.client import PubSub
     from redis.asyncio.connection import URL_QUERY_ARGUMENT_PARSERS as TYPED_OPTIONS
     from redis.asyncio.connection import Connection, SSLConnection, UnixDomainSocketConnection
     from redis.asyncio.retry import Retry
@@ -76,7 +81,7 @@ try:
 except ImportError as exc:  # pragma: no cover
     raise ImportError("Redis support needs an extra: pip install 'eventrelay[redis]'") from exc
 
-from eventrelay.brokers.base import Broker, LeaseKeeper, delivery_token
+from eventrelay.brokers.base import Broker, LeaseKeeper, Replies, delivery_token
 from eventrelay.brokers.options import UrlOptions, keyword_names, url_query
 from eventrelay.config import redact_url
 from eventrelay.envelope import Delivery, Message
@@ -294,6 +299,19 @@ class RedisBroker(Broker):
         async with self._translate("release on"):
             await self._give_back(entry.subscriber, entry.entry_id, entry.deliveries)
 
+    async def open_replies(self, instance: str) -> Replies:
+        """A pub/sub channel of this process's own (see the module docstring)."""
+        async with self._translate("open replies on"):
+            return await RedisReplies(self, self._key("replies", instance)).open()
+
+    async def send_reply(self, address: str, message: Message) -> None:
+        """Publish to the reply channel `address`, one made under this broker's `prefix`."""
+        if not address.startswith(self._key("replies", "")):
+            raise PublishFailed(f"Not a Redis reply channel under {self.prefix!r}: {address[:100]!r}")
+        head = json.dumps({"i": message.id, "h": dict(message.headers), "k": message.key})
+        async with self._translate("reply on"):
+            await self._redis.publish(address, head.encode() + b"\n" + message.body)
+
     async def pending_count(self, subscriber: str) -> int:
         """Entries in the subscriber's queue (new or pending) plus retries waiting to be due."""
         async with self._translate("count on"), self._redis.pipeline(transaction=False) as pipe:
@@ -382,6 +400,42 @@ class RedisBroker(Broker):
             raise BrokerUnavailable(f"Could not {action} Redis at {redact_url(self.url)}: {exc}") from exc
         except RedisError as exc:
             raise PublishFailed(f"Could not {action} Redis at {redact_url(self.url)}: {exc}") from exc
+
+
+class RedisReplies(Replies):
+    """Replies to the requests of one process, on the pub/sub channel `address`."""
+
+    def __init__(self, broker: RedisBroker, address: str) -> None:
+        self.broker, self.address = broker, address
+        self._pubsub: PubSub = broker._redis.pubsub()
+
+    async def open(self) -> Self:
+        await self._pubsub.subscribe(self.address)
+        return self
+
+    async def receive(self, timeout: float) -> list[Message]:
+        came: list[Message] = []
+        wait = timeout  # for the first; then only what is here already
+        async with self.broker._translate("receive replies from"):
+            while got := await self._pubsub.get_message(ignore_subscribe_messages=True, timeout=wait):
+                wait = 0.0
+                head, _, body = got["data"].partition(b"\n")
+                try:
+                    fields = json.loads(head)
+                    came.append(Message(fields["i"], self.address, body, fields["h"], fields["k"]))
+                except (KeyError, TypeError, ValueError) as exc:  # not sent by `send_reply`
+                    logger.warning("Dropped a malformed reply on %s: %r", self.address, exc)
+        return came
+
+    async def close(self) -> None:
+        async with self.broker._translate("close replies on"):
+            try:
+                await self._pubsub.unsubscribe(self.address)
+                async with asyncio.timeout(5.0):
+                    while self._pubsub.subscribed:  # until the server confirms: gone when close returns
+                        await self._pubsub.get_message(timeout=1.0)
+            finally:
+                await self._pubsub.aclose()  # type: ignore[no-untyped-call]  # (redis-py leaves it unannotated)
 
 
 @functools.cache

@@ -17,6 +17,9 @@ each idle fetcher costs one small read per `poll_max`. A publish in the same pro
 once on both databases. SQLite runs in WAL mode; the adapter checkpoints the WAL every few seconds and caps
 its size (`journal_size_limit`), so the files do not grow without bound under steady traffic.
 
+Replies (`bus.request`): the generic reply channel (a subscription of the process's own), whose close also
+deletes the replies that came too late to be fetched, so that a process leaves no row behind.
+
 URL options (query string): `lease` (30 s), `poll_min` (0.001 s), `poll_max` (0.05 s). The database
 driver's own go to it: SQLite's `timeout` (how long a statement waits for a lock), `uri` and the others
 `sqlite3.connect` takes (with `uri=true`, those of SQLite's URI filenames too, such as `mode`), or asyncpg's
@@ -60,7 +63,14 @@ from sqlalchemy.engine import URL, make_url
 from sqlalchemy.ext.asyncio import AsyncConnection
 from sqlalchemy.util import asbool
 
-from eventrelay.brokers.base import Arrivals, Broker, LeaseKeeper, delivery_token
+from eventrelay.brokers.base import (
+    Arrivals,
+    Broker,
+    LeaseKeeper,
+    Replies,
+    SubscriptionReplies,
+    delivery_token,
+)
 from eventrelay.brokers.options import UrlOptions, keyword_names
 from eventrelay.config import redact_url
 from eventrelay.envelope import Delivery, Message
@@ -226,6 +236,16 @@ class SqlBroker(Broker):
                 )
             )
 
+    async def open_replies(self, instance: str) -> Replies:
+        """The generic reply channel, whose close deletes what it leaves (see the module docstring)."""
+        return await _SqlReplies(self, instance).open()
+
+    async def delete_subscription(self, subscriber: str) -> None:
+        """Delete `subscriber`'s bindings and every delivery row it still has."""
+        async with self._translate("clean up"), self.engine.begin() as conn:
+            await conn.execute(delete(self.bindings).where(self.bindings.c.subscriber == subscriber))
+            await conn.execute(delete(self.deliveries).where(self.deliveries.c.subscriber == subscriber))
+
     async def fetch(self, subscriber: str, max_count: int, timeout: float) -> list[Delivery]:
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout
@@ -350,6 +370,32 @@ class SqlBroker(Broker):
                     f"Could not {action} the SQL broker at {redact_url(self.url)}: {database_said(exc)}"
                 ) from exc
             raise PublishFailed(f"Could not {action} the SQL broker: {database_said(exc)}") from exc
+
+
+class _SqlReplies(SubscriptionReplies):
+    """The generic reply channel; its close deletes its binding and the rows of replies nobody fetched.
+
+    A cancelled `receive` (the asker stopping) leaves its fetch running rather than cancel it inside a
+    transaction, where SQLAlchemy can lose the connection to the garbage collector; `close` waits for it.
+    """
+
+    broker: SqlBroker
+    _receiving: asyncio.Task[list[Message]] | None = None
+
+    async def receive(self, timeout: float) -> list[Message]:
+        if self._receiving is None:
+            self._receiving = asyncio.ensure_future(super().receive(timeout))
+        receiving = self._receiving
+        try:
+            return await asyncio.shield(receiving)
+        finally:
+            if receiving.done():
+                self._receiving = None
+
+    async def close(self) -> None:
+        if self._receiving is not None:
+            await asyncio.gather(self._receiving, return_exceptions=True)  # its replies come too late
+        await self.broker.delete_subscription(self.subscriber)
 
 
 def _fan_out(bindings: Table, deliveries: Table) -> Any:
