@@ -16,8 +16,7 @@ publisher in "stopped".
 
 The request/reply rows play the same talk with an answering service as the consumer (it counts each request
 that arrives) and an asker as the publisher: each of its units is one `request` awaited to its reply, timed
-by the asker alone (`RoundTrips`), whose round trips go with its "published" figures. An asker may name in
-its "ready" the queues it made that the runner is to delete after the round.
+by the asker alone (`RoundTrips`), whose round trips go with its "published" figures.
 """
 
 from __future__ import annotations
@@ -251,12 +250,11 @@ async def serve_publisher(
     conn: Connection,
     send: Callable[[int], Awaitable[None]],
     close: Callable[[], Awaitable[None]],
-    ready: dict[str, Any] | None = None,
     figures: Callable[[], dict[str, Any]] | None = None,
 ) -> None:
-    """A publisher's part of the talk: ready (with `ready`), publish on "go", report (with what `figures`
-    adds), close on "stop" and report its CPU."""
-    conn.send(("ready", ready))
+    """A publisher's part of the talk: ready, publish on "go", report (with what `figures` adds), close on
+    "stop" and report its CPU."""
+    conn.send(("ready", None))
     await until(conn, "go")
     cpu_started = time.process_time()
     start_ns, end_ns = await drive(job, send)

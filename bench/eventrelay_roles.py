@@ -26,8 +26,6 @@ from bench.child import (
 from bench.payload import GetProductEto, ProductEto, ProductPriceChangedEto, answer, event, question
 from eventrelay import DistributedEventBus, DistributedEventHandler, event_name
 from eventrelay.brokers import broker_from_url
-from eventrelay.brokers.base import SubscriptionReplies
-from eventrelay.brokers.rabbitmq import RabbitMQBroker
 from eventrelay.codec import encode_body
 from eventrelay.envelope import Message, new_message_id
 
@@ -144,18 +142,7 @@ async def ask(job: Job, conn: Connection) -> None:
     async def send(seq: int) -> None:
         await trips.time(seq, request(seq))
 
-    left = {"queues": _reply_queues(bus, job.url)}
-    await serve_publisher(job, conn, send, bus.stop, ready=left, figures=trips.figures)
-
-
-def _reply_queues(bus: DistributedEventBus, url: str) -> list[str]:
-    """What a reply channel may leave on RabbitMQ: the generic one (`SubscriptionReplies`) unbinds its queue
-    when closed but leaves it and its retry queues, which the runner deletes. A native channel leaves none
-    (and deleting a queue that is not there is fine); on NATS the stream goes with the round."""
-    if not url.startswith("amqp"):
-        return []
-    queue = SubscriptionReplies(bus.broker, bus.requester.instance).subscriber
-    return [queue, *RabbitMQBroker(url).retry_queues(queue)]
+    await serve_publisher(job, conn, send, bus.stop, figures=trips.figures)
 
 
 async def _sql(url: str, statement: str) -> None:

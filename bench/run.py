@@ -107,7 +107,7 @@ def run_round(scenario: Scenario, kafka: str | None) -> RoundResult:
 async def _provisioned_round(scenario: Scenario, plan: Any) -> RoundResult:
     async with provisioned(plan):
         # The processes are driven from a thread: their pipes block, and this loop must stay free to clean up.
-        return await asyncio.to_thread(_round, scenario, plan.consumer, plan.publisher, plan.queues)
+        return await asyncio.to_thread(_round, scenario, plan.consumer, plan.publisher)
 
 
 def _roles(scenario: Scenario) -> tuple[str, str]:
@@ -123,9 +123,8 @@ def _roles(scenario: Scenario) -> tuple[str, str]:
     return f"{prefix}.consume", f"{prefix}.publish"
 
 
-def _round(scenario: Scenario, consumer_job: Job, publisher_job: Job, leftovers: list[str]) -> RoundResult:
-    """One round's talk with its processes; the queues the publisher names when ready go into `leftovers`
-    (the round's queues, deleted after it)."""
+def _round(scenario: Scenario, consumer_job: Job, publisher_job: Job) -> RoundResult:
+    """One round's talk with its processes."""
     consume, publish = _roles(scenario)
     if scenario.measure == "backlog":
         publish = "eventrelay.fill"
@@ -146,7 +145,7 @@ def _round(scenario: Scenario, consumer_job: Job, publisher_job: Job, leftovers:
             consumer.expect("ready", START_TIMEOUT)
             publisher = Process(publish, publisher_job)
             started.append(publisher)
-            leftovers += (publisher.expect("ready", START_TIMEOUT) or {}).get("queues", [])
+            publisher.expect("ready", START_TIMEOUT)
             consumer.say("go")  # its CPU clock starts: the publisher's first event comes after this
             publisher.say("go")
             published = publisher.expect("published", scenario.timeout)
