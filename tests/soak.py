@@ -3,8 +3,8 @@
     python -m tests.soak [--runs 5] [--hogs 2] [--workers 2] [PYTEST_ARGS...]   (or: make soak)
 
 Each run is a `pytest -n WORKERS` over the process-level and broker tests (by default `tests/reliability`,
-`tests/processes`, `tests/brokers` and `tests/bus`) in an order shuffled with a new seed (this module is
-also the pytest plugin that shuffles), beside HOGS processes that keep a core busy each. At
+`tests/processes`, `tests/brokers`, `tests/bus` and `tests/sagas`) in an order shuffled with a new seed (this
+module is also the pytest plugin that shuffles), beside HOGS processes that keep a core busy each. At
 the end it prints every test that failed at least once, with how many runs it failed in and the seeds of
 those runs, and exits 1 if there was one. Servers are required, as in CI. A test that fails here once is a
 flake with a cause: the run's junit XML (`.soak/run-N.xml`) and output (`.soak/run-N.log`) hold its failure.
@@ -27,7 +27,7 @@ from pathlib import Path
 
 import pytest
 
-DEFAULT_TESTS = ["tests/reliability", "tests/processes", "tests/brokers", "tests/bus"]
+DEFAULT_TESTS = ["tests/reliability", "tests/processes", "tests/brokers", "tests/bus", "tests/sagas"]
 SHUFFLE_VARIABLE = "EVENTRELAY_TEST_SHUFFLE"  # the seed of the test order
 
 
