@@ -454,17 +454,24 @@ def asyncapi(target: str, output: str | None, api_version: str, as_json: bool) -
 
 @main.command()
 @TARGET
-@click.option("--json", "as_json", is_flag=True, help="Accepted for scripts: the output is JSON either way.")
-def schema(target: str, as_json: bool) -> None:
-    """Print the JSON Schema of each event a service publishes or handles, by event name (JSON).
+@click.option("--json", "as_json", is_flag=True, help="JSON for scripts (the schemas are JSON either way).")
+@click.option("--check", metavar="FILE", help="Exit 1 on a change that breaks a consumer of this snapshot.")
+@click.option("--write", metavar="FILE", help="Write the schemas to this snapshot (other services' stay).")
+def schema(target: str, as_json: bool, check: str | None, write: str | None) -> None:
+    """Print the JSON Schema of each event a service publishes or handles; or check or write a snapshot.
 
-    Example: eventrelay schema products.app:service
+    Example: eventrelay schema products.app:service --check contracts.lock.json
     """
     from eventrelay.asyncapi import event_schemas
+    from eventrelay.cli_contracts import check_or_write
 
     service = load_service(target)
     run_async(service.prepare)
-    click.echo(json.dumps(event_schemas(service), indent=2))
+    schemas = event_schemas(service)
+    if check or write:
+        check_or_write(service.name, schemas, check, write, as_json)
+    else:
+        click.echo(json.dumps(schemas, indent=2))
 
 
 @main.command()

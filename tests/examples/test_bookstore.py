@@ -216,6 +216,24 @@ def _bookstore_imports(path: Path) -> set[str]:
 
 
 @pytest.mark.parametrize("service", SERVICES)
+def test_each_service_keeps_the_contracts_committed_in_its_snapshot(service: str, tmp_path: Path) -> None:
+    """What a team runs in CI: `eventrelay schema --check` against `contracts.lock.json` (see its README)."""
+    target = f"bookstore.{service}.app:service"
+    result = subprocess.run(
+        [sys.executable, "-m", "eventrelay", "schema", target, "--check", "bookstore/contracts.lock.json"],
+        cwd=EXAMPLES,
+        env={"PYTHONPATH": str(EXAMPLES), "PATH": "/usr/bin:/bin", "BOOKSTORE_DATA": str(tmp_path)},
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert result.returncode == 0, f"{result.stdout}\n{result.stderr}"
+    assert result.stdout.startswith("The contracts of ")
+    assert "compatible with bookstore/contracts.lock.json" in result.stdout
+
+
+@pytest.mark.parametrize("service", SERVICES)
 def test_a_service_imports_only_other_services_contracts(service: str) -> None:
     files = list((BOOKSTORE / service).rglob("*.py"))
     assert files
