@@ -12,7 +12,7 @@ from pydantic import ValidationError
 
 from eventrelay.envelope import VERSION, Message
 from eventrelay.errors import ConfigurationError, DecodeError
-from eventrelay.events import DynamicEvent, Event, event_version
+from eventrelay.events import DynamicEvent, Event
 from eventrelay.json_style import JsonStyle, decode_abp, encode_abp, validate_abp
 from eventrelay.upcasting import upcast
 
@@ -39,7 +39,7 @@ def encode_body(event: Event | DynamicEvent, style: JsonStyle = "eventrelay") ->
 def version_header(event: Event | DynamicEvent) -> dict[str, str]:
     """The version header of `event`'s message: none at version 1 (or dynamic), so such a message is
     byte-for-byte what it was before versions, and what ABP sends."""
-    version = event_version(event) if isinstance(event, Event) else 1
+    version = event.__event_version__ if isinstance(event, Event) else 1
     return {VERSION: str(version)} if version > 1 else {}
 
 
@@ -148,7 +148,9 @@ def decode(
         if not isinstance(data, dict):
             raise DecodeError(f"body of {message.name!r} is not a JSON object")
         return DynamicEvent(message.name, data)
-    upcast_body = upcast(message, event_type, style)  # None for a message as new as the class: no parse here
+    # The common case, a version-1 message for a version-1 class, pays two lookups here and nothing more.
+    versioned = VERSION in message.headers or event_type.__event_version__ > 1
+    upcast_body = upcast(message, event_type, style) if versioned else None  # None: validate the body as sent
     try:
         if upcast_body is not None:
             if style == "abp":

@@ -13,7 +13,7 @@ from datetime import datetime, timedelta
 from typing import Any
 
 from eventrelay.brokers.base import Broker, reconnect_pause
-from eventrelay.codec import check_headers, encode_body, version_header
+from eventrelay.codec import check_headers, encode_body
 from eventrelay.envelope import (
     CAUSATION_ID,
     COMMITTED_AT,
@@ -247,11 +247,11 @@ class Outbox:
             if data is not None:
                 raise ConfigurationError("Pass data only with an event name: publish('Name', {...})")
             name, body = event_name(event), encode_body(event, self.json_style)
-            versioned = version_header(event)
+            version = event.__event_version__
         elif isinstance(event, str):
             name = validate_event_name(event)
             body = encode_body(DynamicEvent(name, dict(data or {})))
-            versioned = {}
+            version = 1
         else:
             raise ConfigurationError(f"publish takes an Event or an event name, not {type(event).__name__}")
         if key is not None and (not isinstance(key, str) or len(key) > 256):
@@ -268,7 +268,8 @@ class Outbox:
                 )
             if VERSION in all_headers:
                 raise ConfigurationError(f"{VERSION} is set from the event class's version=, not headers=")
-        all_headers.update(versioned)
+        if version > 1:  # version 1 goes without, as before versions (and as ABP sends)
+            all_headers[VERSION] = str(version)
         message_id = new_message_id()
         parent = current_context.get()
         correlation = correlation_id or (parent.correlation_id if parent else None) or message_id
