@@ -16,7 +16,9 @@ A publisher stamps the `x-eventrelay-version` header with its class's version wh
 without it is version 1. Decoding a message of version v into a class of version n > v runs the upcasters
 from v, v+1, ... n-1 in turn on the body, then validates the result. An upcaster receives the body as it is
 on the wire, a parsed JSON object: in JSON style "abp" its names are camelCase and its decimals `Decimal`s.
-A message newer than the class is decoded as any other (unknown fields ignored).
+The result is validated as a dict (pydantic's Python mode, not JSON mode), so an upcaster may put in JSON
+values or Python ones (a `Decimal`, a `datetime`). A message newer than the class is decoded as any other
+(unknown fields ignored).
 
 Upcasters are registered by event name and from-version, so a class and the upcasters of its name must be
 imported before the bus decodes messages of it (declare them next to the class).
