@@ -32,7 +32,7 @@ from eventrelay.errors import (
     StoreError,
     UnitOfWorkError,
 )
-from eventrelay.events import DynamicEvent, Event, event_name
+from eventrelay.events import DynamicEvent, Event, event_name, event_version
 from eventrelay.handlers import Context, DistributedEventHandler, Reject, Retry, RetryPolicy
 from eventrelay.metrics import scrape
 from eventrelay.saga import Saga, SagaRecord, step
@@ -40,6 +40,7 @@ from eventrelay.service import Service
 from eventrelay.stores.base import DeadLetter, Store
 from eventrelay.synchronizer import EntitySynchronizer
 from eventrelay.uow import UnitOfWork
+from eventrelay.upcasting import upcaster
 
 __all__ = [
     "Broker",
@@ -81,7 +82,9 @@ __all__ = [
     "UnitOfWork",
     "UnitOfWorkError",
     "event_name",
+    "event_version",
     "redact_url",
     "scrape",
     "step",
+    "upcaster",
 ]

@@ -10,10 +10,11 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from eventrelay.envelope import Message
+from eventrelay.envelope import VERSION, Message
 from eventrelay.errors import ConfigurationError, DecodeError
 from eventrelay.events import DynamicEvent, Event
-from eventrelay.json_style import JsonStyle, decode_abp, encode_abp
+from eventrelay.json_style import JsonStyle, decode_abp, encode_abp, validate_abp
+from eventrelay.upcasting import upcast
 
 
 def encode_body(event: Event | DynamicEvent, style: JsonStyle = "eventrelay") -> bytes:
@@ -33,6 +34,13 @@ def encode_body(event: Event | DynamicEvent, style: JsonStyle = "eventrelay") ->
                 f"The payload of dynamic event {event.name!r} is not JSON: {exc}"
             ) from exc
     return event.model_dump_json(by_alias=True).encode()
+
+
+def version_header(event: Event | DynamicEvent) -> dict[str, str]:
+    """The version header of `event`'s message: none at version 1 (or dynamic), so such a message is
+    byte-for-byte what it was before versions, and what ABP sends."""
+    version = event.__event_version__ if isinstance(event, Event) else 1
+    return {VERSION: str(version)} if version > 1 else {}
 
 
 def _not_text(headers: Mapping[Any, Any]) -> list[Any]:
@@ -116,8 +124,11 @@ def decode(
     """Turn a message into `event_type`, or into a `DynamicEvent` when `event_type` is None, reading the body
     in `style`'s conventions (a `DynamicEvent`'s dict is the body as it is, in either style).
 
-    Raises `DecodeError` with a readable reason for oversize, non-JSON, too deeply nested or invalid bodies
-    and bad headers, and for any other exception decoding raises: such a message is dead-lettered at once.
+    A message of an older version than `event_type`'s is upcast first (`upcasting.py`).
+
+    Raises `DecodeError` with a readable reason for oversize, non-JSON, too deeply nested or invalid bodies,
+    bad headers and failed upcasts, and for any other exception decoding raises: such a message is
+    dead-lettered at once.
     """
     if len(message.body) > max_bytes:
         raise DecodeError(f"message is {len(message.body)} bytes, over the limit of {max_bytes}")
@@ -137,7 +148,14 @@ def decode(
         if not isinstance(data, dict):
             raise DecodeError(f"body of {message.name!r} is not a JSON object")
         return DynamicEvent(message.name, data)
+    # The common case, a version-1 message for a version-1 class, pays two lookups here and nothing more.
+    versioned = VERSION in message.headers or event_type.__event_version__ > 1
+    upcast_body = upcast(message, event_type, style) if versioned else None  # None: validate the body as sent
     try:
+        if upcast_body is not None:
+            if style == "abp":
+                return validate_abp(upcast_body, event_type)
+            return event_type.model_validate(upcast_body)
         if style == "abp":
             return decode_abp(message.body, event_type)
         return event_type.model_validate_json(message.body)

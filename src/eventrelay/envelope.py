@@ -19,6 +19,7 @@ REPLY_TO = "x-eventrelay-reply-to"  # a request's: the reply channel's address
 DEADLINE = "x-eventrelay-deadline"  # a request's: when its asker gives up, in Unix seconds
 IN_REPLY_TO = "x-eventrelay-in-reply-to"  # a reply's: the request's message id
 FAILURE = "x-eventrelay-failure"  # a failure reply's: the type name of the exception that answered
+VERSION = "x-eventrelay-version"  # the version of the event class that wrote the body, when it is over 1
 RESERVED_HEADERS = frozenset({CORRELATION_ID, CAUSATION_ID, TENANT_ID})
 REQUEST_HEADERS = frozenset({REPLY_TO, DEADLINE, IN_REPLY_TO, FAILURE})
 

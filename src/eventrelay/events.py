@@ -13,6 +13,9 @@ break every subscriber. A generic event names itself after its type argument (AB
 
 Unknown fields are ignored when decoding, so a subscriber may keep its own copy of a publisher's ETO class
 with the same name and the fields it needs.
+
+An event whose shape changed declares its version, `class X(Event, name=..., version=2)` (default 1); an
+older message is brought up to it by upcasters (`eventrelay.upcasting`).
 """
 
 from __future__ import annotations
@@ -53,14 +56,23 @@ class Event(BaseModel):
 
     __event_name__: ClassVar[str]
     __event_declaration__: ClassVar[tuple[str | None, str, str]] = (None, "", "")
+    __event_version__: ClassVar[int] = 1
 
     def __init_subclass__(
-        cls, name: object = None, name_prefix: str = "", name_postfix: str = "", **kwargs: Any
+        cls,
+        name: object = None,
+        name_prefix: str = "",
+        name_postfix: str = "",
+        version: object = 1,
+        **kwargs: Any,
     ) -> None:
         super().__init_subclass__(**kwargs)
         if name is not None:
             validate_event_name(name)
+        if not isinstance(version, int) or isinstance(version, bool) or version < 1:
+            raise ConfigurationError(f"{cls.__name__}: version= must be an integer from 1 up: {version!r}")
         cls.__event_declaration__ = (name, name_prefix, name_postfix)  # type: ignore[assignment]
+        cls.__event_version__ = version
 
     @classmethod
     def __pydantic_init_subclass__(cls, **kwargs: Any) -> None:
@@ -75,6 +87,7 @@ class Event(BaseModel):
             return  # an open generic such as EntityUpdatedEto: only its parametrizations have names
         if metadata["origin"] is not None:
             name = _generic_name(metadata["origin"], metadata["args"])  # type: ignore[arg-type]
+            cls.__event_version__ = metadata["origin"].__event_version__  # type: ignore[attr-defined]
         else:
             declared = cls.__event_declaration__[0]
             name = str(declared) if declared is not None else f"{cls.__module__}.{cls.__qualname__}"
@@ -116,6 +129,12 @@ def event_name(event: type[Event] | Event) -> str:
             f"{cls.__name__} is generic and has no wire name of its own; use it with a type argument, "
             f"e.g. {cls.__name__}[UserEto]"
         ) from None
+
+
+def event_version(event: type[Event] | Event) -> int:
+    """The version an event class (or instance) declares with `version=`; 1 if it declares none."""
+    cls = event if isinstance(event, type) else type(event)
+    return cls.__event_version__
 
 
 @dataclass(frozen=True)

@@ -166,6 +166,11 @@ def decode_abp(body: bytes, event_type: type[M]) -> M:
     """`event_type` from a body in ABP's conventions. Raises `ValueError` for a body that is not JSON and
     pydantic's `ValidationError` for one that does not fit."""
     data = json.loads(body, parse_float=Decimal)  # a decimal read exactly, not rounded through a float
+    return validate_abp(data, event_type)
+
+
+def validate_abp(data: Any, event_type: type[M]) -> M:
+    """`event_type` from a parsed body in ABP's conventions; pydantic's `ValidationError` if it misfits."""
     return event_type.model_validate(_rename(data, event_type))
 
 

@@ -21,6 +21,7 @@ from eventrelay.envelope import (
     REQUEST_HEADERS,
     RESERVED_HEADERS,
     TENANT_ID,
+    VERSION,
     Message,
     new_message_id,
     printable,
@@ -246,9 +247,11 @@ class Outbox:
             if data is not None:
                 raise ConfigurationError("Pass data only with an event name: publish('Name', {...})")
             name, body = event_name(event), encode_body(event, self.json_style)
+            version = event.__event_version__
         elif isinstance(event, str):
             name = validate_event_name(event)
             body = encode_body(DynamicEvent(name, dict(data or {})))
+            version = 1
         else:
             raise ConfigurationError(f"publish takes an Event or an event name, not {type(event).__name__}")
         if key is not None and (not isinstance(key, str) or len(key) > 256):
@@ -263,6 +266,10 @@ class Outbox:
                 raise ConfigurationError(
                     f"{sorted(taken)} are set by bus.request and its reply, not headers="
                 )
+            if VERSION in all_headers:
+                raise ConfigurationError(f"{VERSION} is set from the event class's version=, not headers=")
+        if version > 1:  # version 1 goes without, as before versions (and as ABP sends)
+            all_headers[VERSION] = str(version)
         message_id = new_message_id()
         parent = current_context.get()
         correlation = correlation_id or (parent.correlation_id if parent else None) or message_id

@@ -20,7 +20,7 @@ import uuid
 from typing import TypeVar
 
 from eventrelay.brokers.base import Broker, Replies, reconnect_pause
-from eventrelay.codec import decode, encode_body
+from eventrelay.codec import decode, encode_body, version_header
 from eventrelay.envelope import (
     DEADLINE,
     FAILURE,
@@ -63,7 +63,7 @@ def answer(request: Message, value: object, style: JsonStyle) -> Message:
         raise ConfigurationError(
             f"A request's handler answers with an Event, not {type(value).__name__}: return e.g. Stock(...)"
         )
-    return _reply(request, encode_body(value, style), {})
+    return _reply(request, encode_body(value, style), version_header(value))
 
 
 def failure(request: Message, service: str, exc: BaseException, tracebacks: bool) -> Message:
