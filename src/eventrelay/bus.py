@@ -24,6 +24,7 @@ from eventrelay.group_commit import GroupCommit
 from eventrelay.handlers import DistributedEventHandler, HandlerSpec, Registry, RetryPolicy, resolve_handler
 from eventrelay.inbox import Inbox
 from eventrelay.json_style import JsonStyle
+from eventrelay.local import LocalEventBus
 from eventrelay.metrics import Metrics, MetricsHooks, NoMetrics
 from eventrelay.outbox import Outbox, Relay
 from eventrelay.requests import Requester
@@ -115,6 +116,8 @@ class DistributedEventBus:
         )
         self.inbox = Inbox(self.store, service, self.metrics, self.settings.max_message_bytes)
         self.handlers = Registry(service)
+        self.local = LocalEventBus(service, self.unit_of_work, self)
+        """Local events: their handlers run in the publisher's unit of work, before it commits."""
         self.sagas: list[type[Saga[Any]]] = []
         """The saga classes subscribed, in subscription order."""
         self.dispatcher = Dispatcher(

@@ -122,11 +122,13 @@ class UnitOfWork:
         try:
             async with self.transaction.savepoint(key):
                 yield
-                # What the block left for the commit is its own too: a failure there rolls back only it.
-                callbacks = self._before_commit[before:]
-                del self._before_commit[before:]
-                for callback in callbacks:
-                    await callback()
+                # What the block left for the commit is its own too: a failure there rolls back only it. A
+                # callback may leave more (a local event's handler publishing another): they run here too.
+                while len(self._before_commit) > before:
+                    callbacks = self._before_commit[before:]
+                    del self._before_commit[before:]
+                    for callback in callbacks:
+                        await callback()
         except BaseException:
             del self._pending[pending:], self._before_commit[before:]
             raise

@@ -21,6 +21,7 @@ def test_the_core_never_reaches_back_up_to_the_bus_or_the_service() -> None:
         "eventrelay.uow",
         "eventrelay.handlers",
         "eventrelay.metrics",
+        "eventrelay.local",
         "eventrelay.requests",
         "eventrelay.saga",
     ]
