@@ -129,6 +129,30 @@ class Replies(ABC):
         """Stop receiving and remove what the channel made on the broker."""
 
 
+class PushedReplies(Replies):
+    """A reply channel whose client hands each reply to a callback: it calls `arrived`, and `receive` gives
+    what came since the last call. `close` ends with `stop_waiting`, so no receive outlives the channel."""
+
+    def __init__(self) -> None:
+        self._came: list[Message] = []
+        self._arrivals = Arrivals()
+
+    def arrived(self, message: Message) -> None:
+        """Keep a reply until the next `receive`, and wake one waiting for it."""
+        self._came.append(message)
+        self._arrivals.wake()
+
+    def stop_waiting(self) -> None:
+        """End a `receive` under way (closing)."""
+        self._arrivals.wake()
+
+    async def receive(self, timeout: float) -> list[Message]:
+        if not self._came:
+            await self._arrivals.wait(timeout)
+        came, self._came = self._came, []
+        return came
+
+
 class SubscriptionReplies(Replies):
     """A reply channel on any broker: a subscription of its own, bound to a name of its own (the address),
     fetched and acked through the broker port. Brokers with something lighter (a NATS inbox, an exclusive

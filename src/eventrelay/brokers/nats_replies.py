@@ -16,20 +16,18 @@ from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
 
 from eventrelay.brokers import nats_wire
-from eventrelay.brokers.base import Arrivals, Replies
-from eventrelay.envelope import Message
+from eventrelay.brokers.base import PushedReplies
 
 
-class NatsReplies(Replies):
+class NatsReplies(PushedReplies):
     """Replies to the requests of one process, on `_INBOX.<nuid>` (`nats_wire.reply_subject`); `round_trip`
     is the broker's flush, which a cancel never leaves half-way."""
 
     def __init__(self, client: Client, round_trip: Callable[[], Awaitable[None]]) -> None:
+        super().__init__()
         self._client, self._round_trip = client, round_trip
         self.address = client.new_inbox()
         self._subscription: Subscription | None = None
-        self._came: list[Message] = []
-        self._arrivals = Arrivals()
 
     async def open(self) -> Self:
         self._subscription = await self._client.subscribe(self.address, cb=self._arrived)
@@ -37,14 +35,7 @@ class NatsReplies(Replies):
         return self
 
     async def _arrived(self, msg: Msg) -> None:
-        self._came.append(nats_wire.reply(msg))
-        self._arrivals.wake()
-
-    async def receive(self, timeout: float) -> list[Message]:
-        if not self._came:
-            await self._arrivals.wait(timeout)
-        came, self._came = self._came, []
-        return came
+        self.arrived(nats_wire.reply(msg))
 
     async def close(self) -> None:
         subscription, self._subscription = self._subscription, None
@@ -53,4 +44,4 @@ class NatsReplies(Replies):
             with contextlib.suppress(nats.errors.Error):
                 await subscription.unsubscribe()
                 await self._round_trip()  # gone from the server when close returns
-        self._arrivals.wake()
+        self.stop_waiting()

@@ -18,22 +18,20 @@ from aio_pika.abc import AbstractChannel, AbstractConnection, AbstractIncomingMe
 from aiormq.exceptions import ChannelLockedResource
 
 from eventrelay.brokers import rabbitmq_wire as wire
-from eventrelay.brokers.base import REPLIES, Arrivals, Replies
-from eventrelay.envelope import Message
+from eventrelay.brokers.base import REPLIES, PushedReplies
 
 PREFIX = REPLIES
 """What every reply queue's name begins with: `send_reply` sends to no other queue."""
 
 
-class RabbitMQReplies(Replies):
+class RabbitMQReplies(PushedReplies):
     """Replies to the requests of one process, on the queue `address` (see the module docstring)."""
 
     def __init__(self, instance: str, closed: Callable[[RabbitMQReplies], None]) -> None:
+        super().__init__()
         self.address = f"{PREFIX}{instance}"
         self._instance, self._renamed, self._closed = instance, 0, closed
         self._consuming: tuple[AbstractChannel, AbstractQueue, str] | None = None  # channel, queue, tag
-        self._came: list[Message] = []
-        self._arrivals = Arrivals()
 
     async def attach(self, connection: AbstractConnection) -> None:
         """Declare the queue on `connection` and consume it: at open, and after each reconnect."""
@@ -50,14 +48,7 @@ class RabbitMQReplies(Replies):
         return channel, await channel.declare_queue(self.address, exclusive=True, auto_delete=True)
 
     async def _arrived(self, incoming: AbstractIncomingMessage) -> None:
-        self._came.append(wire.incoming(incoming)[0])
-        self._arrivals.wake()
-
-    async def receive(self, timeout: float) -> list[Message]:
-        if not self._came:
-            await self._arrivals.wait(timeout)
-        came, self._came = self._came, []
-        return came
+        self.arrived(wire.incoming(incoming)[0])
 
     async def close(self) -> None:
         self._closed(self)
@@ -69,4 +60,4 @@ class RabbitMQReplies(Replies):
                 await queue.cancel(tag)  # first: aiormq warns of a consumer the server cancels
                 await queue.delete(if_unused=False, if_empty=False)  # at once, not when the connection goes
                 await channel.close()
-        self._arrivals.wake()
+        self.stop_waiting()
