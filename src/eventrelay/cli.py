@@ -20,7 +20,7 @@ from rich.text import Text
 from eventrelay.config import redact_url
 from eventrelay.envelope import printable
 from eventrelay.errors import ConfigurationError, EventRelayError
-from eventrelay.saga import SagaRecord, create_saga_tables
+from eventrelay.saga import SagaRecord
 from eventrelay.service import Service
 from eventrelay.stores.base import DeadLetter, Store, utcnow
 
@@ -150,10 +150,11 @@ def db_init(database: str, prefix: str, as_json: bool) -> None:
 
     async def create() -> None:
         try:
-            await store.create_tables()
-            if service is not None:
-                await service.prepare()  # subscribes its sagas
-                await create_saga_tables(store, service.bus.sagas)
+            if service is None:
+                await store.create_tables()
+            else:
+                await service.prepare()  # subscribes its sagas, whose tables the bus makes too
+                await service.bus.create_tables()
         finally:
             await store.close()
 

@@ -22,6 +22,7 @@ from typing import TypeVar
 from eventrelay.brokers.base import Broker, Replies, reconnect_pause
 from eventrelay.codec import decode, encode_body, version_header
 from eventrelay.envelope import (
+    CORRELATION_ID,
     DEADLINE,
     FAILURE,
     IN_REPLY_TO,
@@ -75,8 +76,9 @@ def failure(request: Message, service: str, exc: BaseException, tracebacks: bool
 
 
 def _reply(request: Message, body: bytes, headers: dict[str, str]) -> Message:
-    correlation = {k: v for k, v in request.headers.items() if k == "x-correlation-id"}
-    return Message(new_message_id(), request.name, body, {**correlation, **headers, IN_REPLY_TO: request.id})
+    if (correlation := request.headers.get(CORRELATION_ID)) is not None:
+        headers = {CORRELATION_ID: correlation, **headers}
+    return Message(new_message_id(), request.name, body, {**headers, IN_REPLY_TO: request.id})
 
 
 class Requester:
