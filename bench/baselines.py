@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import time
 import uuid
+from collections.abc import Callable
 from multiprocessing.connection import Connection
 from typing import Any
 
@@ -72,24 +73,27 @@ async def raw_publish(job: Job, conn: Connection) -> None:
     await serve_publisher(job, conn, send, connection.close)
 
 
-async def faststream_consume(job: Job, conn: Connection) -> None:
-    """FastStream: a subscriber on the queue, acking after the handler (`AckPolicy.ACK`)."""
+async def _faststream_consume(job: Job, conn: Connection, tally: Tally, handle: Callable[..., Any]) -> None:
+    """Run `handle` as FastStream's subscriber on the queue (prefetch as the others', acking after the
+    handler: `AckPolicy.ACK`) for a consumer's part of the talk."""
     from faststream import AckPolicy
     from faststream.rabbit import Channel, RabbitBroker, RabbitQueue
 
-    tally = Tally(job)
     broker = RabbitBroker(job.url, logger=None)
+    queue = RabbitQueue(job.destination, durable=True)
+    broker.subscriber(queue, channel=Channel(prefetch_count=PREFETCH), ack_policy=AckPolicy.ACK)(handle)
+    await broker.start()
+    await serve_consumer(job, conn, tally, broker.stop)
 
-    @broker.subscriber(
-        RabbitQueue(job.destination, durable=True),
-        channel=Channel(prefetch_count=PREFETCH),
-        ack_policy=AckPolicy.ACK,
-    )
+
+async def faststream_consume(job: Job, conn: Connection) -> None:
+    """FastStream: a subscriber on the queue that counts each event."""
+    tally = Tally(job)
+
     async def on_price_changed(message: dict[str, Any]) -> None:
         tally.record(int(message["seq"]), int(message["sent_ns"]))
 
-    await broker.start()
-    await serve_consumer(job, conn, tally, broker.stop)
+    await _faststream_consume(job, conn, tally, on_price_changed)
 
 
 async def faststream_publish(job: Job, conn: Connection) -> None:
@@ -110,25 +114,15 @@ async def faststream_publish(job: Job, conn: Connection) -> None:
 
 async def faststream_answer(job: Job, conn: Connection) -> None:
     """FastStream: a subscriber on the queue that returns the product asked for, counting each request."""
-    from faststream import AckPolicy
-    from faststream.rabbit import Channel, RabbitBroker, RabbitQueue
-
     tally = Tally(job)
-    broker = RabbitBroker(job.url, logger=None)
 
-    @broker.subscriber(
-        RabbitQueue(job.destination, durable=True),
-        channel=Channel(prefetch_count=PREFETCH),
-        ack_policy=AckPolicy.ACK,
-    )
     async def get_product(message: dict[str, Any]) -> bytes:
         seq, sent_ns = int(message["seq"]), int(message["sent_ns"])
         if seq != WARM_UP:
             tally.record(seq, sent_ns)
         return body(seq, sent_ns)
 
-    await broker.start()
-    await serve_consumer(job, conn, tally, broker.stop)
+    await _faststream_consume(job, conn, tally, get_product)
 
 
 async def faststream_ask(job: Job, conn: Connection) -> None:
