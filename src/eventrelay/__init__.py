@@ -39,6 +39,7 @@ from eventrelay.saga import Saga, SagaRecord, step
 from eventrelay.service import Service
 from eventrelay.stores.base import DeadLetter, Store
 from eventrelay.synchronizer import EntitySynchronizer
+from eventrelay.tenancy import TenantDatabases, current_tenant
 from eventrelay.uow import UnitOfWork
 from eventrelay.upcasting import upcaster
 
@@ -79,8 +80,10 @@ __all__ = [
     "Store",
     "StoreError",
     "Subscription",
+    "TenantDatabases",
     "UnitOfWork",
     "UnitOfWorkError",
+    "current_tenant",
     "event_name",
     "event_version",
     "redact_url",

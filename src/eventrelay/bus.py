@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
-from collections.abc import Callable, Mapping
+from collections.abc import AsyncIterator, Callable, Mapping
 from datetime import datetime, timedelta
 from types import TracebackType
 from typing import Any, Self, TypeVar
@@ -17,7 +18,7 @@ from eventrelay.config import MEMORY_BROKER, Settings
 from eventrelay.consumer import Consumer
 from eventrelay.dispatch import Dispatcher
 from eventrelay.entity_events import EntityEvents
-from eventrelay.envelope import Message
+from eventrelay.envelope import TENANT_ID, Message
 from eventrelay.errors import ConfigurationError
 from eventrelay.events import Event
 from eventrelay.group_commit import GroupCommit
@@ -31,6 +32,7 @@ from eventrelay.requests import Requester
 from eventrelay.saga import Saga, SagaRecord, create_saga_tables, saga_records, saga_spec
 from eventrelay.stores.base import DeadLetter, Store, utcnow
 from eventrelay.stores.memory import MemoryStore
+from eventrelay.tenancy import TenantDatabases, TenantRelays, TenantStore, current_tenant, tenant_scope
 from eventrelay.tracing import Tracing
 from eventrelay.uow import UnitOfWork, current_unit_of_work, due_time
 
@@ -61,7 +63,8 @@ class DistributedEventBus:
     subscribes to, and instances of one service share it and compete. `broker` is a `Broker` or a URL, else
     `Settings.broker_url`, else `memory://`. `database` (a URL, an `AsyncEngine` or a `Store`, else
     `Settings.database_url`) holds the outbox, inbox and dead letters next to your tables; without it they
-    live in memory and nothing survives the process.
+    live in memory and nothing survives the process. `tenants` gives tenants databases of their own (README,
+    "A database per tenant").
     """
 
     def __init__(
@@ -72,6 +75,7 @@ class DistributedEventBus:
         database: str | AsyncEngine | Store | None = None,
         settings: Settings | None = None,
         entity_events: EntityEvents | None = None,
+        tenants: TenantDatabases | None = None,
     ) -> None:
         if not isinstance(service, str) or not service.strip() or len(service) > 200:
             raise ConfigurationError(
@@ -91,20 +95,25 @@ class DistributedEventBus:
         """The conventions of this bus's bodies: `Settings.json_style`, or "abp" on a `profile=abp` broker."""
         self._owns_store = not isinstance(database, Store)
         self.store = _store(database)
+        self.tenants = tenants
+        if tenants is not None:
+            if isinstance(self.store, MemoryStore):
+                raise ConfigurationError(
+                    "A database per tenant needs the service's own database for the tenants without one: "
+                    "pass database= with tenants="
+                )
+            self.store = TenantStore(self.store, tenants, owns_default=self._owns_store)
+            self._owns_store = True
         if entity_events is not None and (database is None or isinstance(self.store, MemoryStore)):
             raise ConfigurationError("Entity events come from a database: pass database= with entity_events=")
         self.entity_events = entity_events
         self.tracing = Tracing(service, Tracing.system_of(self.broker))
         metrics_on = self.settings.metrics or self.settings.metrics_port > 0
         self.metrics: MetricsHooks = Metrics(service) if metrics_on else NoMetrics()
-        self.relay = Relay(
-            self.store,
-            self.broker,
-            batch_size=self.settings.relay_batch_size,
-            poll_interval=self.settings.relay_poll_interval,
-            lease=self.settings.relay_lease,
-            tracing=self.tracing,
-            metrics=self.metrics,
+        self.relay: Relay | TenantRelays = (
+            TenantRelays(self.store, self._relay)
+            if isinstance(self.store, TenantStore)
+            else self._relay(self.store)
         )
         self.outbox = Outbox(
             self.store,
@@ -130,13 +139,27 @@ class DistributedEventBus:
             json_style=self.json_style,
             tracing=self.tracing,
             metrics=self.metrics,
+            tenants=self.store if isinstance(self.store, TenantStore) else None,
         )
         self.consumer = self._consumer()
         self.requester = Requester(service, self.broker, self.outbox, self.settings.max_message_bytes)
-        # Publishes outside a unit of work that arrive while one commits share the next transaction.
-        self._alone: GroupCommit[tuple[Message, datetime | None]] = GroupCommit(self._commit_alone)
+        # Publishes outside a unit of work that arrive while one commits share the next transaction (one
+        # such queue per tenant with a database per tenant: a transaction is one database's).
+        self._alone: dict[str | None, GroupCommit[tuple[Message, datetime | None]]] = {}
         self._tasks: list[asyncio.Task[None]] = []
         self.started = False
+
+    def _relay(self, store: Store) -> Relay:
+        """The relay of one of the service's databases."""
+        return Relay(
+            store,
+            self.broker,
+            batch_size=self.settings.relay_batch_size,
+            poll_interval=self.settings.relay_poll_interval,
+            lease=self.settings.relay_lease,
+            tracing=self.tracing,
+            metrics=self.metrics,
+        )
 
     def _consumer(self) -> Consumer:
         """A consumer (one per start: a stopped one stays stopped); a fetch's deliveries share a unit of work
@@ -186,7 +209,8 @@ class DistributedEventBus:
         self.consumer.stop()
         consumer, relay, cleaner = self._tasks
         await asyncio.wait({consumer}, timeout=self.settings.shutdown_timeout)
-        await asyncio.wait_for(self._alone.settle(), self.settings.shutdown_timeout)  # publishes underway
+        settling = [group.settle() for group in self._alone.values()]  # publishes underway
+        await asyncio.wait_for(asyncio.gather(*settling), self.settings.shutdown_timeout)
         # Not cancelled mid-batch (a cancel inside a transaction can leave SQLite's write lock held): the
         # relay finishes its batch, sends what the outbox holds, the handlers' last events too, and returns.
         self.relay.stop()
@@ -224,15 +248,33 @@ class DistributedEventBus:
     # --- units of work -------------------------------------------------------------------------------
 
     def unit_of_work(self) -> contextlib.AbstractAsyncContextManager[UnitOfWork]:
-        """`async with bus.unit_of_work() as uow:` one transaction; inside another of this bus, join it."""
+        """`async with bus.unit_of_work() as uow:` one transaction (in the database of the tenant in scope,
+        with `tenants=`); inside another of this bus, join it."""
         current = current_unit_of_work()
         if current is not None and current.owner is self:
+            if self.tenants is not None and current.tenant_id != current_tenant():
+                raise ConfigurationError(
+                    f"This unit of work is tenant {current.tenant_id!r}'s, in its database: one for tenant "
+                    f"{current_tenant()!r} needs its own, bus.new_unit_of_work()"
+                )
             return contextlib.nullcontext(current)
         return self.new_unit_of_work()
 
     def new_unit_of_work(self) -> UnitOfWork:
         """A unit of work of its own, even inside another."""
         return UnitOfWork(self.store, self, self.outbox, self.entity_events)
+
+    @contextlib.asynccontextmanager
+    async def tenant(self, tenant_id: str | None) -> AsyncIterator[None]:
+        """`async with bus.tenant("acme"):` acme is the tenant in scope in the block (ABP's
+        `CurrentTenant.Change`): events published there carry its id, and with `tenants=` its units of work,
+        dead letters and sagas are those of its database (opened now if it has one since). None: the host."""
+        if isinstance(self.store, TenantStore):
+            async with self.store.scope(tenant_id):
+                yield
+        else:
+            with tenant_scope(tenant_id):
+                yield
 
     # --- publishing ----------------------------------------------------------------------------------
 
@@ -265,12 +307,18 @@ class DistributedEventBus:
             raise ConfigurationError("A delayed event waits in the outbox: drop use_outbox=False")
         uow = current_unit_of_work()
         uow = uow if uow is not None and uow.owner is self else None
+        if isinstance(self.store, TenantStore) and use_outbox:
+            await self._check_tenant(self.store, message, uow)
         if uow is not None and on_unit_of_work_complete:
             uow.add(message, use_outbox=use_outbox, available_at=due)
         elif use_outbox and uow is not None:
             await self.outbox.write(uow.transaction, [message], due or utcnow())
         elif use_outbox:
-            await self._alone.write((message, due))
+            tenant = message.headers.get(TENANT_ID) if self.tenants is not None else None
+            alone = self._alone.get(tenant)
+            if alone is None:
+                alone = self._alone[tenant] = GroupCommit(functools.partial(self._commit_alone, tenant))
+            await alone.write((message, due))
         else:
             await self.outbox.send([message])
         return message.id
@@ -291,10 +339,22 @@ class DistributedEventBus:
             )
         return await self.requester.ask(event, reply, timeout, key=key, owner=self)
 
-    async def _commit_alone(self, pending: list[tuple[Message, datetime | None]]) -> None:
-        async with self.new_unit_of_work() as own:
+    async def _commit_alone(self, tenant: str | None, pending: list[tuple[Message, datetime | None]]) -> None:
+        async with self.tenant(tenant), self.new_unit_of_work() as own:
             for message, available_at in pending:
                 own.add(message, use_outbox=True, available_at=available_at)
+
+    @staticmethod
+    async def _check_tenant(store: TenantStore, message: Message, uow: UnitOfWork | None) -> None:
+        """Refuse an event of one tenant into another tenant's database (the unit of work's)."""
+        tenant = message.headers.get(TENANT_ID)
+        if uow is None or tenant == uow.tenant_id:
+            return
+        if await store.open(tenant) is not store.store_of(uow.tenant_id):
+            raise ConfigurationError(
+                f"An event of tenant {tenant!r} would wait in the outbox of tenant {uow.tenant_id!r}'s "
+                f"database: publish it in a unit of work of its own (async with bus.tenant({tenant!r}): ...)"
+            )
 
     # --- subscribing ---------------------------------------------------------------------------------
 

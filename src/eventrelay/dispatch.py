@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 from eventrelay.brokers.base import Broker
 from eventrelay.codec import decode
 from eventrelay.config import Settings
-from eventrelay.envelope import Delivery, Message, printable
+from eventrelay.envelope import TENANT_ID, Delivery, Message, printable
 from eventrelay.errors import BrokerError, DecodeError, HandlerTimeout
 from eventrelay.handlers import (
     Context,
@@ -36,6 +36,7 @@ from eventrelay.tracing import Tracing
 
 if TYPE_CHECKING:
     from eventrelay.events import DynamicEvent, Event
+    from eventrelay.tenancy import TenantStore
     from eventrelay.uow import UnitOfWork
 
 logger = logging.getLogger(__name__)
@@ -77,6 +78,7 @@ class Dispatcher:
         json_style: JsonStyle,
         tracing: Tracing,
         metrics: MetricsHooks,
+        tenants: TenantStore | None = None,
     ) -> None:
         self.service = service
         self.broker = broker
@@ -87,8 +89,35 @@ class Dispatcher:
         self.json_style = json_style
         self.tracing = tracing
         self.metrics = metrics
+        self.tenants = tenants
 
     async def handle_batch(
+        self, deliveries: list[Delivery], stopping: asyncio.Event
+    ) -> list[tuple[Delivery, float | None]]:
+        """`_handle_batch`; with a database per tenant, once for each tenant's deliveries, in its database."""
+        if self.tenants is None:
+            return await self._handle_batch(deliveries, stopping)
+        by_tenant: dict[str | None, list[Delivery]] = {}
+        for delivery in deliveries:
+            by_tenant.setdefault(self._tenant_of(delivery), []).append(delivery)
+        left: dict[int, tuple[Delivery, float | None]] = {}
+        for tenant, group in by_tenant.items():
+            async with self.tenants.scope(tenant):
+                left.update((id(d), (d, delay)) for d, delay in await self._handle_batch(group, stopping))
+        return [left[id(d)] for d in deliveries if id(d) in left]
+
+    def _tenant_of(self, delivery: Delivery) -> str | None:
+        """The tenant of a delivery: its header's, else (ABP sends it only there) its body's, else None."""
+        message = delivery.message
+        tenant = message.headers.get(TENANT_ID)
+        specs = [] if tenant is not None or delivery.undecodable else self.handlers.handlers_for(message.name)
+        if specs:
+            with contextlib.suppress(DecodeError):
+                event = self._decode(message, specs[0].events[message.name])
+                tenant = with_body_tenant(message.headers, event).get(TENANT_ID)
+        return tenant
+
+    async def _handle_batch(
         self, deliveries: list[Delivery], stopping: asyncio.Event
     ) -> list[tuple[Delivery, float | None]]:
         """Run the handlers of `deliveries` in fetch order in one unit of work, each in a savepoint of its
@@ -240,7 +269,17 @@ class Dispatcher:
         """Run every handler of the delivery's event, then ack it or ask the broker to retry it.
 
         `failed_after`: a handler already failed this attempt (in a batch); retry after that many seconds.
+        With a database per tenant, it all happens in the database of the delivery's tenant.
         """
+        if self.tenants is not None:
+            async with self.tenants.scope(self._tenant_of(delivery)):
+                await self._dispatch(delivery, stopping, failed_after)
+        else:
+            await self._dispatch(delivery, stopping, failed_after)
+
+    async def _dispatch(
+        self, delivery: Delivery, stopping: asyncio.Event, failed_after: float | None
+    ) -> None:
         message, broker = delivery.message, self.broker
         if self._given_up(message, time.time()):
             await broker.ack(delivery)

@@ -10,7 +10,7 @@ import dataclasses
 import logging
 from collections.abc import Mapping, Sequence
 from datetime import datetime, timedelta
-from typing import Any
+from typing import Any, Protocol
 
 from eventrelay.brokers.base import Broker, reconnect_pause
 from eventrelay.codec import check_headers, encode_body
@@ -32,6 +32,7 @@ from eventrelay.handlers import current_context
 from eventrelay.json_style import JsonStyle
 from eventrelay.metrics import MetricsHooks, NoMetrics, committed_stamp
 from eventrelay.stores.base import OutboxRecord, Store, Transaction, utcnow
+from eventrelay.tenancy import current_tenant
 from eventrelay.tracing import Tracing
 
 logger = logging.getLogger(__name__)
@@ -210,6 +211,12 @@ class Relay:
             await asyncio.wait_for(self._wakeup.wait(), timeout)
 
 
+class Wakes(Protocol):
+    """What an outbox wakes after a commit: a `Relay`, or the relays of a database per tenant."""
+
+    def wake(self) -> None: ...
+
+
 class Outbox:
     """Makes a service's messages and sends them on their way: into the outbox table, in the caller's
     transaction (the relay is woken once it commits), or straight to the broker."""
@@ -218,7 +225,7 @@ class Outbox:
         self,
         store: Store,
         broker: Broker,
-        relay: Relay,
+        relay: Wakes,
         *,
         json_style: JsonStyle,
         tracing: Tracing,
@@ -242,7 +249,8 @@ class Outbox:
         tenant_id: str | None = None,
     ) -> Message:
         """The message of an event (or of a name and a dict payload), stamped with correlation, causation
-        and tenant from the handler running in this task, if any; `ConfigurationError` for bad arguments."""
+        and tenant from the handler running in this task, if any (the tenant in scope, `bus.tenant`, before
+        the handler's); `ConfigurationError` for bad arguments."""
         if isinstance(event, Event):
             if data is not None:
                 raise ConfigurationError("Pass data only with an event name: publish('Name', {...})")
@@ -276,7 +284,7 @@ class Outbox:
         all_headers[CORRELATION_ID] = correlation
         if parent is not None:
             all_headers[CAUSATION_ID] = parent.message_id
-        tenant = tenant_id or (parent.tenant_id if parent else None)
+        tenant = tenant_id or current_tenant() or (parent.tenant_id if parent else None)
         if tenant is not None:
             all_headers[TENANT_ID] = tenant
         return self.tracing.created(Message(message_id, name, body, all_headers, key))

@@ -35,6 +35,7 @@ from eventrelay.errors import ConfigurationError
 from eventrelay.events import Event, event_name
 from eventrelay.handlers import DistributedEventHandler, RetryPolicy
 from eventrelay.saga import Saga
+from eventrelay.tenancy import TenantDatabases
 
 logger = logging.getLogger(__name__)
 
@@ -46,7 +47,7 @@ class Service:
     database the outbox and inbox live in memory, without a broker it is `EMBEDDED_BROKER`, a SQLite file.
     With `env_prefix="ORDER_"`, `Settings.from_env` reads the environment, which wins over the code: for the
     URLs (`ORDER_DATABASE_URL`, `ORDER_BROKER_URL`) always, for the other fields (`ORDER_MAX_IN_FLIGHT`, ...)
-    unless `settings` is given.
+    unless `settings` is given. `tenants` gives tenants databases of their own.
     """
 
     def __init__(
@@ -58,6 +59,7 @@ class Service:
         handlers: Iterable[type[DistributedEventHandler[Any]] | type[Saga[Any]] | Callable[..., Any]] = (),
         publishes: Sequence[type[Event]] = (),
         entity_events: EntityEvents | None = None,
+        tenants: TenantDatabases | None = None,
         settings: Settings | None = None,
         env_prefix: str | None = None,
         environ: Mapping[str, str] | None = None,
@@ -75,7 +77,12 @@ class Service:
         for event in self.publishes:
             event_name(event)  # a generic without its argument fails here, not at the first publish
         self.bus = DistributedEventBus(
-            name, broker=broker, database=database, settings=settings, entity_events=entity_events
+            name,
+            broker=broker,
+            database=database,
+            settings=settings,
+            entity_events=entity_events,
+            tenants=tenants,
         )
         self._pending: list[Callable[[], Awaitable[Subscription]]] = []
         self._prepared = False

@@ -15,6 +15,7 @@ from eventrelay.envelope import Message
 from eventrelay.errors import ConfigurationError, UnitOfWorkError
 from eventrelay.events import Event
 from eventrelay.stores.base import Store, Transaction, utcnow
+from eventrelay.tenancy import current_tenant
 
 if TYPE_CHECKING:
     from sqlalchemy.ext.asyncio import AsyncSession
@@ -65,6 +66,8 @@ class UnitOfWork:
     def __init__(
         self, store: Store, owner: object, outgoing: Outgoing, entity_events: EntityEvents | None = None
     ) -> None:
+        self.tenant_id = current_tenant()
+        """The tenant in scope when it began: with a database per tenant, its database's."""
         self.transaction: Transaction = store.begin()
         self.owner = owner
         self._outgoing = outgoing
