@@ -83,7 +83,8 @@ def _counts(dbs: Databases, table: str) -> dict[str | None, list[tuple[object, .
     """The rows of `table` in each database, by tenant (None: the default database)."""
 
     async def read() -> dict[str | None, list[tuple[object, ...]]]:
-        urls: dict[str | None, str] = {None: dbs.default, **dbs.tenants}
+        urls: dict[str | None, str] = {None: dbs.default}
+        urls.update(dbs.tenants)
         return {t: await rows(url, f"SELECT * FROM {table}") for t, url in urls.items()}
 
     return asyncio.run(read())
