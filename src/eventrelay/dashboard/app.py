@@ -39,6 +39,7 @@ from eventrelay.errors import ConfigurationError
 from eventrelay.http import MAX_BODY, Request, Response, names_loopback, serve, text
 from eventrelay.service import Service
 from eventrelay.stores.base import DeadLetter, utcnow
+from eventrelay.tenancy import TenantStore
 
 logger = logging.getLogger(__name__)
 
@@ -266,7 +267,21 @@ class Dashboard:
             recent,
             await store.count_dead_letters(service.name),  # counted in the store: no letter is loaded
             await store.count_dead_letters(service.name, since=minute_ago),
+            await self._tenants(service) if isinstance(store, TenantStore) else (),
         )
+
+    @staticmethod
+    async def _tenants(service: Service) -> list[pages.TenantStats]:
+        """Each tenant database's outbox backlog and dead letters."""
+        store = service.bus.store
+        assert isinstance(store, TenantStore)
+        now, tenants = utcnow(), []
+        for tenant, (count, oldest) in (await store.outbox_backlogs()).items():
+            async with service.bus.tenant(tenant):
+                letters = await store.count_dead_letters(service.name)
+            age = (now - oldest).total_seconds() if oldest is not None else None
+            tenants.append(pages.TenantStats(tenant, count, age, letters))
+        return tenants
 
 
 def parse_letter_id(text: str) -> int | None:

@@ -70,6 +70,18 @@ class ServiceStats:
     handled_last_minute: int | None
     dead_letters: int
     dead_last_minute: int
+    tenants: Sequence[TenantStats] = ()
+    """With a database per tenant: each tenant database's numbers."""
+
+
+@dataclass(frozen=True)
+class TenantStats:
+    """One tenant database's numbers: its outbox backlog and dead letters (None: the default database)."""
+
+    tenant: str | None
+    outbox: int
+    oldest_age: float | None
+    dead_letters: int
 
 
 def layout(title: str, body: str, csrf: str | None = None, refresh: int | None = None) -> str:
@@ -207,8 +219,27 @@ def service_page(
     )
     return (
         f"<h1>{h(name)}</h1><p>{outbox} Inbox: {_count(stats.inbox)} records, "
-        f"{_count(stats.handled_last_minute)} in the last minute.</p>"
+        f"{_count(stats.handled_last_minute)} in the last minute.</p>{tenants_section(stats.tenants)}"
         f"{'' if sagas is None else sagas_section(sagas, limit)}<h2>Dead letters</h2>{listing}"
+    )
+
+
+def tenants_section(tenants: Sequence[TenantStats]) -> str:
+    """The tenant databases' outboxes and dead letters; nothing without a database per tenant."""
+    if not tenants:
+        return ""
+    default = '<span class="muted">default</span>'
+    rows = "".join(
+        f"<tr><td>{default if t.tenant is None else h(t.tenant)}</td>"
+        f'<td class="num">{h(t.outbox)}</td><td class="num">{_age(t.oldest_age)}</td>'
+        f'<td class="num{" bad" if t.dead_letters else ""}">{h(t.dead_letters)}</td></tr>'
+        for t in tenants
+    )
+    return (
+        "<h2>Tenant databases</h2><table><thead><tr><th>tenant</th><th>outbox waiting</th>"
+        f"<th>oldest waits</th><th>dead letters</th></tr></thead><tbody>{rows}</tbody></table>"
+        '<p class="muted">The dead letters listed below are the default database\'s; '
+        "a tenant's are listed with <code>eventrelay dead-letters --tenant</code>.</p>"
     )
 
 
