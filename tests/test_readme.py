@@ -42,4 +42,5 @@ def test_readme_code_runs_verbatim(tmp_path: Path) -> None:
     assert "passed test_request_reply" in result.stdout
     assert "passed test_fulfilment_saga" in result.stdout
     assert "passed test_local_events" in result.stdout
+    assert "passed test_a_database_per_tenant" in result.stdout
     assert (tmp_path / "product.db").exists()
