@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import contextlib
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping, Sequence
 from contextvars import ContextVar
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -18,6 +18,9 @@ from eventrelay.stores.base import Store, Transaction, utcnow
 
 if TYPE_CHECKING:
     from sqlalchemy.ext.asyncio import AsyncSession
+
+LOCAL_ROUNDS = 10
+"""Rounds of local entity events a commit runs (each for the changes the previous one's handlers made)."""
 
 _current: ContextVar[UnitOfWork | None] = ContextVar("eventrelay_unit_of_work", default=None)
 
@@ -47,6 +50,20 @@ class Outgoing(Protocol):
         """Send `messages` to the broker now."""
 
 
+class LocalEntityHandlers(Protocol):
+    """Who takes local entity events (`eventrelay.local.LocalEventBus`)."""
+
+    @property
+    def watches_entities(self) -> bool:
+        """Whether any handler takes local entity events."""
+
+    def takes(self, model: type) -> bool:
+        """Whether a handler takes local entity events of `model`."""
+
+    async def publish_entity_changes(self, changes: Iterable[tuple[object, Change]], uow: UnitOfWork) -> None:
+        """Run the handlers of these changes' local entity events in `uow`."""
+
+
 @dataclass(frozen=True)
 class _Pending:
     message: Message
@@ -63,7 +80,12 @@ class UnitOfWork:
     """
 
     def __init__(
-        self, store: Store, owner: object, outgoing: Outgoing, entity_events: EntityEvents | None = None
+        self,
+        store: Store,
+        owner: object,
+        outgoing: Outgoing,
+        entity_events: EntityEvents | None = None,
+        local: LocalEntityHandlers | None = None,
     ) -> None:
         self.transaction: Transaction = store.begin()
         self.owner = owner
@@ -71,7 +93,15 @@ class UnitOfWork:
         self._pending: list[_Pending] = []
         self._before_commit: list[Callable[[], Awaitable[None]]] = []
         self._token: object = None
-        self._tracker = None if entity_events is None else EntityChangeTracker(entity_events, self.session)
+        # The session is watched only when someone listens: distributed entity events, or a local handler.
+        self._local = local if local is not None and local.watches_entities else None
+        self._tracker = (
+            None
+            if entity_events is None and self._local is None
+            else EntityChangeTracker(
+                entity_events, self.session, None if self._local is None else self._local.takes
+            )
+        )
 
     @property
     def session(self) -> AsyncSession:
@@ -103,7 +133,10 @@ class UnitOfWork:
     def entity_changed(self, entity: object, change: Change) -> None:
         """Publish an entity event for a change the ORM did not see (a bulk `update()`, raw SQL)."""
         if self._tracker is None:
-            raise UnitOfWorkError("This bus publishes no entity events: pass entity_events=EntityEvents()...")
+            raise UnitOfWorkError(
+                "This bus publishes no entity events: pass entity_events=EntityEvents()... or subscribe a "
+                "local handler of EntityChanged[Model] (bus.local.subscribe) before the unit of work begins"
+            )
         self._tracker.record(entity, change)
 
     def after_commit(self, callback: Callable[[], None]) -> None:
@@ -135,10 +168,29 @@ class UnitOfWork:
 
     async def commit(self) -> None:
         """Write buffered events (and the entity events of the changes made in it) to the outbox, commit, then
-        send the events that skip the outbox."""
+        send the events that skip the outbox.
+
+        Before that, in rounds until one leaves nothing new: the `before_commit` callbacks (local events),
+        then the local entity events of the changes made since the last round, whose handlers may change more
+        (at most `LOCAL_ROUNDS` rounds of them)."""
         try:
-            for callback in self._before_commit:
-                await callback()
+            done = 0
+            for round_ in range(LOCAL_ROUNDS + 1):
+                while done < len(self._before_commit):  # a callback may add more
+                    await self._before_commit[done]()
+                    done += 1
+                if self._local is None or self._tracker is None:
+                    break
+                changes = await self._tracker.local_changes()
+                if not changes:
+                    break
+                if round_ == LOCAL_ROUNDS:
+                    models = ", ".join(sorted({type(entity).__qualname__ for entity, _ in changes}))
+                    raise UnitOfWorkError(
+                        f"Local entity event handlers still changed {models} after {LOCAL_ROUNDS} rounds: a "
+                        "handler loop? Let a handler write only what differs, so that a round ends it"
+                    )
+                await self._local.publish_entity_changes(changes, self)
             if self._tracker is not None:
                 for change in await self._tracker.collect():
                     message = self._outgoing.message(change.event, key=change.key, tenant_id=change.tenant_id)
