@@ -268,6 +268,15 @@ _COMBINE: dict[tuple[Change, Change], Change | None] = {
 }
 
 
+@dataclass(frozen=True)
+class TrackerMark:
+    """What an `EntityChangeTracker` had recorded when a savepoint began."""
+
+    changes: dict[int, tuple[object, Change]]
+    local: dict[int, tuple[object, Change]]
+    deleted: dict[int, EntityChange]
+
+
 class EntityChangeTracker:
     """Follows one unit of work's session: at each flush, records the changes of the entities whose model
     `config` selects (for distributed events, over the whole unit of work) and of those `local` takes (for
@@ -331,6 +340,14 @@ class EntityChangeTracker:
                 if change is Change.UPDATED and not session.is_modified(entity, include_collections=False):
                     continue
                 self._record(entity, change, distributed=distributed, local=wanted)
+
+    def mark(self) -> TrackerMark:
+        """What is recorded now, for `rewind` if the savepoint beginning now rolls back."""
+        return TrackerMark(dict(self._changes), dict(self._local_changes), dict(self._deleted_events))
+
+    def rewind(self, mark: TrackerMark) -> None:
+        """Forget what was recorded since `mark`: its savepoint rolled back, and with it those changes."""
+        self._changes, self._local_changes, self._deleted_events = mark.changes, mark.local, mark.deleted
 
     async def local_changes(self) -> list[tuple[object, Change]]:
         """Flush what is pending, then return the changes local handlers take made since the last call: one

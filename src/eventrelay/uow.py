@@ -152,8 +152,11 @@ class UnitOfWork:
         too undoes only the block.
         """
         pending, before = len(self._pending), len(self._before_commit)
+        tracker, mark = self._tracker, None
         try:
             async with self.transaction.savepoint(key):
+                # After the savepoint flushed what came before it: changes recorded from here are the block's.
+                mark = None if tracker is None else tracker.mark()
                 yield
                 # What the block left for the commit is its own too: a failure there rolls back only it. A
                 # callback may leave more (a local event's handler publishing another): they run here too.
@@ -164,6 +167,8 @@ class UnitOfWork:
                         await callback()
         except BaseException:
             del self._pending[pending:], self._before_commit[before:]
+            if tracker is not None and mark is not None:
+                tracker.rewind(mark)  # else a rolled-back row would still publish its entity events
             raise
 
     async def commit(self) -> None:

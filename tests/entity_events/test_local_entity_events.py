@@ -5,6 +5,7 @@ one that raises rolls everything back. Nothing watches the session while no such
 
 from __future__ import annotations
 
+import contextlib
 from typing import Any
 
 import pytest
@@ -26,7 +27,7 @@ from eventrelay import (
     MemoryBroker,
     UnitOfWorkError,
 )
-from eventrelay.testing import RecordingBroker
+from eventrelay.testing import RecordingBroker, wait_until_idle
 from tests.bus.helpers import OrderPlaced, make_bus, not_started
 from tests.entity_events.support import (
     Book,
@@ -271,3 +272,41 @@ async def test_local_entity_events_need_a_database_and_come_only_from_the_unit_o
             bus.local.subscribe(AuditUsers)
         with pytest.raises(ConfigurationError, match=r"call uow.entity_changed\(entity, Change.UPDATED\)"):
             await bus.local.publish(EntityUpdated[User](entity=new_user()))
+
+
+async def test_changes_in_a_savepoint_that_rolls_back_make_no_events(database_url: str) -> None:
+    async with not_started(identity(database_url, RecordingBroker(), USERS)) as bus:
+        await create_models(bus, IdentityBase.metadata)
+        bus.local.subscribe(on_created)
+        kept = new_user("kept")
+        async with bus.unit_of_work() as uow:
+            uow.session.add(kept)
+            with contextlib.suppress(RuntimeError):
+                async with uow.savepoint():
+                    uow.session.add(new_user("ghost"))
+                    await uow.session.flush()  # seen by the tracker, then undone with the savepoint
+                    raise RuntimeError
+        assert await count(bus, User) == 1
+        assert [(h, e.user_name) for h, _, e in seen] == [("created", "kept")]
+        assert await outbox(bus) == [("Tests.Identity.User.Created", f"User:{kept.id}")]
+
+
+async def test_a_batched_handler_that_fails_leaves_no_local_entity_event(database_url: str) -> None:
+    broker = MemoryBroker()
+
+    async def register(event: OrderPlaced, context: Context) -> None:
+        context.session.add(new_user(f"buyer{event.order_id}"))
+        await context.session.flush()
+        if event.order_id == 2:
+            raise ValueError("order 2 fails")
+
+    async with identity(database_url, broker, None) as bus:
+        await create_models(bus, IdentityBase.metadata)
+        bus.local.subscribe(on_created)
+        await bus.subscribe(register, retry=None)
+        for order_id in (1, 2, 3):
+            await bus.publish(OrderPlaced(order_id=order_id))
+        await wait_until_idle(bus, timeout=30)
+        assert sorted(e.user_name for _, _, e in seen) == ["buyer1", "buyer3"]
+        assert await count(bus, User) == 2
+        assert len(await bus.dead_letters()) == 1
