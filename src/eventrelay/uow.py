@@ -175,27 +175,12 @@ class UnitOfWork:
         """Write buffered events (and the entity events of the changes made in it) to the outbox, commit, then
         send the events that skip the outbox.
 
-        Before that, in rounds until one leaves nothing new: the `before_commit` callbacks (local events),
-        then the local entity events of the changes made since the last round, whose handlers may change more
-        (at most `LOCAL_ROUNDS` rounds of them)."""
+        Before that run the `before_commit` callbacks (local events), then the local entity events."""
         try:
-            done = 0
-            for round_ in range(LOCAL_ROUNDS + 1):
-                while done < len(self._before_commit):  # a callback may add more
-                    await self._before_commit[done]()
-                    done += 1
-                if self._local is None or self._tracker is None:
-                    break
-                changes = await self._tracker.local_changes()
-                if not changes:
-                    break
-                if round_ == LOCAL_ROUNDS:
-                    models = ", ".join(sorted({type(entity).__qualname__ for entity, _ in changes}))
-                    raise UnitOfWorkError(
-                        f"Local entity event handlers still changed {models} after {LOCAL_ROUNDS} rounds: a "
-                        "handler loop? Let a handler write only what differs, so that a round ends it"
-                    )
-                await self._local.publish_entity_changes(changes, self)
+            for callback in self._before_commit:  # a callback may add more: the loop takes them too
+                await callback()
+            if self._local is not None and self._tracker is not None:
+                await self._local_entity_events(self._local, self._tracker)
             if self._tracker is not None:
                 for change in await self._tracker.collect():
                     message = self._outgoing.message(change.event, key=change.key, tenant_id=change.tenant_id)
@@ -220,6 +205,26 @@ class UnitOfWork:
         await self.transaction.commit()
         if direct:
             await self._outgoing.send(direct)
+
+    async def _local_entity_events(self, local: LocalEntityHandlers, tracker: EntityChangeTracker) -> None:
+        """Run the local entity events of the changes made so far, then those of the changes their handlers
+        (and the local events these publish) made, in rounds until one leaves nothing new: `LOCAL_ROUNDS` at
+        most."""
+        done = len(self._before_commit)
+        for round_ in range(LOCAL_ROUNDS + 1):
+            changes = await tracker.local_changes()
+            if not changes:
+                return
+            if round_ == LOCAL_ROUNDS:
+                models = ", ".join(sorted({type(entity).__qualname__ for entity, _ in changes}))
+                raise UnitOfWorkError(
+                    f"Local entity event handlers still changed {models} after {LOCAL_ROUNDS} rounds: a "
+                    "handler loop? Let a handler write only what differs, so that a round ends it"
+                )
+            await local.publish_entity_changes(changes, self)
+            while done < len(self._before_commit):  # local events the handlers published
+                await self._before_commit[done]()
+                done += 1
 
     async def rollback(self) -> None:
         """Discard buffered events and roll the transaction back."""

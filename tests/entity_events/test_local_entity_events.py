@@ -310,3 +310,21 @@ async def test_a_batched_handler_that_fails_leaves_no_local_entity_event(databas
         assert sorted(e.user_name for _, _, e in seen) == ["buyer1", "buyer3"]
         assert await count(bus, User) == 2
         assert len(await bus.dead_letters()) == 1
+
+
+async def test_changes_made_by_local_events_the_handlers_publish_make_events_too(database_url: str) -> None:
+    async with identity(database_url, RecordingBroker(), None) as bus:
+
+        async def welcome(event: EntityCreated[User]) -> None:
+            await bus.local.publish(OrderPlaced(order_id=1, note=event.entity.user_name))
+
+        async def add_book(event: OrderPlaced, context: Context) -> None:
+            context.session.add(Book(title=f"Order of {event.note}"))
+
+        await create_models(bus, IdentityBase.metadata)
+        for handler in (welcome, add_book, on_book):
+            bus.local.subscribe(handler)
+        async with bus.unit_of_work() as uow:
+            uow.session.add(new_user("ann"))
+        assert seen == [("book", "created", "Order of ann")]
+        assert await count(bus, Book) == 1
