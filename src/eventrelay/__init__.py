@@ -12,10 +12,14 @@ from eventrelay.bus import DistributedEventBus, Subscription
 from eventrelay.config import Settings, redact_url
 from eventrelay.entity_events import (
     Change,
+    EntityChanged,
+    EntityCreated,
     EntityCreatedEto,
+    EntityDeleted,
     EntityDeletedEto,
     EntityEto,
     EntityEvents,
+    EntityUpdated,
     EntityUpdatedEto,
 )
 from eventrelay.envelope import Delivery, Message
@@ -56,11 +60,15 @@ __all__ = [
     "DistributedEventBus",
     "DistributedEventHandler",
     "DynamicEvent",
+    "EntityChanged",
+    "EntityCreated",
     "EntityCreatedEto",
+    "EntityDeleted",
     "EntityDeletedEto",
     "EntityEto",
     "EntityEvents",
     "EntitySynchronizer",
+    "EntityUpdated",
     "EntityUpdatedEto",
     "Event",
     "EventRelayError",

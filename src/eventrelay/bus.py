@@ -125,7 +125,9 @@ class DistributedEventBus:
         )
         self.inbox = Inbox(self.store, service, self.metrics, self.settings.max_message_bytes)
         self.handlers = Registry(service)
-        self.local = LocalEventBus(service, self.unit_of_work, self)
+        self.local = LocalEventBus(
+            service, self.unit_of_work, self, database=not isinstance(self.store, MemoryStore)
+        )
         """Local events: their handlers run in the publisher's unit of work, before it commits."""
         self.sagas: list[type[Saga[Any]]] = []
         """The saga classes subscribed, in subscription order."""
@@ -262,7 +264,7 @@ class DistributedEventBus:
 
     def new_unit_of_work(self) -> UnitOfWork:
         """A unit of work of its own, even inside another."""
-        return UnitOfWork(self.store, self, self.outbox, self.entity_events)
+        return UnitOfWork(self.store, self, self.outbox, self.entity_events, self.local)
 
     @contextlib.asynccontextmanager
     async def tenant(self, tenant_id: str | None) -> AsyncIterator[None]:

@@ -12,6 +12,11 @@ commit, after the database assigned keys, and written to the outbox in the commi
 and unit of work one event leaves, with the final state: created then updated is one Created, created then
 deleted is none. An entity's events carry the ordering key `"Model:keys"`, so they are handled in order.
 
+Local entity events (ABP's `EntityCreatedEventData<T>` ...) come from the same tracker and carry the entity
+itself: `EntityCreated[User]`, `EntityUpdated[User]`, `EntityDeleted[User]`, and `EntityChanged[User]`, the
+base of the three, whose handlers take each of them. They are made for every model some local handler takes
+(`bus.local.subscribe`), whatever `EntityEvents` selects, and never leave the process (`eventrelay.local`).
+
 Not captured: bulk `update()` / `delete()` statements and raw SQL, which bypass the ORM's unit of work. For
 those, load the rows and call `uow.entity_changed(entity, Change.UPDATED)` (or CREATED / DELETED).
 """
@@ -19,19 +24,21 @@ those, load the rows and call `uow.entity_changed(entity, Change.UPDATED)` (or C
 from __future__ import annotations
 
 import enum
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar, Generic, Self, TypeVar
 
 from sqlalchemy import event, inspect
 from sqlalchemy.orm import Session
 
+from eventrelay.errors import ConfigurationError
 from eventrelay.events import Event
 
 if TYPE_CHECKING:
     from sqlalchemy.ext.asyncio import AsyncSession
 
 E = TypeVar("E", bound=Event)
+M = TypeVar("M")
 
 
 class EntityEto(Event, name="Volo.Abp.Domain.Entities.Events.Distributed.EntityEto"):
@@ -79,6 +86,76 @@ class Change(enum.Enum):
     CREATED = "created"
     UPDATED = "updated"
     DELETED = "deleted"
+
+
+class EntityChanged(Event, Generic[M], name_postfix=".Changed"):
+    """A local entity event: `entity`, an instance of the model `M` (or of a subclass), was created, updated
+    or deleted in this unit of work (ABP's `EntityChangedEventData<T>`). A handler of `EntityChanged[User]`
+    takes `EntityCreated[User]`, `EntityUpdated[User]` and `EntityDeleted[User]`; `change` says which.
+
+    Only subscribe to these (with `bus.local.subscribe`): they carry the ORM object and are never sent.
+    """
+
+    change: ClassVar[Change]
+    __entity_changes__: ClassVar[frozenset[Change]] = frozenset(Change)
+    __entity_model__: ClassVar[type]
+
+    # The ORM object itself, passed through as it is: pydantic neither validates nor copies it (Any).
+    if TYPE_CHECKING:
+        entity: M
+    else:
+        entity: Any
+
+    @classmethod
+    def __pydantic_init_subclass__(cls, **kwargs: Any) -> None:
+        metadata = cls.__pydantic_generic_metadata__
+        if metadata["parameters"] or metadata["origin"] is None:
+            super().__pydantic_init_subclass__(**kwargs)  # an open generic: Event names only its uses
+            return
+        # EntityUpdated[User]: a name of its own for the handler registry, not Event's (which needs an ETO
+        # argument and reserves the name on the wire): these never travel.
+        super(Event, cls).__pydantic_init_subclass__(**kwargs)
+        (model,) = metadata["args"]
+        if not isinstance(model, type):
+            raise ConfigurationError(f"{cls.__name__} takes a model class, e.g. EntityUpdated[User]")
+        cls.__entity_model__ = model
+        postfix = metadata["origin"].__event_declaration__[2]  # type: ignore[attr-defined]
+        cls.__event_name__ = f"local:{model.__module__}.{model.__qualname__}{postfix}"
+
+
+class EntityCreated(EntityChanged[M], Generic[M], name_postfix=".Created"):
+    """A local entity event: `entity` was inserted (ABP's `EntityCreatedEventData<T>`)."""
+
+    change = Change.CREATED
+    __entity_changes__ = frozenset({Change.CREATED})
+
+
+class EntityUpdated(EntityChanged[M], Generic[M], name_postfix=".Updated"):
+    """A local entity event: `entity` was updated (ABP's `EntityUpdatedEventData<T>`)."""
+
+    change = Change.UPDATED
+    __entity_changes__ = frozenset({Change.UPDATED})
+
+
+class EntityDeleted(EntityChanged[M], Generic[M], name_postfix=".Deleted"):
+    """A local entity event: `entity` was deleted; its loaded attributes still read (ABP's
+    `EntityDeletedEventData<T>`)."""
+
+    change = Change.DELETED
+    __entity_changes__ = frozenset({Change.DELETED})
+
+
+_LOCAL_EVENTS: dict[Change, Any] = {  # Any: parametrized by the entity's class at run time
+    Change.CREATED: EntityCreated,
+    Change.UPDATED: EntityUpdated,
+    Change.DELETED: EntityDeleted,
+}
+
+
+def local_event(entity: object, change: Change) -> EntityChanged[Any]:
+    """The local event of a change of `entity`: `EntityUpdated[type(entity)](entity=entity)`, ..."""
+    event: EntityChanged[Any] = _LOCAL_EVENTS[change][type(entity)](entity=entity)
+    return event
 
 
 _WRAPPERS: dict[Change, type[Any]] = {
@@ -191,59 +268,118 @@ _COMBINE: dict[tuple[Change, Change], Change | None] = {
 }
 
 
-class EntityChangeTracker:
-    """Follows one unit of work's session: records selected entities' changes at each flush."""
+@dataclass(frozen=True)
+class TrackerMark:
+    """What an `EntityChangeTracker` had recorded when a savepoint began."""
 
-    def __init__(self, config: EntityEvents, session: AsyncSession) -> None:
+    changes: dict[int, tuple[object, Change]]
+    local: dict[int, tuple[object, Change]]
+    deleted: dict[int, EntityChange]
+
+
+class EntityChangeTracker:
+    """Follows one unit of work's session: at each flush, records the changes of the entities whose model
+    `config` selects (for distributed events, over the whole unit of work) and of those `local` takes (for
+    local events, since the last `local_changes`)."""
+
+    def __init__(
+        self,
+        config: EntityEvents | None,
+        session: AsyncSession,
+        local: Callable[[type], bool] | None = None,
+    ) -> None:
         self.config = config
         self.session = session
+        self._local = local
         self._changes: dict[int, tuple[object, Change]] = {}
+        self._local_changes: dict[int, tuple[object, Change]] = {}
         self._deleted_events: dict[int, EntityChange] = {}
         event.listen(session.sync_session, "before_flush", self._before_flush)
         event.listen(session.sync_session, "after_flush", self._after_flush)
 
     def record(self, entity: object, change: Change) -> None:
-        """Note a change of `entity` (what the flush does for ORM changes; call it for bulk statements)."""
-        key = id(entity)
-        previous = self._changes.get(key)
-        combined: Change | None = change
-        if previous is not None:
-            combined = _COMBINE.get((previous[1], change), change)
-        if combined is None:
-            del self._changes[key]
-            self._deleted_events.pop(key, None)
+        """Note a change of `entity` (what the flush does for ORM changes; call it for bulk statements): for
+        the distributed events if this bus publishes any, for the local ones if a local handler takes it."""
+        local = self._local is not None and self._local(type(entity))
+        self._record(entity, change, distributed=self.config is not None, local=local)
+
+    def _record(self, entity: object, change: Change, *, distributed: bool, local: bool) -> None:
+        if local:
+            _combine(self._local_changes, entity, change)
+        if not distributed or self.config is None:
             return
-        self._changes[key] = (entity, combined)
-        if combined is Change.DELETED and key not in self._deleted_events:  # else mapped before the flush
+        key = id(entity)
+        combined = _combine(self._changes, entity, change)
+        if combined is None:
+            self._deleted_events.pop(key, None)
+        elif combined is Change.DELETED and key not in self._deleted_events:  # else mapped before the flush
             self._deleted_events[key] = self.config.to_event(entity, Change.DELETED)
 
     def _before_flush(self, session: Session, _context: object, _instances: object) -> None:
         # Map what this flush deletes while its rows exist: expired attributes can still be loaded.
-        for entity in self._selected(session.deleted):
-            self._deleted_events[id(entity)] = self.config.to_event(entity, Change.DELETED)
+        if self.config is None:
+            return
+        for entity in session.deleted:
+            if self.config.selects(type(entity)):
+                self._deleted_events[id(entity)] = self.config.to_event(entity, Change.DELETED)
 
     def _after_flush(self, session: Session, _context: object) -> None:
         # The new/dirty/deleted sets still hold the flushed objects here, and new rows have their keys.
-        for entity in self._selected(session.new):
-            self.record(entity, Change.CREATED)
-        for entity in self._selected(session.dirty):
-            if session.is_modified(entity, include_collections=False):
-                self.record(entity, Change.UPDATED)
-        for entity in self._selected(session.deleted):
-            self.record(entity, Change.DELETED)
+        config, local = self.config, self._local
+        for entities, change in (
+            (session.new, Change.CREATED),
+            (session.dirty, Change.UPDATED),
+            (session.deleted, Change.DELETED),
+        ):
+            for entity in entities:
+                model = type(entity)
+                distributed = config is not None and config.selects(model)
+                wanted = local is not None and local(model)
+                if not (distributed or wanted):
+                    continue
+                if change is Change.UPDATED and not session.is_modified(entity, include_collections=False):
+                    continue
+                self._record(entity, change, distributed=distributed, local=wanted)
 
-    def _selected(self, entities: Iterable[object]) -> list[object]:
-        return [e for e in entities if self.config.selects(type(e))]
+    def mark(self) -> TrackerMark:
+        """What is recorded now, for `rewind` if the savepoint beginning now rolls back."""
+        return TrackerMark(dict(self._changes), dict(self._local_changes), dict(self._deleted_events))
+
+    def rewind(self, mark: TrackerMark) -> None:
+        """Forget what was recorded since `mark`: its savepoint rolled back, and with it those changes."""
+        self._changes, self._local_changes, self._deleted_events = mark.changes, mark.local, mark.deleted
+
+    async def local_changes(self) -> list[tuple[object, Change]]:
+        """Flush what is pending, then return the changes local handlers take made since the last call: one
+        per entity, in the order of first change."""
+        await self.session.flush()
+        changes, self._local_changes = self._local_changes, {}
+        return list(changes.values())
 
     async def collect(self) -> list[EntityChange]:
         """Flush what is pending, then return each changed entity's event, in the order of first change."""
+        if self.config is None:
+            return []
+        config = self.config
         await self.session.flush()
         changes, self._changes = self._changes, {}
         deleted, self._deleted_events = self._deleted_events, {}
         # In the session's greenlet: mapping may load attributes the flush expired (an `onupdate` column).
         return await self.session.run_sync(
             lambda _: [
-                deleted[key] if change is Change.DELETED else self.config.to_event(entity, change)
+                deleted[key] if change is Change.DELETED else config.to_event(entity, change)
                 for key, (entity, change) in changes.items()
             ]
         )
+
+
+def _combine(changes: dict[int, tuple[object, Change]], entity: object, change: Change) -> Change | None:
+    """Fold `change` into what `changes` holds for `entity`; return the result (None: nothing is left)."""
+    key = id(entity)
+    previous = changes.get(key)
+    combined: Change | None = change if previous is None else _COMBINE.get((previous[1], change), change)
+    if combined is None:
+        del changes[key]
+    else:
+        changes[key] = (entity, combined)
+    return combined

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import contextlib
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping, Sequence
 from contextvars import ContextVar
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -19,6 +19,9 @@ from eventrelay.tenancy import current_tenant
 
 if TYPE_CHECKING:
     from sqlalchemy.ext.asyncio import AsyncSession
+
+LOCAL_ROUNDS = 10
+"""Rounds of local entity events a commit runs (each for the changes the previous one's handlers made)."""
 
 _current: ContextVar[UnitOfWork | None] = ContextVar("eventrelay_unit_of_work", default=None)
 
@@ -48,6 +51,20 @@ class Outgoing(Protocol):
         """Send `messages` to the broker now."""
 
 
+class LocalEntityHandlers(Protocol):
+    """Who takes local entity events (`eventrelay.local.LocalEventBus`)."""
+
+    @property
+    def watches_entities(self) -> bool:
+        """Whether any handler takes local entity events."""
+
+    def takes(self, model: type) -> bool:
+        """Whether a handler takes local entity events of `model`."""
+
+    async def publish_entity_changes(self, changes: Iterable[tuple[object, Change]], uow: UnitOfWork) -> None:
+        """Run the handlers of these changes' local entity events in `uow`."""
+
+
 @dataclass(frozen=True)
 class _Pending:
     message: Message
@@ -64,7 +81,12 @@ class UnitOfWork:
     """
 
     def __init__(
-        self, store: Store, owner: object, outgoing: Outgoing, entity_events: EntityEvents | None = None
+        self,
+        store: Store,
+        owner: object,
+        outgoing: Outgoing,
+        entity_events: EntityEvents | None = None,
+        local: LocalEntityHandlers | None = None,
     ) -> None:
         self.tenant_id = current_tenant()
         """The tenant in scope when it began: with a database per tenant, its database's."""
@@ -74,7 +96,15 @@ class UnitOfWork:
         self._pending: list[_Pending] = []
         self._before_commit: list[Callable[[], Awaitable[None]]] = []
         self._token: object = None
-        self._tracker = None if entity_events is None else EntityChangeTracker(entity_events, self.session)
+        # The session is watched only when someone listens: distributed entity events, or a local handler.
+        self._local = local if local is not None and local.watches_entities else None
+        self._tracker = (
+            None
+            if entity_events is None and self._local is None
+            else EntityChangeTracker(
+                entity_events, self.session, None if self._local is None else self._local.takes
+            )
+        )
 
     @property
     def session(self) -> AsyncSession:
@@ -106,7 +136,10 @@ class UnitOfWork:
     def entity_changed(self, entity: object, change: Change) -> None:
         """Publish an entity event for a change the ORM did not see (a bulk `update()`, raw SQL)."""
         if self._tracker is None:
-            raise UnitOfWorkError("This bus publishes no entity events: pass entity_events=EntityEvents()...")
+            raise UnitOfWorkError(
+                "This bus publishes no entity events: pass entity_events=EntityEvents()... or subscribe a "
+                "local handler of EntityChanged[Model] (bus.local.subscribe) before the unit of work begins"
+            )
         self._tracker.record(entity, change)
 
     def after_commit(self, callback: Callable[[], None]) -> None:
@@ -122,8 +155,11 @@ class UnitOfWork:
         too undoes only the block.
         """
         pending, before = len(self._pending), len(self._before_commit)
+        tracker, mark = self._tracker, None
         try:
             async with self.transaction.savepoint(key):
+                # After the savepoint flushed what came before it: changes recorded from here are the block's.
+                mark = None if tracker is None else tracker.mark()
                 yield
                 # What the block left for the commit is its own too: a failure there rolls back only it. A
                 # callback may leave more (a local event's handler publishing another): they run here too.
@@ -134,14 +170,20 @@ class UnitOfWork:
                         await callback()
         except BaseException:
             del self._pending[pending:], self._before_commit[before:]
+            if tracker is not None and mark is not None:
+                tracker.rewind(mark)  # else a rolled-back row would still publish its entity events
             raise
 
     async def commit(self) -> None:
         """Write buffered events (and the entity events of the changes made in it) to the outbox, commit, then
-        send the events that skip the outbox."""
+        send the events that skip the outbox.
+
+        Before that run the `before_commit` callbacks (local events), then the local entity events."""
         try:
-            for callback in self._before_commit:
+            for callback in self._before_commit:  # a callback may add more: the loop takes them too
                 await callback()
+            if self._local is not None and self._tracker is not None:
+                await self._local_entity_events(self._local, self._tracker)
             if self._tracker is not None:
                 for change in await self._tracker.collect():
                     message = self._outgoing.message(change.event, key=change.key, tenant_id=change.tenant_id)
@@ -166,6 +208,26 @@ class UnitOfWork:
         await self.transaction.commit()
         if direct:
             await self._outgoing.send(direct)
+
+    async def _local_entity_events(self, local: LocalEntityHandlers, tracker: EntityChangeTracker) -> None:
+        """Run the local entity events of the changes made so far, then those of the changes their handlers
+        (and the local events these publish) made, in rounds until one leaves nothing new: `LOCAL_ROUNDS` at
+        most."""
+        done = len(self._before_commit)
+        for round_ in range(LOCAL_ROUNDS + 1):
+            changes = await tracker.local_changes()
+            if not changes:
+                return
+            if round_ == LOCAL_ROUNDS:
+                models = ", ".join(sorted({type(entity).__qualname__ for entity, _ in changes}))
+                raise UnitOfWorkError(
+                    f"Local entity event handlers still changed {models} after {LOCAL_ROUNDS} rounds: a "
+                    "handler loop? Let a handler write only what differs, so that a round ends it"
+                )
+            await local.publish_entity_changes(changes, self)
+            while done < len(self._before_commit):  # local events the handlers published
+                await self._before_commit[done]()
+                done += 1
 
     async def rollback(self) -> None:
         """Discard buffered events and roll the transaction back."""
