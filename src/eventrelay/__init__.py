@@ -43,7 +43,8 @@ from eventrelay.saga import Saga, SagaRecord, step
 from eventrelay.service import Service
 from eventrelay.stores.base import DeadLetter, Store
 from eventrelay.synchronizer import EntitySynchronizer
-from eventrelay.tenancy import TenantDatabases, current_tenant
+from eventrelay.tenancy import TenantDatabases
+from eventrelay.tenant_scope import current_tenant
 from eventrelay.uow import UnitOfWork
 from eventrelay.upcasting import upcaster
 

@@ -32,7 +32,8 @@ from eventrelay.requests import Requester
 from eventrelay.saga import Saga, SagaRecord, create_saga_tables, saga_records, saga_spec
 from eventrelay.stores.base import DeadLetter, Store, utcnow
 from eventrelay.stores.memory import MemoryStore
-from eventrelay.tenancy import TenantDatabases, TenantRelays, TenantStore, current_tenant, tenant_scope
+from eventrelay.tenancy import TenantDatabases, TenantRelays, TenantStore
+from eventrelay.tenant_scope import current_tenant, tenant_scope
 from eventrelay.tracing import Tracing
 from eventrelay.uow import UnitOfWork, current_unit_of_work, due_time
 

@@ -32,7 +32,7 @@ from eventrelay.handlers import current_context
 from eventrelay.json_style import JsonStyle
 from eventrelay.metrics import MetricsHooks, NoMetrics, committed_stamp
 from eventrelay.stores.base import OutboxRecord, Store, Transaction, utcnow
-from eventrelay.tenancy import current_tenant
+from eventrelay.tenant_scope import current_tenant
 from eventrelay.tracing import Tracing
 
 logger = logging.getLogger(__name__)

@@ -12,8 +12,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import AsyncIterator, Callable, Iterator, Mapping, Sequence
-from contextvars import ContextVar
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from datetime import datetime
 from typing import TYPE_CHECKING
 from weakref import WeakKeyDictionary
@@ -21,6 +20,7 @@ from weakref import WeakKeyDictionary
 from eventrelay.envelope import Message
 from eventrelay.errors import ConfigurationError
 from eventrelay.stores.base import DeadLetter, NewDeadLetter, OutboxRecord, Store, Transaction
+from eventrelay.tenant_scope import current_tenant, tenant_scope
 
 if TYPE_CHECKING:
     from sqlalchemy import MetaData
@@ -29,23 +29,6 @@ if TYPE_CHECKING:
     from eventrelay.outbox import Relay
 
 logger = logging.getLogger(__name__)
-
-_tenant: ContextVar[str | None] = ContextVar("eventrelay_tenant", default=None)
-
-
-def current_tenant() -> str | None:
-    """The tenant in scope in this task (`async with bus.tenant(id):`, or a handler's message), if any."""
-    return _tenant.get()
-
-
-@contextlib.contextmanager
-def tenant_scope(tenant_id: str | None) -> Iterator[None]:
-    """Make `tenant_id` the tenant in scope within the block."""
-    token = _tenant.set(tenant_id)
-    try:
-        yield
-    finally:
-        _tenant.reset(token)
 
 
 class TenantDatabases:

@@ -15,7 +15,7 @@ from eventrelay.envelope import Message
 from eventrelay.errors import ConfigurationError, UnitOfWorkError
 from eventrelay.events import Event
 from eventrelay.stores.base import Store, Transaction, utcnow
-from eventrelay.tenancy import current_tenant
+from eventrelay.tenant_scope import current_tenant
 
 if TYPE_CHECKING:
     from sqlalchemy.ext.asyncio import AsyncSession
