@@ -296,6 +296,9 @@ def fulfilment(
         """The status of the order's payment in PaymentService."""
         return str(call("GET", f"{payment}/payments/{placed_order['id']}")["status"])
 
+    def currency_of(placed_order: dict[str, Any]) -> str:
+        return str(call("GET", f"{payment}/payments/{placed_order['id']}")["currency"])
+
     def ended(placed_order: dict[str, Any], stage: str) -> bool:
         state = saga(placed_order)
         return bool(state["completed"]) and state["state"]["stage"] == stage
@@ -313,8 +316,9 @@ def fulfilment(
         order_a = place(alice, guide, 1)
     with step("Stock reserved: ProductService holds A's copy, 9 -> 8 (StockReservedEto)"):
         eventually("A's copy held", lambda: stock(guide) == 8)
-    with step("Paid: PaymentService captured A's 24.00 (PaymentCapturedEto)"):
+    with step("Paid: A's 24.00 EUR captured (PaymentRequestedEto v2 names the currency)"):
         eventually("A's payment captured", lambda: payment_of(order_a) == "captured")
+        expect("the currency of A's payment, from PaymentRequestedEto version 2", currency_of(order_a), "EUR")
     with step("Order A completed: status paid, its saga completed"):
         eventually("order A paid", lambda: status(order_a) == "paid" and ended(order_a, "paid"))
 
@@ -371,7 +375,10 @@ def final_table(identity: str, product: str, order: str, notification: str, paym
     payments = call("GET", f"{payment}/payments")
     table.add_row(
         "PaymentService",
-        "\n".join(f"order {p['order_id'][:8]}: {p['amount']}, {p['status']}" for p in payments),
+        "\n".join(
+            f"order {p['order_id'][:8]}: {p['amount']} {p['currency'] or ''}".rstrip() + f", {p['status']}"
+            for p in payments
+        ),
     )
     console.print(table)
 

@@ -5,6 +5,11 @@ a channel is an event name (its `address`), its message's payload is the ETO's J
 writes it for the wire (`mode="serialization"`, aliases applied), and the operations are `send` for what
 the service publishes (`Service(publishes=[...])` and its entity events) and `receive` for what its
 handlers take (one operation per event, naming the handlers).
+
+Versions: each message of a class says its version in `x-eventrelay-version` and, when its upcasters read
+older versions, which in `x-eventrelay-upcasts-from`; over version 1 its headers schema adds the
+`x-eventrelay-version` header with that value (`const`). `event_schemas` records the same two keys in an
+ETO's schema when its version is over 1, for the contract snapshots (`eventrelay.contracts`).
 """
 
 from __future__ import annotations
@@ -15,8 +20,10 @@ from typing import TYPE_CHECKING, Any, cast
 
 from pydantic.json_schema import models_json_schema
 
-from eventrelay.envelope import CAUSATION_ID, COMMITTED_AT, CORRELATION_ID, TENANT_ID, TRACEPARENT
-from eventrelay.events import Event, event_name
+from eventrelay.contracts import UPCASTS_FROM
+from eventrelay.envelope import CAUSATION_ID, COMMITTED_AT, CORRELATION_ID, TENANT_ID, TRACEPARENT, VERSION
+from eventrelay.events import Event, event_name, event_version
+from eventrelay.upcasting import upcast_versions
 
 if TYPE_CHECKING:
     from eventrelay.service import Service
@@ -55,15 +62,25 @@ def handled_events(service: Service) -> dict[str, tuple[type[Event] | None, list
 
 
 def event_schemas(service: Service) -> dict[str, dict[str, Any]]:
-    """Event name -> the JSON Schema of its ETO as it travels (aliases, serialization mode)."""
+    """Event name -> the JSON Schema of its ETO as it travels (aliases, serialization mode), with its version
+    and the versions its upcasters read when it is over version 1."""
     classes = dict(published_events(service))
     for name, (cls, _) in handled_events(service).items():
         if cls is not None:
             classes.setdefault(name, cls)
     return {
-        name: cls.model_json_schema(by_alias=True, mode="serialization")
+        name: {**cls.model_json_schema(by_alias=True, mode="serialization"), **_versions(cls, 2)}
         for name, cls in sorted(classes.items())
     }
+
+
+def _versions(cls: type[Event], least: int) -> dict[str, Any]:
+    """`cls`'s version and the older ones its upcasters read, as extension keys; none under `least`."""
+    version = event_version(cls)
+    if version < least:
+        return {}
+    older = upcast_versions(cls)
+    return {VERSION: version, UPCASTS_FROM: older} if older else {VERSION: version}
 
 
 def asyncapi_document(service: Service, version: str = "1.0.0") -> dict[str, Any]:
@@ -92,8 +109,9 @@ def asyncapi_document(service: Service, version: str = "1.0.0") -> dict[str, Any
             "summary": _summary(cls),
             "contentType": "application/json",
             "correlationId": {"location": f"$message.header#/{CORRELATION_ID}"},
-            "headers": {"$ref": f"#/components/schemas/{HEADERS_SCHEMA}"},
+            "headers": _message_headers(cls),
             "payload": payload,
+            **(_versions(cls, 1) if cls is not None else {}),
         }
         channels[key] = {
             "address": name,
@@ -134,6 +152,20 @@ def asyncapi_document(service: Service, version: str = "1.0.0") -> dict[str, Any
     }
 
 
+def _message_headers(cls: type[Event] | None) -> dict[str, Any]:
+    """The headers schema of a message: eventrelay's, and over version 1 the version header's value."""
+    headers = {"$ref": f"#/components/schemas/{HEADERS_SCHEMA}"}
+    version = event_version(cls) if cls is not None else 1
+    if version == 1:
+        return headers
+    stamped = {
+        "type": "string",
+        "const": str(version),
+        "description": f"Sent as {version}; absent: version 1.",
+    }
+    return {"allOf": [headers, {"type": "object", "properties": {VERSION: stamped}}]}
+
+
 def _headers_schema() -> dict[str, Any]:
     described = {
         CORRELATION_ID: "Correlation id: the first message's id unless the publisher set one.",
@@ -142,6 +174,7 @@ def _headers_schema() -> dict[str, Any]:
         TRACEPARENT: "W3C Trace Context of the message's create span (when tracing is on).",
         "tracestate": "W3C Trace Context vendor state (when tracing is on).",
         COMMITTED_AT: "When the message was written to the outbox, ISO 8601 UTC.",
+        VERSION: "The version of the event class that wrote the body, when over 1; absent: version 1.",
     }
     return {
         "type": "object",

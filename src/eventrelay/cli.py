@@ -1,32 +1,30 @@
-"""The `eventrelay` command: a thin shell over the library (click for parsing, rich for tables)."""
+"""The `eventrelay` command: a thin shell over the library (click for parsing, rich for tables).
+
+The commands that describe a service's contracts (`events`, `asyncapi`, `schema`) live in `cli_contracts.py`,
+what every command shares in `cli_base.py`."""
 
 from __future__ import annotations
 
-import asyncio
-import importlib
 import json
 import logging
 import sys
 from collections import Counter
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Sequence
 from datetime import datetime, timedelta
-from typing import Any, TypeVar
+from typing import Any
 
 import click
 from rich.console import Console
 from rich.table import Table
-from rich.text import Text
 
+from eventrelay.cli_base import JSON, TARGET, cell, load_service, opened, print_json, run_async
+from eventrelay.cli_contracts import asyncapi, events, schema
 from eventrelay.config import redact_url
 from eventrelay.envelope import printable
 from eventrelay.errors import ConfigurationError, EventRelayError
 from eventrelay.saga import SagaRecord
 from eventrelay.service import Service
 from eventrelay.stores.base import DeadLetter, Store, utcnow
-
-T = TypeVar("T")
-TARGET = click.argument("target", metavar="MODULE:SERVICE")
-JSON = click.option("--json", "as_json", is_flag=True, help="Print JSON for scripts instead of a table.")
 
 
 @click.group()
@@ -44,53 +42,6 @@ def main(verbose: bool) -> None:
     )
 
 
-def load_service(target: str) -> Service:
-    """Import `module:attribute` and check that it is a `Service`."""
-    module_name, _, attribute = target.partition(":")
-    if not module_name or not attribute:
-        raise click.ClickException(f"{target!r} is not MODULE:SERVICE, e.g. orders.app:service")
-    sys.path.insert(0, ".")
-    try:
-        module = importlib.import_module(module_name)
-    except (ImportError, SyntaxError, EventRelayError) as exc:  # e.g. a Service with a wrong broker URL
-        raise click.ClickException(f"Cannot import {module_name!r}: {exc}") from exc
-    finally:
-        sys.path.remove(".")
-    service = getattr(module, attribute, None)
-    if not isinstance(service, Service):
-        found = "nothing" if service is None else type(service).__name__
-        raise click.ClickException(f"{target} must be an eventrelay Service; found {found}")
-    return service
-
-
-def _print_json(data: object) -> None:
-    click.echo(json.dumps(data))
-
-
-def _cell(value: object) -> Text:
-    """Text for rich, from another service or a message: never read as markup (`[/]` would crash the table,
-    `[link=...]` would render), with its control characters escaped so none reaches the terminal."""
-    return Text(printable("-" if value is None else value))
-
-
-def run_async(coro: Callable[[], Awaitable[T]]) -> T:
-    """Run a coroutine; library errors become one line and exit code 1."""
-    try:
-        return asyncio.run(coro())  # type: ignore[arg-type]
-    except EventRelayError as exc:  # its text may quote a message's fields
-        raise click.ClickException(printable(exc)) from exc
-
-
-def _opened(service: Service, action: Callable[[Service], Awaitable[T]]) -> T:
-    """Run `action` on the service prepared, with its tables made, not started (`Service.opened`)."""
-
-    async def go() -> T:
-        async with service.opened():
-            return await action(service)
-
-    return run_async(go)
-
-
 @main.command()
 @TARGET
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON line when started and when stopped.")
@@ -103,7 +54,7 @@ def run(target: str, as_json: bool) -> None:
 
     def started() -> None:
         database = service.database_url
-        _print_json(
+        print_json(
             {
                 "service": service.name,
                 "started": True,
@@ -115,7 +66,7 @@ def run(target: str, as_json: bool) -> None:
 
     run_async(lambda: service.run(started if as_json else None))
     if as_json:
-        _print_json({"service": service.name, "stopped": True})
+        print_json({"service": service.name, "stopped": True})
 
 
 @main.group()
@@ -160,7 +111,7 @@ def db_init(database: str, prefix: str, as_json: bool) -> None:
 
     run_async(create)
     if as_json:
-        _print_json({"database": redact_url(url), "ready": True})
+        print_json({"database": redact_url(url), "ready": True})
     else:
         click.echo(f"The eventrelay tables are ready in {redact_url(url)}")
 
@@ -174,40 +125,15 @@ def outbox(target: str, as_json: bool) -> None:
     Example: eventrelay outbox products.app:service
     """
     service = load_service(target)
-    count, oldest = _opened(service, lambda s: s.bus.store.outbox_backlog())
+    count, oldest = opened(service, lambda s: s.bus.store.outbox_backlog())
     age = (utcnow() - oldest).total_seconds() if oldest else None
     if as_json:
-        _print_json({"service": service.name, "waiting": count, "oldest_age_seconds": age})
+        print_json({"service": service.name, "waiting": count, "oldest_age_seconds": age})
     else:
         click.echo(
             f"{service.name}: {count} event(s) waiting"
             + (f", the oldest for {age:.1f}s" if age is not None else "")
         )
-
-
-@main.command()
-@TARGET
-@JSON
-def events(target: str, as_json: bool) -> None:
-    """The event names a service publishes and handles (with the handlers).
-
-    Example: eventrelay events orders.app:service
-    """
-    service = load_service(target)
-    run_async(service.prepare)
-    handled = {name: [h.name for h in service.bus.handlers_for(name)] for name in service.handled_events}
-    if as_json:
-        _print_json({"service": service.name, "publishes": service.published_events, "handles": handled})
-        return
-    table = Table(title=_cell(f"Events of {service.name}"))
-    table.add_column("event", overflow="fold")
-    table.add_column("direction")
-    table.add_column("handlers", overflow="fold")
-    for name in service.published_events:
-        table.add_row(_cell(name), "publishes", "")
-    for name, handlers in handled.items():
-        table.add_row(_cell(name), "handles", Text("\n").join(_cell(h) for h in handlers))
-    Console().print(table)
 
 
 @main.group("dead-letters")
@@ -244,17 +170,17 @@ def dead_letters_list(target: str, limit: int, as_json: bool) -> None:
 
     Example: eventrelay dead-letters list orders.app:service
     """
-    letters = _opened(load_service(target), lambda s: s.bus.dead_letters(limit))
+    letters = opened(load_service(target), lambda s: s.bus.dead_letters(limit))
     if as_json:
-        _print_json([_letter_dict(letter, full=False) for letter in letters])
+        print_json([_letter_dict(letter, full=False) for letter in letters])
         return
     more = " (the oldest; --limit shows more)" if len(letters) == limit else ""
-    table = Table(title=_cell(f"{len(letters)} dead letter(s) of {target}{more}"))
+    table = Table(title=cell(f"{len(letters)} dead letter(s) of {target}{more}"))
     for column in ("id", "event", "handler", "attempts", "reason", "created_at"):
         table.add_column(column, overflow="fold")
     for letter in letters:
         row = _letter_dict(letter, full=False)
-        table.add_row(*(_cell(row[c]) for c in list(row)[:6]))
+        table.add_row(*(cell(row[c]) for c in list(row)[:6]))
     Console().print(table)
 
 
@@ -267,10 +193,10 @@ def dead_letters_show(target: str, letter_id: int, as_json: bool) -> None:
 
     Example: eventrelay dead-letters show orders.app:service 7
     """
-    letter = _opened(load_service(target), lambda s: s.bus.dead_letter(letter_id))
+    letter = opened(load_service(target), lambda s: s.bus.dead_letter(letter_id))
     data = _letter_dict(letter, full=True)
     if as_json:
-        _print_json(data)
+        print_json(data)
         return
     for field, value in data.items():  # a body or a traceback keeps its lines; the rest is one line each
         click.echo(f"{field}: {printable(value, lines=field in ('body', 'error'))}")
@@ -301,9 +227,9 @@ def dead_letters_replay(target: str, letter_ids: Sequence[int], replay_all: bool
                 results.append((letter_id, f"{type(exc).__name__}: {exc}"))
         return results
 
-    results = _opened(service, replay)
+    results = opened(service, replay)
     if as_json:
-        _print_json([{"id": i, "replayed": e is None, "error": e} for i, e in results])
+        print_json([{"id": i, "replayed": e is None, "error": e} for i, e in results])
     else:
         for letter_id, error in results:
             outcome = "replayed" if error is None else f"not replayed: {printable(error)}"
@@ -343,9 +269,9 @@ def dead_letters_purge(target: str, letter_ids: Sequence[int], yes: bool, as_jso
             await s.bus.discard(letter_id)
         return ids
 
-    deleted = _opened(service, purge)
+    deleted = opened(service, purge)
     if as_json:
-        _print_json({"service": service.name, "deleted": deleted})
+        print_json({"service": service.name, "deleted": deleted})
     else:
         click.echo(f"Deleted {len(deleted)} dead letter(s) of {service.name}")
 
@@ -361,10 +287,10 @@ def sagas(target: str, completed: bool, limit: int, as_json: bool) -> None:
     Example: eventrelay sagas orders.app:service --completed
     """
     service = load_service(target)
-    records = _opened(service, lambda s: s.bus.saga_records(limit=limit, completed=completed))
+    records = opened(service, lambda s: s.bus.saga_records(limit=limit, completed=completed))
     now = utcnow()
     if as_json:
-        _print_json([_saga_dict(record, now) for record in records])
+        print_json([_saga_dict(record, now) for record in records])
         return
     which = "saga" if completed else "open saga"
     if not service.bus.sagas:
@@ -373,7 +299,7 @@ def sagas(target: str, completed: bool, limit: int, as_json: bool) -> None:
     if not records:
         click.echo(f"{service.name} has no {which}s ({', '.join(s.__name__ for s in service.bus.sagas)})")
         return
-    table = Table(title=_cell(f"{len(records)} {which}(s) of {service.name}"))
+    table = Table(title=cell(f"{len(records)} {which}(s) of {service.name}"))
     table.add_column("saga", overflow="fold")
     table.add_column("key", overflow="fold")
     table.add_column("state", max_width=60, no_wrap=True, overflow="ellipsis")
@@ -381,9 +307,9 @@ def sagas(target: str, completed: bool, limit: int, as_json: bool) -> None:
         table.add_column(column, no_wrap=True)
     for r in records:
         table.add_row(
-            _cell(r.saga),
-            _cell(r.key),
-            _cell(json.dumps(r.state, separators=(",", ":"), ensure_ascii=False)),
+            cell(r.saga),
+            cell(r.key),
+            cell(json.dumps(r.state, separators=(",", ":"), ensure_ascii=False)),
             _duration(now - r.created_at),
             _duration(now - r.updated_at) + " ago",
             "none" if r.timeout_at is None else _until(r.timeout_at - now),
@@ -426,56 +352,6 @@ def _until(span: timedelta) -> str:
 
 
 @main.command()
-@TARGET
-@click.option("-o", "--output", type=click.Path(dir_okay=False), help="Write to this file, not stdout.")
-@click.option("--version", "api_version", default="1.0.0", show_default=True, help="info.version.")
-@click.option(
-    "--json", "as_json", is_flag=True, help="With -o, say what was written as JSON (the document is JSON)."
-)
-def asyncapi(target: str, output: str | None, api_version: str, as_json: bool) -> None:
-    """Write the AsyncAPI 3.0 document (JSON) of what a service publishes and handles.
-
-    Example: eventrelay asyncapi orders.app:service -o orders.asyncapi.json
-    """
-    from eventrelay.asyncapi import asyncapi_document
-
-    service = load_service(target)
-    run_async(service.prepare)
-    text = json.dumps(asyncapi_document(service, api_version), indent=2) + "\n"
-    if output is None:
-        click.echo(text, nl=False)
-    else:
-        with open(output, "w", encoding="utf-8") as file:
-            file.write(text)
-        if as_json:
-            _print_json({"service": service.name, "written": output})
-        else:
-            click.echo(f"Wrote the AsyncAPI document of {service.name} to {output}", err=True)
-
-
-@main.command()
-@TARGET
-@click.option("--json", "as_json", is_flag=True, help="JSON for scripts (the schemas are JSON either way).")
-@click.option("--check", metavar="FILE", help="Exit 1 on a change that breaks a consumer of this snapshot.")
-@click.option("--write", metavar="FILE", help="Write the schemas to this snapshot (other services' stay).")
-def schema(target: str, as_json: bool, check: str | None, write: str | None) -> None:
-    """Print the JSON Schema of each event a service publishes or handles; or check or write a snapshot.
-
-    Example: eventrelay schema products.app:service --check contracts.lock.json
-    """
-    from eventrelay.asyncapi import event_schemas
-    from eventrelay.cli_contracts import check_or_write
-
-    service = load_service(target)
-    run_async(service.prepare)
-    schemas = event_schemas(service)
-    if check or write:
-        check_or_write(service.name, schemas, check, write, as_json)
-    else:
-        click.echo(json.dumps(schemas, indent=2))
-
-
-@main.command()
 @click.argument("targets", metavar="MODULE:SERVICE...", nargs=-1, required=True)
 @click.option("--host", default="127.0.0.1", show_default=True, help="Interface to listen on.")
 @click.option("--port", default=8090, show_default=True, help="Port to listen on.")
@@ -495,6 +371,10 @@ def dashboard(targets: Sequence[str], host: str, port: int, token: str | None, a
     services = [load_service(target) for target in targets]
 
     def listening(url: str) -> None:
-        _print_json({"url": url, "services": [s.name for s in services]})
+        print_json({"url": url, "services": [s.name for s in services]})
 
     run_async(lambda: run_dashboard(services, host, port, token, on_listening=listening if as_json else None))
+
+
+for command in (events, asyncapi, schema):  # what a service publishes and handles: cli_contracts.py
+    main.add_command(command)

@@ -15,9 +15,16 @@ check reports as **breaking**, each with the event, the field's path and why:
 
 And as **safe**: a new event, an optional field added or removed, a required field made optional.
 
+Versions: an event's schema records its class's version under `x-eventrelay-version` when it is over 1, and
+the older versions its upcasters read under `x-eventrelay-upcasts-from` (`eventrelay.upcasting`). A version
+raised with an upcaster chain from the old one makes safe what only breaks messages written before the
+change, since the chain brings them up: a required field added or made required, enum values removed, a
+field newly limited to values. What breaks consumers still on the old copy stays breaking: a field removed
+or retyped, values added. A version raised with no upcaster from the old one, or lowered, is breaking.
+
 Not checked: titles, descriptions, examples and default values; constraints (`minLength`, `maximum`,
 `pattern`, ...); `additionalProperties` of a model; `allOf` of more than one schema; tuples' `prefixItems`;
-a `$ref` outside the schema's own `$defs`. A snapshot is JSON with sorted keys:
+a `$ref` outside the schema's own `$defs`; what an upcaster does. A snapshot is JSON with sorted keys:
 `{"format": 1, "services": {service name: {event name: JSON Schema}}}`.
 """
 
@@ -28,9 +35,11 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from eventrelay.envelope import VERSION
 from eventrelay.errors import ConfigurationError
 
 FORMAT = 1
+UPCASTS_FROM = "x-eventrelay-upcasts-from"
 Schema = Mapping[str, Any]
 
 
@@ -59,8 +68,48 @@ def compare(old: Mapping[str, Schema], new: Mapping[str, Schema]) -> list[Change
         elif name not in old:
             changes.append(Change(name, "", "a new event", breaking=False))
         else:
-            changes.extend(_Walk(name, old[name], new[name]).changes)
+            changes.extend(_versioned(name, old[name], new[name]))
     return changes
+
+
+def versions(schemas: Mapping[str, Schema]) -> dict[str, int]:
+    """Event name -> the version its schema records (1 when it records none)."""
+    return {name: _version(schema) for name, schema in schemas.items()}
+
+
+def _version(schema: Schema) -> int:
+    version = schema.get(VERSION, 1)
+    return version if isinstance(version, int) and not isinstance(version, bool) else 1
+
+
+def _versioned(name: str, old: Schema, new: Schema) -> list[Change]:
+    """The changes within one event, with what its version and upcasters make of them."""
+    walk = _Walk(name, old, new)
+    was, now = _version(old), _version(new)
+    if was == now:
+        hint = f" (to keep older messages, raise its version above {was} with an upcaster from {was})"
+        return [_amended(c, hint, True) if id(c) in walk.old_messages_only else c for c in walk.changes]
+    if now < was:
+        reason = f"its version went down from {was} to {now}: raise it above {was} instead"
+        return [Change(name, "", reason, breaking=True), *walk.changes]
+    upcast = new.get(UPCASTS_FROM, [])
+    missing = [v for v in range(was, now) if v not in upcast]
+    if missing:
+        reason = (
+            f"version {was} -> {now} with no upcaster from version {missing[-1]}: messages of version {was} "
+            f"still queued or dead-lettered fail; register @upcaster({new.get('title', name)}, "
+            f"from_version={missing[-1]})"
+        )
+        return [Change(name, "", reason, breaking=True), *walk.changes]
+    upcasted = f", but the upcasters from version {was} bring older messages up"
+    changes = [Change(name, "", f"version {was} -> {now}, with upcasters from version {was}", breaking=False)]
+    for change in walk.changes:
+        changes.append(_amended(change, upcasted, False) if id(change) in walk.old_messages_only else change)
+    return changes
+
+
+def _amended(change: Change, said: str, breaking: bool) -> Change:
+    return Change(change.event, change.path, change.reason + said, breaking)
 
 
 class _Walk:
@@ -71,10 +120,15 @@ class _Walk:
         self.defs = (old.get("$defs", {}), new.get("$defs", {}))
         self.inside: set[tuple[str, str]] = set()  # the pairs of models being walked, to stop a recursion
         self.changes: list[Change] = []
+        self.old_messages_only: set[int] = set()  # ids of the changes an upcaster can undo (module docstring)
         self.node("", old, new)
 
-    def add(self, path: str, reason: str, breaking: bool = True) -> None:
-        self.changes.append(Change(self.event, path, reason, breaking))
+    def add(self, path: str, reason: str, breaking: bool = True, old_messages_only: bool = False) -> None:
+        """Record a change; `old_messages_only` when it breaks only messages written before it."""
+        change = Change(self.event, path, reason, breaking)
+        self.changes.append(change)
+        if old_messages_only:
+            self.old_messages_only.add(id(change))
 
     def node(self, path: str, old: Schema, new: Schema) -> None:
         (old, old_ref), (new, new_ref) = _resolve(old, self.defs[0]), _resolve(new, self.defs[1])
@@ -117,12 +171,16 @@ class _Walk:
                     self.add(where, "an optional field removed (consumers use its default)", breaking=False)
             elif field not in before:
                 if field in required[1]:
-                    self.add(where, "a required field added without a default: messages without it fail")
+                    self.add(
+                        where,
+                        "a required field added without a default: messages without it fail",
+                        old_messages_only=True,
+                    )
                 else:
                     self.add(where, "an optional field added (it has a default)", breaking=False)
             else:
                 if field in required[1] and field not in required[0]:
-                    self.add(where, "made required: messages without it fail")
+                    self.add(where, "made required: messages without it fail", old_messages_only=True)
                 elif field in required[0] and field not in required[1]:
                     self.add(where, "made optional (it has a default)", breaking=False)
                 self.node(where, before[field], after[field])
@@ -133,10 +191,15 @@ class _Walk:
             return
         if was is None or now is None:
             limit = "now limited to" if now is not None else "no longer limited to"
-            self.add(path, f"{limit} the values {_shown(now if now is not None else was or [])}")
+            self.add(
+                path,
+                f"{limit} the values {_shown(now if now is not None else was or [])}",
+                old_messages_only=now is not None,
+            )
             return
         if gone := [v for v in was if v not in now]:
-            self.add(path, f"values removed: {_shown(gone)} (messages sent before may carry them)")
+            reason = f"values removed: {_shown(gone)} (messages sent before may carry them)"
+            self.add(path, reason, old_messages_only=True)
         if added := [v for v in now if v not in was]:
             self.add(path, f"values added: {_shown(added)} (consumers on the old copy reject them)")
 
@@ -215,4 +278,14 @@ def service_schemas(data: Schema, service: str, source: str) -> dict[str, Any]:
     return dict(data["services"][service])
 
 
-__all__ = ["FORMAT", "Change", "compare", "dumps", "loads", "service_schemas", "snapshot"]
+__all__ = [
+    "FORMAT",
+    "UPCASTS_FROM",
+    "Change",
+    "compare",
+    "dumps",
+    "loads",
+    "service_schemas",
+    "snapshot",
+    "versions",
+]

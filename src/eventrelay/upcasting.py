@@ -67,6 +67,17 @@ def upcaster(event_type: type[Event], *, from_version: int) -> Callable[[U], U]:
     return register
 
 
+def upcast_versions(event_type: type[Event]) -> list[int]:
+    """The older versions whose messages `event_type`'s upcasters bring up to it (an unbroken chain from
+    each to the current version), ascending; empty at version 1 or without upcasters."""
+    name, versions = event_name(event_type), []
+    for version in range(event_version(event_type) - 1, 0, -1):
+        if (name, version) not in _upcasters:
+            break
+        versions.append(version)
+    return versions[::-1]
+
+
 def _identity(function: Callable[..., object]) -> str:
     return f"{function.__module__}.{getattr(function, '__qualname__', repr(function))}"
 

@@ -33,7 +33,8 @@ from click.testing import CliRunner, Result
 from sqlalchemy import inspect
 from sqlalchemy.ext.asyncio import create_async_engine
 
-from eventrelay.cli import load_service, main
+from eventrelay.cli import main
+from eventrelay.cli_base import load_service
 from eventrelay.envelope import Message
 from eventrelay.service import Service
 from eventrelay.testing import wait_until_idle
@@ -320,9 +321,17 @@ async def test_events_table_and_json(shop: Shop) -> None:
         "service": "Orders",
         "publishes": sorted([placed, taken]),
         "handles": {placed: [f"{shop.name}.Fulfil"], taken: [f"{shop.name}.Invoice"]},
+        "versions": {placed: 1, taken: 1},
+        "upcasts_from": {},
     }
     billing = json.loads(succeeded(await cli("events", shop.billing, "--json")))
-    assert billing == {"service": "Billing", "publishes": [], "handles": {taken: [f"{shop.name}.Invoice"]}}
+    assert billing == {
+        "service": "Billing",
+        "publishes": [],
+        "handles": {taken: [f"{shop.name}.Invoice"]},
+        "versions": {taken: 1},
+        "upcasts_from": {},
+    }
 
 
 # --- dead-letters list / show ------------------------------------------------------------------------

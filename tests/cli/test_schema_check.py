@@ -285,6 +285,7 @@ def test_the_snapshot_is_sorted_readable_json_that_keeps_the_other_services(app_
         "service": "Shop",
         "written": "contracts.lock.json",
         "events": ["Contracts.OrderPlaced"],
+        "versions": {"Contracts.OrderPlaced": 1},
     }
     text = (app_folder / "contracts.lock.json").read_text()
     data = json.loads(text)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import ast
 import importlib
+import json
 import subprocess
 import sys
 import uuid
@@ -13,6 +14,8 @@ from pathlib import Path
 
 import asyncpg
 import pytest
+
+from eventrelay.upcasting import upcast_versions
 
 EXAMPLES = Path(__file__).parent.parent.parent / "examples"
 BOOKSTORE = EXAMPLES / "bookstore"
@@ -30,7 +33,7 @@ STORY = [
     "✓ OrderFulfilment saga: the 3 orders so far got their stock and were paid",
     "✓ Order A placed: alice, 1 x ABP in Action at 24.00 (OrderPlacedEto starts a saga)",
     "✓ Stock reserved: ProductService holds A's copy, 9 -> 8 (StockReservedEto)",
-    "✓ Paid: PaymentService captured A's 24.00 (PaymentCapturedEto)",
+    "✓ Paid: A's 24.00 EUR captured (PaymentRequestedEto v2 names the currency)",
     "✓ Order A completed: status paid, its saga completed",
     "✓ Order C placed: 50 x Mastering Microservices, 7 in stock: rejected",
     "✓ Order B placed: bob, 2 x Mastering Microservices at 30.00",
@@ -219,18 +222,78 @@ def _bookstore_imports(path: Path) -> set[str]:
 def test_each_service_keeps_the_contracts_committed_in_its_snapshot(service: str, tmp_path: Path) -> None:
     """What a team runs in CI: `eventrelay schema --check` against `contracts.lock.json` (see its README)."""
     target = f"bookstore.{service}.app:service"
+    output = in_the_sample(
+        tmp_path, "-m", "eventrelay", "schema", target, "--check", "bookstore/contracts.lock.json"
+    )
+    assert output.startswith("The contracts of ")
+    assert "compatible with bookstore/contracts.lock.json" in output
+
+
+def in_the_sample(data: Path, *args: str) -> str:
+    """The output of Python run with `args` in examples/, the sample's data in `data`; it must exit 0."""
     result = subprocess.run(
-        [sys.executable, "-m", "eventrelay", "schema", target, "--check", "bookstore/contracts.lock.json"],
+        [sys.executable, *args],
         cwd=EXAMPLES,
-        env={"PYTHONPATH": str(EXAMPLES), "PATH": "/usr/bin:/bin", "BOOKSTORE_DATA": str(tmp_path)},
+        env={"PYTHONPATH": str(EXAMPLES), "PATH": "/usr/bin:/bin", "BOOKSTORE_DATA": str(data)},
         capture_output=True,
         text=True,
         timeout=120,
         check=False,
     )
     assert result.returncode == 0, f"{result.stdout}\n{result.stderr}"
-    assert result.stdout.startswith("The contracts of ")
-    assert "compatible with bookstore/contracts.lock.json" in result.stdout
+    return result.stdout
+
+
+# PaymentService with its own handler, and an OrderService from before PaymentRequestedEto version 2 on a
+# broker connection of its own: it writes the old shape (no currency), no version header, to the broker file.
+OLD_PUBLISHER = """
+import asyncio
+import json
+from uuid import UUID
+
+from bookstore.hosting import default_broker
+from bookstore.payment.app import Base, Payment, service
+from eventrelay import Message
+from eventrelay.brokers import broker_from_url
+from eventrelay.testing import wait_until_idle
+
+ORDER, BUYER = UUID(int=1), UUID(int=2)
+
+
+async def main() -> None:
+    async with service.engine.begin() as connection:
+        await connection.run_sync(Base.metadata.create_all)
+    async with service:
+        body = json.dumps({"order_id": str(ORDER), "buyer_id": str(BUYER), "amount": "24.00"}).encode()
+        async with broker_from_url(default_broker()) as old_order_service:
+            await old_order_service.publish([Message("1" * 32, "BookStore.Order.PaymentRequested", body)])
+        await wait_until_idle(service.bus, timeout=60)
+        async with service.bus.unit_of_work() as uow:
+            payment = await uow.session.get(Payment, ORDER)
+        letters = await service.bus.dead_letters(limit=10)
+    print(json.dumps({
+        "payment": payment and [str(payment.amount), payment.currency, payment.status],
+        "dead_letters": [letter.reason for letter in letters],
+    }))
+
+
+asyncio.run(main())
+"""
+
+
+def test_payment_service_upcasts_a_version_1_payment_request_from_an_older_order_service(
+    tmp_path: Path,
+) -> None:
+    """PaymentRequestedEto version 2 added `currency`; its upcaster (in order_contracts) says version 1's
+    amounts were euros, so a request sent before the upgrade is still paid."""
+    outcome = json.loads(in_the_sample(tmp_path, "-c", OLD_PUBLISHER).strip().splitlines()[-1])
+    assert outcome == {"payment": ["24.00", "EUR", "captured"], "dead_letters": []}
+
+
+def test_the_sample_declares_payment_requested_at_version_2_with_an_upcaster_from_1() -> None:
+    contracts = importlib.import_module("bookstore.order_contracts")  # by name, as in the banner's test
+    assert upcast_versions(contracts.PaymentRequestedEto) == [1]
+    assert contracts.charged_in_euros({"amount": "1.00"}) == {"amount": "1.00", "currency": "EUR"}
 
 
 @pytest.mark.parametrize("service", SERVICES)

@@ -17,7 +17,7 @@ import pytest
 from pydantic import ConfigDict
 from pydantic.alias_generators import to_camel
 
-from eventrelay import DynamicEvent, Event
+from eventrelay import DynamicEvent, Event, upcaster
 from eventrelay.asyncapi import asyncapi_document, event_schemas
 from eventrelay.service import Service
 
@@ -114,6 +114,52 @@ def test_eventrelay_schema_prints_each_eto_schema_by_event_name(tmp_path: Path) 
     )
 
 
+def test_a_message_says_its_version_and_the_versions_its_upcasters_read(tmp_path: Path) -> None:
+    document = json.loads(cli(tmp_path, "asyncapi", "bookstore.payment.app:service"))
+    assert errors(document) == []
+    messages = document["components"]["messages"]
+    requested = messages["BookStore.Order.PaymentRequested"]  # version 2, upcast from 1 (order_contracts)
+    assert (requested["x-eventrelay-version"], requested["x-eventrelay-upcasts-from"]) == (2, [1])
+    base, stamped = requested["headers"]["allOf"]
+    assert base == {"$ref": "#/components/schemas/EventRelayHeaders"}
+    assert stamped["properties"]["x-eventrelay-version"]["const"] == "2"
+    captured = messages["BookStore.Payment.Captured"]
+    assert captured["x-eventrelay-version"] == 1
+    assert "x-eventrelay-upcasts-from" not in captured
+    assert captured["headers"] == {"$ref": "#/components/schemas/EventRelayHeaders"}
+    headers = document["components"]["schemas"]["EventRelayHeaders"]["properties"]
+    assert "absent: version 1" in headers["x-eventrelay-version"]["description"]
+
+
+class ThirdEto(Event, name="AsyncApiTests.Third", version=3):
+    """At version 3; an upcaster reads version 2 only (version 1 has none)."""
+
+    total: int
+
+
+@upcaster(ThirdEto, from_version=2)
+def total_from_sum(body: dict[str, Any]) -> dict[str, Any]:
+    return {"total": body["sum"]}
+
+
+async def on_third(event: ThirdEto) -> None:
+    """A handler of version 3."""
+
+
+async def test_only_versions_with_a_whole_chain_of_upcasters_are_said_to_be_read() -> None:
+    service = Service("Thirds", broker="memory://")
+    service.subscribe(on_third)
+    await service.prepare()
+
+    document = asyncapi_document(service)
+
+    assert errors(document) == []
+    message = document["components"]["messages"]["AsyncApiTests.Third"]
+    assert (message["x-eventrelay-version"], message["x-eventrelay-upcasts-from"]) == (3, [2])
+    schema = event_schemas(service)["AsyncApiTests.Third"]
+    assert (schema["x-eventrelay-version"], schema["x-eventrelay-upcasts-from"]) == (3, [2])
+
+
 class CamelEto(Event, name="AsyncApiTests.Shop/Order Placed"):
     """An order was placed (camelCase on the wire, as ABP writes it)."""
 
@@ -138,6 +184,7 @@ async def test_aliases_dynamic_events_and_unusual_names_make_a_valid_document() 
     assert set(document["components"]["schemas"]["CamelEto"]["properties"]) == {"orderId", "totalPrice"}
     legacy = document["components"]["messages"]["AsyncApiTests.Legacy"]
     assert legacy["payload"] == {"type": "object"}
+    assert "x-eventrelay-version" not in legacy  # known by name only: no class, no version
     assert set(event_schemas(service)) == {"AsyncApiTests.Shop/Order Placed"}  # no class, no schema
 
 

@@ -56,6 +56,7 @@ DISCOUNT_THRESHOLD = Decimal("0.10")  # a price must fall by at least 10% for op
 BROKEN_PRICING = os.environ.get("ORDER_BROKEN_PRICING") == "1"
 # Seconds an order may wait for its payment after it was placed; `make demo` makes it a few seconds.
 PAYMENT_TIMEOUT = float(os.environ.get("ORDER_PAYMENT_TIMEOUT", "900"))
+CURRENCY = "EUR"  # of every price and order here; PaymentRequestedEto says it from version 2 on
 CLOSED = ("rejected", "cancelled")  # an order in these states is not open: it gets no discount
 
 
@@ -176,9 +177,10 @@ class OrderFulfilment(Saga[Fulfilment]):
         order = await self._order("reserved")
         self.state.stage = "awaiting payment"
         amount = order.unit_price * order.quantity
-        await self.publish(
-            PaymentRequestedEto(order_id=order.id, buyer_id=order.buyer_id, amount=amount), key=self.key
+        request = PaymentRequestedEto(
+            order_id=order.id, buyer_id=order.buyer_id, amount=amount, currency=CURRENCY
         )
+        await self.publish(request, key=self.key)
 
     @step(correlate="order_id")
     async def rejected(self, event: StockRejectedEto) -> None:

@@ -7,9 +7,13 @@ events in turn.
 from __future__ import annotations
 
 from decimal import Decimal
+from typing import Any
 from uuid import UUID
 
-from eventrelay import Event
+from eventrelay import Event, upcaster
+
+# What PaymentRequestedEto version 1 left unsaid: the store charged every order in euros.
+VERSION_1_CURRENCY = "EUR"
 
 
 class OrderPlacedEto(Event, name="BookStore.Order.Placed"):
@@ -29,12 +33,23 @@ class StockReservationRequestedEto(Event, name="BookStore.Order.StockReservation
     quantity: int
 
 
-class PaymentRequestedEto(Event, name="BookStore.Order.PaymentRequested"):
-    """The order's stock is held and it waits for its payment; PaymentService answers."""
+class PaymentRequestedEto(Event, name="BookStore.Order.PaymentRequested", version=2):
+    """The order's stock is held and it waits for its payment; PaymentService answers.
+
+    Version 2 added `currency`, an ISO 4217 code. A version-1 request (from an OrderService not yet upgraded,
+    or still in a queue or the dead letters) is upcast by `charged_in_euros`.
+    """
 
     order_id: UUID
     buyer_id: UUID
     amount: Decimal
+    currency: str
+
+
+@upcaster(PaymentRequestedEto, from_version=1)
+def charged_in_euros(body: dict[str, Any]) -> dict[str, Any]:
+    """Version 1 had no currency: every amount was in euros."""
+    return {**body, "currency": VERSION_1_CURRENCY}
 
 
 class OrderCancelledEto(Event, name="BookStore.Order.Cancelled"):

@@ -33,21 +33,26 @@ class Base(DeclarativeBase):
 
 
 class Payment(Base):
-    """A payment for an order: "captured", "pending" (the gateway did not answer), "voided" or "refunded"."""
+    """A payment for an order: "captured", "pending" (the gateway did not answer), "voided" or "refunded".
+    A payment voided before its request came has no amount and no currency."""
 
     __tablename__ = "payments"
 
     order_id: Mapped[uuid.UUID] = mapped_column(Uuid, primary_key=True)
     amount: Mapped[Decimal] = mapped_column(Numeric(12, 2))
+    currency: Mapped[str | None] = mapped_column(String(3))
     status: Mapped[str] = mapped_column(String(16))
 
 
 async def take_payment(event: PaymentRequestedEto, context: Context) -> None:
-    """Capture the payment and say so, in one transaction; while the gateway is silent, only note it."""
+    """Capture the payment, in the currency the request names, and say so, in one transaction; while the
+    gateway is silent, only note it. A version-1 request, which named no currency, arrives upcast to euros."""
     if await context.session.get(Payment, event.order_id) is not None:
         return  # the order was cancelled before its request came (NATS and Kafka may reorder them)
     status = "captured" if GATEWAY.answering else "pending"
-    context.session.add(Payment(order_id=event.order_id, amount=event.amount, status=status))
+    context.session.add(
+        Payment(order_id=event.order_id, amount=event.amount, currency=event.currency, status=status)
+    )
     if status == "captured":
         captured = PaymentCapturedEto(order_id=event.order_id, amount=event.amount)
         context.unit_of_work.publish(captured, key=str(event.order_id))
@@ -78,6 +83,7 @@ app = create_app(service, Base.metadata, "PaymentService")
 class PaymentOut(BaseModel):
     order_id: uuid.UUID
     amount: Decimal
+    currency: str | None
     status: str
 
 
