@@ -17,7 +17,7 @@ import click
 from rich.console import Console
 from rich.table import Table
 
-from eventrelay.cli_base import JSON, TARGET, cell, load_service, opened, print_json, run_async
+from eventrelay.cli_base import JSON, TARGET, TENANT, cell, load_service, opened, print_json, run_async
 from eventrelay.cli_contracts import asyncapi, events, schema
 from eventrelay.config import redact_url
 from eventrelay.envelope import printable
@@ -25,6 +25,7 @@ from eventrelay.errors import ConfigurationError, EventRelayError
 from eventrelay.saga import SagaRecord
 from eventrelay.service import Service
 from eventrelay.stores.base import DeadLetter, Store, utcnow
+from eventrelay.tenancy import TenantStore
 
 
 @click.group()
@@ -120,20 +121,42 @@ def db_init(database: str, prefix: str, as_json: bool) -> None:
 @TARGET
 @JSON
 def outbox(target: str, as_json: bool) -> None:
-    """How many events wait in the service's outbox, and how old the oldest is.
+    """How many events wait in the service's outbox, and how old the oldest is; with a database per
+    tenant, also in each tenant database's.
 
     Example: eventrelay outbox products.app:service
     """
     service = load_service(target)
-    count, oldest = opened(service, lambda s: s.bus.store.outbox_backlog())
-    age = (utcnow() - oldest).total_seconds() if oldest else None
+
+    Backlog = tuple[int, datetime | None]
+
+    async def backlogs(s: Service) -> tuple[Backlog, dict[str | None, Backlog]]:
+        store = s.bus.store
+        if not isinstance(store, TenantStore):
+            return await store.outbox_backlog(), {}
+        await store.refresh()
+        return await store.outbox_backlog(), await store.outbox_backlogs()
+
+    (count, oldest), tenants = opened(service, backlogs)
+    now = utcnow()
+    age = (now - oldest).total_seconds() if oldest else None
+    ages = {t: (now - o).total_seconds() if o else None for t, (_, o) in tenants.items()}
     if as_json:
-        print_json({"service": service.name, "waiting": count, "oldest_age_seconds": age})
-    else:
-        click.echo(
-            f"{service.name}: {count} event(s) waiting"
-            + (f", the oldest for {age:.1f}s" if age is not None else "")
-        )
+        data: dict[str, Any] = {"service": service.name, "waiting": count, "oldest_age_seconds": age}
+        if tenants:
+            data["tenants"] = [
+                {"tenant": t, "waiting": n, "oldest_age_seconds": ages[t]} for t, (n, _) in tenants.items()
+            ]
+        print_json(data)
+        return
+    click.echo(f"{service.name}: {count} event(s) waiting{_oldest(age)}")
+    for tenant, (waiting, _) in tenants.items():
+        where = "the default database" if tenant is None else f"tenant {printable(tenant)}"
+        click.echo(f"  {where}: {waiting} event(s) waiting{_oldest(ages[tenant])}")
+
+
+def _oldest(age: float | None) -> str:
+    return f", the oldest for {age:.1f}s" if age is not None else ""
 
 
 @main.group("dead-letters")
@@ -164,13 +187,14 @@ def _letter_dict(letter: DeadLetter, full: bool) -> dict[str, Any]:
 @dead_letters.command("list")
 @TARGET
 @click.option("--limit", default=100, show_default=True, help="At most this many, oldest first.")
+@TENANT
 @JSON
-def dead_letters_list(target: str, limit: int, as_json: bool) -> None:
+def dead_letters_list(target: str, limit: int, tenant: str | None, as_json: bool) -> None:
     """List dead letters, oldest first.
 
     Example: eventrelay dead-letters list orders.app:service
     """
-    letters = opened(load_service(target), lambda s: s.bus.dead_letters(limit))
+    letters = opened(load_service(target), lambda s: s.bus.dead_letters(limit), tenant)
     if as_json:
         print_json([_letter_dict(letter, full=False) for letter in letters])
         return
@@ -187,13 +211,14 @@ def dead_letters_list(target: str, limit: int, as_json: bool) -> None:
 @dead_letters.command("show")
 @TARGET
 @click.argument("letter_id", type=int)
+@TENANT
 @JSON
-def dead_letters_show(target: str, letter_id: int, as_json: bool) -> None:
+def dead_letters_show(target: str, letter_id: int, tenant: str | None, as_json: bool) -> None:
     """Show one dead letter with its headers, body and error.
 
     Example: eventrelay dead-letters show orders.app:service 7
     """
-    letter = opened(load_service(target), lambda s: s.bus.dead_letter(letter_id))
+    letter = opened(load_service(target), lambda s: s.bus.dead_letter(letter_id), tenant)
     data = _letter_dict(letter, full=True)
     if as_json:
         print_json(data)
@@ -206,8 +231,11 @@ def dead_letters_show(target: str, letter_id: int, as_json: bool) -> None:
 @TARGET
 @click.argument("letter_ids", type=int, nargs=-1)
 @click.option("--all", "replay_all", is_flag=True, help="Replay every dead letter of the service.")
+@TENANT
 @JSON
-def dead_letters_replay(target: str, letter_ids: Sequence[int], replay_all: bool, as_json: bool) -> None:
+def dead_letters_replay(
+    target: str, letter_ids: Sequence[int], replay_all: bool, tenant: str | None, as_json: bool
+) -> None:
     """Handle dead letters again now; each one goes when its handler succeeds.
 
     Example: eventrelay dead-letters replay orders.app:service 7 8   (or --all)
@@ -227,7 +255,7 @@ def dead_letters_replay(target: str, letter_ids: Sequence[int], replay_all: bool
                 results.append((letter_id, f"{type(exc).__name__}: {exc}"))
         return results
 
-    results = opened(service, replay)
+    results = opened(service, replay, tenant)
     if as_json:
         print_json([{"id": i, "replayed": e is None, "error": e} for i, e in results])
     else:
@@ -242,8 +270,11 @@ def dead_letters_replay(target: str, letter_ids: Sequence[int], replay_all: bool
 @TARGET
 @click.argument("letter_ids", type=int, nargs=-1)
 @click.option("--yes", is_flag=True, help="Do not ask for confirmation.")
+@TENANT
 @JSON
-def dead_letters_purge(target: str, letter_ids: Sequence[int], yes: bool, as_json: bool) -> None:
+def dead_letters_purge(
+    target: str, letter_ids: Sequence[int], yes: bool, tenant: str | None, as_json: bool
+) -> None:
     """Delete dead letters without handling them: the given ids, or all of the service's.
 
     Example: eventrelay dead-letters purge orders.app:service --yes
@@ -269,7 +300,7 @@ def dead_letters_purge(target: str, letter_ids: Sequence[int], yes: bool, as_jso
             await s.bus.discard(letter_id)
         return ids
 
-    deleted = opened(service, purge)
+    deleted = opened(service, purge, tenant)
     if as_json:
         print_json({"service": service.name, "deleted": deleted})
     else:
@@ -280,14 +311,15 @@ def dead_letters_purge(target: str, letter_ids: Sequence[int], yes: bool, as_jso
 @TARGET
 @click.option("--completed", is_flag=True, help="Include the completed sagas (those whose rows are kept).")
 @click.option("--limit", default=100, show_default=True, help="At most this many of each saga, oldest first.")
+@TENANT
 @JSON
-def sagas(target: str, completed: bool, limit: int, as_json: bool) -> None:
+def sagas(target: str, completed: bool, limit: int, tenant: str | None, as_json: bool) -> None:
     """List a service's open sagas: state, age, last update and next timeout.
 
     Example: eventrelay sagas orders.app:service --completed
     """
     service = load_service(target)
-    records = opened(service, lambda s: s.bus.saga_records(limit=limit, completed=completed))
+    records = opened(service, lambda s: s.bus.saga_records(limit=limit, completed=completed), tenant)
     now = utcnow()
     if as_json:
         print_json([_saga_dict(record, now) for record in records])

@@ -19,6 +19,9 @@ from eventrelay.service import Service
 T = TypeVar("T")
 TARGET = click.argument("target", metavar="MODULE:SERVICE")
 JSON = click.option("--json", "as_json", is_flag=True, help="Print JSON for scripts instead of a table.")
+TENANT = click.option(
+    "--tenant", default=None, help="With a database per tenant: act on this tenant's database."
+)
 
 
 def load_service(target: str) -> Service:
@@ -58,11 +61,12 @@ def run_async(coro: Callable[[], Awaitable[T]]) -> T:
         raise click.ClickException(printable(exc)) from exc
 
 
-def opened(service: Service, action: Callable[[Service], Awaitable[T]]) -> T:
-    """Run `action` on the service prepared, with its tables made, not started (`Service.opened`)."""
+def opened(service: Service, action: Callable[[Service], Awaitable[T]], tenant: str | None = None) -> T:
+    """Run `action` on the service prepared, with its tables made, not started (`Service.opened`), with
+    `tenant` in scope (`bus.tenant`)."""
 
     async def go() -> T:
-        async with service.opened():
+        async with service.opened(), service.bus.tenant(tenant):
             return await action(service)
 
     return run_async(go)
