@@ -257,7 +257,7 @@ class TenantRelays:
     def __init__(self, store: TenantStore, relay: Callable[[Store], Relay]) -> None:
         self.store = store
         self._relay = relay
-        self._relays: dict[int, Relay] = {}  # by id of the store
+        self._relays: dict[Store, Relay] = {}
         self._tasks: list[asyncio.Task[None]] = []
         self._stopping = asyncio.Event()
         store.opened.append(self._start)
@@ -269,9 +269,9 @@ class TenantRelays:
 
     def relay_of(self, store: Store) -> Relay:
         """The relay of one of the databases (made now if it has none yet)."""
-        relay = self._relays.get(id(store))
+        relay = self._relays.get(store)
         if relay is None:
-            relay = self._relays[id(store)] = self._relay(store)
+            relay = self._relays[store] = self._relay(store)
         return relay
 
     def wake(self) -> None:
@@ -311,6 +311,7 @@ class TenantRelays:
                 task.cancel()
             await asyncio.gather(*self._tasks, return_exceptions=True)
             self._tasks = []
+            self._relays.clear()  # their stores close with the bus: a restart opens new ones
 
 
 def check_tenants(tenants: TenantDatabases | None, store: Store) -> None:

@@ -15,8 +15,6 @@ from pathlib import Path
 import asyncpg
 import pytest
 
-from eventrelay.upcasting import upcast_versions
-
 EXAMPLES = Path(__file__).parent.parent.parent / "examples"
 BOOKSTORE = EXAMPLES / "bookstore"
 SERVICES = ["identity", "product", "order", "notification", "payment"]
@@ -288,12 +286,6 @@ def test_payment_service_upcasts_a_version_1_payment_request_from_an_older_order
     amounts were euros, so a request sent before the upgrade is still paid."""
     outcome = json.loads(in_the_sample(tmp_path, "-c", OLD_PUBLISHER).strip().splitlines()[-1])
     assert outcome == {"payment": ["24.00", "EUR", "captured"], "dead_letters": []}
-
-
-def test_the_sample_declares_payment_requested_at_version_2_with_an_upcaster_from_1() -> None:
-    contracts = importlib.import_module("bookstore.order_contracts")  # by name, as in the banner's test
-    assert upcast_versions(contracts.PaymentRequestedEto) == [1]
-    assert contracts.charged_in_euros({"amount": "1.00"}) == {"amount": "1.00", "currency": "EUR"}
 
 
 @pytest.mark.parametrize("service", SERVICES)
