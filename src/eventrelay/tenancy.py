@@ -18,7 +18,6 @@ from typing import TYPE_CHECKING
 from weakref import WeakKeyDictionary
 
 from eventrelay.envelope import Message
-from eventrelay.errors import ConfigurationError
 from eventrelay.stores.base import DeadLetter, NewDeadLetter, OutboxRecord, Store, Transaction
 from eventrelay.tenant_scope import current_tenant, tenant_scope
 
@@ -312,11 +311,3 @@ class TenantRelays:
             await asyncio.gather(*self._tasks, return_exceptions=True)
             self._tasks = []
             self._relays.clear()  # their stores close with the bus: a restart opens new ones
-
-
-def check_tenants(tenants: TenantDatabases | None, store: Store) -> None:
-    """Refuse a database per tenant without a default database to share."""
-    if tenants is not None and not hasattr(store, "engine"):
-        raise ConfigurationError(
-            "A database per tenant needs a default database for the tenants without one: pass database="
-        )
