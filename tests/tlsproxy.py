@@ -21,7 +21,7 @@ The client side is TLS, the server side the plain bytes. `protocol` says how a c
 - `"nats"`: the server's `INFO` line goes to the client in plaintext, rewritten to say `"tls_required":true`,
   then the client upgrades to TLS, as a NATS server with TLS configured does.
 
-Certificates come from the `openssl` command, made anew in a temporary folder (a session fixture's).
+Certificates come from `tests/certificates.py`, made anew in a temporary folder (a session fixture's).
 """
 
 from __future__ import annotations
@@ -30,69 +30,17 @@ import asyncio
 import json
 import ssl
 import struct
-import subprocess
-from dataclasses import dataclass
-from pathlib import Path
 from typing import Literal, Self
 
+from tests.certificates import Certificates, make_certificates
 from tests.faultproxy import FaultProxy
 
 Protocol = Literal["tls", "postgresql", "nats"]
 
-OPENSSL = "/usr/bin/openssl"
 SSL_REQUEST = struct.pack("!ii", 8, 80877103)  # PostgreSQL: length 8, then the SSLRequest code
 HANDSHAKE_TIMEOUT = 5.0
 
-_CONFIG = """\
-[req]
-distinguished_name = dn
-prompt = no
-[dn]
-CN = unused
-[ca]
-basicConstraints = critical, CA:TRUE
-keyUsage = critical, keyCertSign, cRLSign
-subjectKeyIdentifier = hash
-[server]
-basicConstraints = critical, CA:FALSE
-keyUsage = critical, digitalSignature, keyEncipherment
-extendedKeyUsage = serverAuth
-subjectAltName = IP:127.0.0.1, DNS:localhost
-subjectKeyIdentifier = hash
-authorityKeyIdentifier = keyid
-"""
-
-
-@dataclass(frozen=True)
-class Certificates:
-    """PEM files: a CA, a server certificate it signed (CN and SAN 127.0.0.1, localhost), and another CA."""
-
-    ca: Path
-    server_cert: Path
-    server_key: Path
-    other_ca: Path
-    """A CA that signed nothing here: a client trusting only it must refuse the server."""
-
-
-def make_certificates(directory: Path) -> Certificates:
-    """Generate throwaway certificates (P-256 keys, valid for two days) with the `openssl` command."""
-    config = directory / "openssl.cnf"
-    config.write_text(_CONFIG)
-
-    def openssl(*args: str) -> None:
-        subprocess.run([OPENSSL, *args], check=True, capture_output=True, cwd=directory)
-
-    key = ("-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes", "-config", str(config))
-    for name in ("ca", "other_ca"):
-        subj = f"/CN=eventrelay test {name}"
-        openssl("req", "-x509", *key, "-extensions", "ca", "-days", "2", "-subj", subj,
-                "-keyout", f"{name}.key", "-out", f"{name}.pem")  # fmt: skip
-    openssl("req", "-new", *key, "-subj", "/CN=127.0.0.1", "-keyout", "server.key", "-out", "server.csr")
-    openssl("x509", "-req", "-in", "server.csr", "-CA", "ca.pem", "-CAkey", "ca.key", "-set_serial", "2",
-            "-days", "2", "-extfile", str(config), "-extensions", "server", "-out", "server.pem")  # fmt: skip
-    return Certificates(
-        directory / "ca.pem", directory / "server.pem", directory / "server.key", directory / "other_ca.pem"
-    )
+__all__ = ["Certificates", "Protocol", "TlsProxy", "make_certificates"]
 
 
 class TlsProxy(FaultProxy):
