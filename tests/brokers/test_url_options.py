@@ -142,9 +142,9 @@ def test_a_bad_value_says_what_the_option_takes(adapter: str, tmp_path: Path) ->
 
 def test_the_client_librarys_options_pass_through(tmp_path: Path) -> None:
     rabbitmq = RabbitMQBroker("amqp://guest:guest@127.0.0.1/?heartbeat=5&prefetch=10&cafile=/ca.pem")
-    assert (rabbitmq.prefetch, rabbitmq._url) == (
+    assert (rabbitmq.prefetch, rabbitmq.hosts.urls) == (
         10,
-        "amqp://guest:guest@127.0.0.1/?heartbeat=5&cafile=/ca.pem",
+        ["amqp://guest:guest@127.0.0.1/?heartbeat=5&cafile=/ca.pem"],
     )
     redis = RedisBroker("redis://127.0.0.1:6379/0?socket_timeout=2&prefix=p:&max_connections=5")
     assert redis.url == "redis://127.0.0.1:6379/0?socket_timeout=2&max_connections=5"

@@ -6,7 +6,8 @@ added by `bind`, removed by `unbind`; persistent messages, published a batch at 
 confirms; prefetch; delayed retries without the delayed-message plugin; reconnection; classic or quorum
 queues; TLS.
 
-URL: `amqp://user:pass@host:port/vhost?exchange=eventrelay&exchange_type=direct&queue_type=classic&prefetch=100`
+URL: `amqp://user:pass@host:port/vhost?exchange=eventrelay&exchange_type=direct&queue_type=classic&prefetch=100`;
+the nodes of a cluster as `host1:5672,host2:5672,...`, tried in turn (`rabbitmq_hosts.py`).
 Options: `exchange` (`eventrelay`; ABP's ExchangeName), `exchange_type` (`direct` or `topic`), `queue_type`
 (`classic` or `quorum`: replicated, and its retry queues dead-letter at-least-once), `prefetch` (100 unacked
 messages per subscriber: also the bound on its in-flight handlers), `retry_delays` (seconds,
@@ -83,6 +84,7 @@ try:
 
     from eventrelay.brokers import rabbitmq_replies
     from eventrelay.brokers import rabbitmq_wire as wire
+    from eventrelay.brokers.rabbitmq_hosts import Hosts, split_hosts
     from eventrelay.brokers.rabbitmq_replies import RabbitMQReplies
 except ImportError as exc:  # pragma: no cover
     raise ImportError("RabbitMQ support needs an extra: pip install 'eventrelay[rabbitmq]'") from exc
@@ -116,7 +118,8 @@ class RabbitMQBroker(Broker):
     """A broker on a RabbitMQ server (see the module docstring)."""
 
     def __init__(self, url: str) -> None:
-        parsed = URL(url)
+        each = split_hosts(url)
+        parsed = URL(each[0])
         options = UrlOptions("RabbitMQ", url, parsed.query, client="aio-pika", passes=_PASS_THROUGH)
         self.exchange = options.string("exchange", "eventrelay")
         self.exchange_type = options.choice("exchange_type", ("direct", "topic"))
@@ -128,7 +131,8 @@ class RabbitMQBroker(Broker):
         self.retry_delays = sorted(set(options.numbers("retry_delays", DEFAULT_RETRY_DELAYS)))
         client_options = options.finish()
         self.unrouted = f"{self.exchange}.unrouted"
-        self._url = str(parsed.with_query(client_options))
+        self._where = redact_url(url)  # for messages and logs
+        self.hosts = Hosts([str(URL(one).with_query(client_options)) for one in each])
         self._secret = parsed.password or ""
         self._conn: AbstractConnection | None = None
         self._admin: AbstractChannel | None = None
@@ -170,7 +174,7 @@ class RabbitMQBroker(Broker):
 
     async def _connect(self) -> None:
         """Connect, declare the topology, bind what is bound and consume what was consumed."""
-        conn = await aio_pika.connect(self._url, timeout=CONNECT_TIMEOUT)
+        conn = await self.hosts.connect(CONNECT_TIMEOUT)
         try:
             conn.close_callbacks.add(functools.partial(self._on_lost, conn))
             admin = await conn.channel(publisher_confirms=False)
@@ -202,6 +206,7 @@ class RabbitMQBroker(Broker):
 
     def _on_lost(self, conn: AbstractConnection, *_: object) -> None:
         if conn is self._conn and not self._closed:
+            self.hosts.lost()
             self._forget()
             self._lost.set()
 
@@ -216,29 +221,30 @@ class RabbitMQBroker(Broker):
             sub.arrivals.wake()
 
     async def _reconnect(self) -> None:
-        where = redact_url(self._url)
         while True:
             await self._lost.wait()
             self._lost.clear()
             failures = 0
             while True:
                 pause = reconnect_pause(failures)
-                logger.warning("Lost the connection to RabbitMQ at %s; reconnecting in %.1fs", where, pause)
+                logger.warning(
+                    "Lost the connection to RabbitMQ at %s; reconnecting in %.1fs", self._where, pause
+                )
                 await asyncio.sleep(pause)
                 try:
                     async with self._translate("reconnect to"):
                         await self._connect()
                     break
                 except Exception as exc:
-                    logger.warning("Could not reconnect to RabbitMQ at %s: %s", where, self._scrub(exc))
+                    logger.warning("Could not reconnect to RabbitMQ at %s: %s", self._where, self._scrub(exc))
                     failures += 1
-            logger.info("Reconnected to RabbitMQ at %s", where)
+            logger.info("Reconnected to RabbitMQ at %s", self._where)
 
     async def _channel(self, which: str) -> AbstractChannel:
         """The admin or publisher channel, opened again if a channel error closed it."""
         channel: AbstractChannel | None = getattr(self, which)
         if self._conn is None:
-            raise BrokerUnavailable(f"Not connected to RabbitMQ at {redact_url(self._url)}")
+            raise BrokerUnavailable(f"Not connected to RabbitMQ at {self._where}")
         if channel is None or channel.is_closed:
             confirms = which == "_publisher"
             channel = await self._conn.channel(publisher_confirms=confirms, on_return_raises=confirms)
@@ -320,7 +326,7 @@ class RabbitMQBroker(Broker):
         replies = RabbitMQReplies(instance, self._replies.discard)
         async with self._translate("open replies on"):
             if self._conn is None:
-                raise BrokerUnavailable(f"Not connected to RabbitMQ at {redact_url(self._url)}")
+                raise BrokerUnavailable(f"Not connected to RabbitMQ at {self._where}")
             await replies.attach(self._conn)
         self._replies.add(replies)
         return replies
@@ -346,7 +352,7 @@ class RabbitMQBroker(Broker):
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._ready.wait(), max(0.0, deadline - loop.time()))
             if self._conn is None:
-                raise BrokerUnavailable(f"Not connected to RabbitMQ at {redact_url(self._url)}")
+                raise BrokerUnavailable(f"Not connected to RabbitMQ at {self._where}")
             async with self._translate("consume from"):
                 await self._consume(sub, self._conn)
             if sub.buffer or (remaining := deadline - loop.time()) <= 0:
@@ -465,7 +471,7 @@ class RabbitMQBroker(Broker):
     def _error(self, action: str, exc: BaseException) -> Exception:
         if isinstance(exc, asyncio.CancelledError) and exc.args and isinstance(exc.args[0], Exception):
             exc = exc.args[0]  # the reason the channel closed
-        text = f"Could not {action} RabbitMQ at {redact_url(self._url)}: {self._scrub(exc)}"
+        text = f"Could not {action} RabbitMQ at {self._where}: {self._scrub(exc)}"
         if isinstance(exc, amqp.ChannelPreconditionFailed):
             return ConfigurationError(f"{text} (an exchange or queue exists with other settings)")
         # A connection lost under a call (reset, broker gone) before the supervisor noticed: aio-pika then
