@@ -26,6 +26,7 @@ import subprocess
 import tempfile
 import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -185,6 +186,12 @@ def _beam_of(pid: int) -> int | None:
     return None
 
 
+def _stop_all(nodes: list[RabbitNode]) -> None:
+    """Stop `nodes` at once (each stop waits seconds for its node to shut down)."""
+    with ThreadPoolExecutor(len(nodes)) as pool:
+        list(pool.map(RabbitNode.stop, nodes))
+
+
 @contextlib.contextmanager
 def _folder() -> Iterator[Path]:
     folder = Path(tempfile.mkdtemp(prefix="eventrelay-rabbitmq-"))
@@ -228,8 +235,7 @@ def rabbitmq_cluster(size: int = 3) -> Iterator[list[RabbitNode]]:
             "cluster_formation.peer_discovery_backend = classic_config\n" + peers
         )
         nodes = [RabbitNode(name, folder, config) for name, folder in zip(names, folders, strict=True)]
-        for node in nodes:
-            stack.callback(node.stop)
+        stack.callback(_stop_all, nodes)
         nodes[0].start()  # the seed: the others join it rather than race to form clusters of their own
         nodes[0].wait_started()
         for node in nodes[1:]:

@@ -22,11 +22,12 @@ Mapping: `rabbitmq_wire.py`. `profile=abp` also makes the bus write and read ABP
 A routing key nobody binds: RabbitMQ would drop the message and still confirm it. So the adapter publishes
 with `mandatory` and declares the exchange with the alternate exchange `<exchange>.unrouted` (fanout), whose
 classic queue of that name keeps such messages: publish succeeds, as the broker stored them, and they wait
-there to be inspected, moved or purged (give it a TTL or length policy if that suits you). ABP declares the
-exchange without that argument, and RabbitMQ refuses a declaration whose `alternate-exchange` differs, so
-`profile=abp` declares none: the broker returns the message, publish raises `PublishFailed`, and the outbox
-keeps it and tries again later (ABP drops it). An operator's `alternate-exchange` policy restores the first
-behaviour.
+there to be inspected, moved or purged (give it a TTL or length policy if that suits you); while its node is
+down (a cluster), the adapter connects without it (untested: where an unrouted message goes then). ABP
+declares the exchange without that argument, and RabbitMQ refuses a declaration whose `alternate-exchange`
+differs, so `profile=abp` declares none: the broker returns the message, publish raises `PublishFailed`, and
+the outbox keeps it and tries again later (ABP drops it). An operator's `alternate-exchange` policy restores
+the first behaviour.
 
 Order: a queue hands messages out in publish order, and the bus keeps the order of a key among what one
 instance fetched; instances that compete share a queue, so across them a key's order does not hold unless
@@ -84,7 +85,7 @@ try:
 
     from eventrelay.brokers import rabbitmq_replies
     from eventrelay.brokers import rabbitmq_wire as wire
-    from eventrelay.brokers.rabbitmq_hosts import Hosts, split_hosts
+    from eventrelay.brokers.rabbitmq_hosts import Hosts, gone, split_hosts
     from eventrelay.brokers.rabbitmq_replies import RabbitMQReplies
 except ImportError as exc:  # pragma: no cover
     raise ImportError("RabbitMQ support needs an extra: pip install 'eventrelay[rabbitmq]'") from exc
@@ -182,8 +183,12 @@ class RabbitMQBroker(Broker):
             arguments: dict[str, Any] | None = None
             if self.profile != "abp":
                 await admin.declare_exchange(self.unrouted, "fanout", durable=True)
-                unrouted = await admin.declare_queue(self.unrouted, durable=True)  # classic: shared by all
-                await unrouted.bind(self.unrouted, "")
+                try:
+                    unrouted = await admin.declare_queue(self.unrouted, durable=True)  # classic, shared
+                    await unrouted.bind(self.unrouted, "")
+                except amqp.ChannelNotFoundEntity as exc:  # its node is down: a cluster goes on without it
+                    logger.warning("Going on without %s: %s", self.unrouted, self._scrub(exc))
+                    admin = await conn.channel(publisher_confirms=False)
                 arguments = {"alternate-exchange": self.unrouted}
             await admin.declare_exchange(self.exchange, self.exchange_type, durable=True, arguments=arguments)
             self._declared = set()
@@ -476,7 +481,7 @@ class RabbitMQBroker(Broker):
             return ConfigurationError(f"{text} (an exchange or queue exists with other settings)")
         # A connection lost under a call (reset, broker gone) before the supervisor noticed: aio-pika then
         # raises what it likes (RuntimeError "... closed" opening a channel), and it is no refusal.
-        lost = _gone(self._conn) or isinstance(exc, asyncio.CancelledError | amqp.ChannelInvalidStateError)
+        lost = gone(self._conn) or isinstance(exc, asyncio.CancelledError | amqp.ChannelInvalidStateError)
         if lost or isinstance(exc, ConnectionError | OSError | TimeoutError | amqp.AMQPConnectionError):
             return BrokerUnavailable(text)
         return PublishFailed(text)
@@ -484,13 +489,6 @@ class RabbitMQBroker(Broker):
     def _scrub(self, exc: BaseException) -> str:
         text = f"{type(exc).__name__}: {exc}"
         return text.replace(self._secret, "***") if self._secret else text
-
-
-def _gone(conn: AbstractConnection | None) -> bool:
-    """Whether `conn` is closed or lost: aio-pika's `is_closed` only says we closed it; aiormq knows of a lost
-    connection some event-loop rounds before aio-pika's callback tells the supervisor (`_on_lost`)."""
-    transport = None if conn is None or conn.is_closed else conn.transport
-    return transport is None or transport.connection.is_closed
 
 
 async def _outcome(sending: Awaitable[object]) -> object:

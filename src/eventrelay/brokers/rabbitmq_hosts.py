@@ -68,3 +68,10 @@ class Hosts:
 def _name(url: URL) -> str:
     """`host:port` for messages (yarl knows no AMQP port; aiormq's defaults are these)."""
     return f"{url.host}:{url.port or (5671 if url.scheme == 'amqps' else 5672)}"
+
+
+def gone(conn: AbstractConnection | None) -> bool:
+    """Whether `conn` is closed or lost: aio-pika's `is_closed` only says we closed it; aiormq knows of a lost
+    connection some event-loop rounds before aio-pika's callback tells the supervisor."""
+    transport = None if conn is None or conn.is_closed else conn.transport
+    return transport is None or transport.connection.is_closed
