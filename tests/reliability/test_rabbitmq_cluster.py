@@ -88,6 +88,7 @@ async def test_a_node_sigkilled_and_back_loses_nothing(
         running = victim.ctl("eval", "length(rabbit_nodes:all_running()).").strip()
         during = await run.count()  # committed while the node was down, its boot included
         await run.all_delivered(events)
+        rss = [node.rss_kib() // 1024 for node in cluster]
         codes = await run.stop()
         counts = await run.count()
         recovery = await run.recovery(killed_at)
@@ -110,5 +111,5 @@ async def test_a_node_sigkilled_and_back_loses_nothing(
         recovery,
         f"the queue's leader {which}, down {down:.1f} s ("
         f"{boot:.1f} s of it booting); {during.sent - before.sent} committed meanwhile; handled through"
-        f" other nodes {failover:.1f} s after the kill; recovery from the kill",
+        f" other nodes {failover:.1f} s after the kill; recovery from the kill; nodes' RSS {rss} MiB",
     )

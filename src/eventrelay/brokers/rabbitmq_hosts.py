@@ -1,7 +1,7 @@
 """The hosts of a RabbitMQ URL, one or several (a cluster's nodes), and connecting to the first that answers.
 
 `amqp://user:pass@host1:5672,host2:5673,host3/vhost?options` names three nodes with the same credentials,
-virtual host and options (as pika's and Spring's lists of addresses do); a host without a port has the
+virtual host and options (as Spring's `addresses` list does); a host without a port has the
 scheme's (5672, or 5671 for `amqps://`). `split_hosts` makes one URL per host. `Hosts.connect` tries them in
 turn, beginning with the host after the one whose connection was lost (`lost`), so that a reconnection goes to
 a node still up first; when every host fails, its error names each host with its own failure.
