@@ -25,7 +25,7 @@ import socket
 import subprocess
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -76,6 +76,7 @@ class RabbitNode:
         self.process: subprocess.Popen[bytes] | None = None
         self.beam_pid: int | None = None  # the Erlang VM, which a SIGKILL must hit (not the script)
         self.started_in: float | None = None  # seconds the last start took, to the listener accepting
+        self._started = 0.0  # monotonic time of the last start
         for sub in ("mnesia", "log"):
             (folder / sub).mkdir(exist_ok=True)
         (folder / "enabled_plugins").write_text("[].\n")
@@ -203,12 +204,12 @@ def _folder() -> Iterator[Path]:
 
 
 @contextlib.contextmanager
-def rabbitmq_node(config: str, prepare: object = None) -> Iterator[RabbitNode]:
+def rabbitmq_node(config: str, prepare: Callable[[Path], None] | None = None) -> Iterator[RabbitNode]:
     """A started node with rabbitmq.conf `config` (`{port}`: its port, `{folder}`: its folder), stopped and
     removed on exit. `prepare(folder)`, if given, runs before the start (to write certificates there)."""
     _require()
     with _folder() as folder:
-        if callable(prepare):
+        if prepare is not None:
             prepare(folder)
         node = RabbitNode(f"er{os.getpid()}t", folder, config.replace("{folder}", str(folder)))
         try:
