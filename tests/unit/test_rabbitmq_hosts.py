@@ -25,6 +25,7 @@ def test_each_host_gets_the_credentials_virtual_host_and_options() -> None:
         "amqps://h2?cafile=/ca.pem",
     ]
     assert split_hosts("amqp://guest:guest@127.0.0.1:5672/") == ["amqp://guest:guest@127.0.0.1:5672/"]
+    assert Hosts(split_hosts("amqp://u:p@[::1]:5672,[::1]:5673/")).names == ["::1:5672", "::1:5673"]
 
 
 def test_the_broker_reads_its_options_once_and_gives_each_host_the_clients() -> None:
