@@ -51,7 +51,9 @@ start on Tansu. Its calls block, so they run in threads.
 
 Limits: order is per partition, never across event names; instances beyond a topic's partition count idle;
 a held retry holds back its retry partition's commit (after a restart the copies behind it are read again);
-publishing is at least once (a batch that timed out may still arrive). On Tansu, the test broker, ListOffsets
+publishing is at least once (a batch that timed out may still arrive). A producer the broker refuses for good
+(fenced, as Tansu does after messages timed out during an outage) is replaced by a new one, and that publish
+raises `BrokerUnavailable`, so the caller sends it again. On Tansu, the test broker, ListOffsets
 reports the first offset of a partition's last record batch plus one, so the unbind fence, the bind start
 and `pending_count` (for partitions owned elsewhere) can fall short by the rest of that batch, and commit
 metadata is dropped, so a crash redelivery keeps its attempt.
