@@ -88,9 +88,9 @@ class TestKafkaBroker(BrokerContract, ReplyContract):
     # across topics.
     orders_across_names = False
     cannot: ClassVar[Mapping[str, str]] = {
-        OUTAGES: "the test publishes through a client that bypasses the proxy while it is down, and a Kafka "
-        "client follows the metadata to the proxy (outages are tested with Tansu advertising the proxy: "
-        "test_the_producer_recovers_from_an_outage_longer_than_its_timeout, "
+        OUTAGES: "these tests have one client go round the proxy and another through it, but every Kafka "
+        "client goes to the one address the broker advertises (outages are tested with a Tansu advertising "
+        "the proxy: test_the_producer_recovers_from_an_outage_longer_than_its_timeout, "
         "tests/reliability/test_outages.py)",
         LEASES: "Tansu drops commit metadata, so a redelivery after a crash keeps attempt 1 (see "
         "test_a_crashed_instances_message_goes_to_the_other_after_a_rebalance)",
