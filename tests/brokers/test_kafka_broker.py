@@ -9,11 +9,12 @@ short session timeout; Tansu still takes about a second to let a consumer join i
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import sys
 import threading
 import uuid
-from collections.abc import Iterator, Mapping
+from collections.abc import AsyncIterator, Iterator, Mapping
 from pathlib import Path
 from typing import ClassVar
 from urllib.parse import urlencode
@@ -27,7 +28,7 @@ from eventrelay.brokers import broker_from_url
 from eventrelay.brokers.base import Broker
 from eventrelay.brokers.kafka import KafkaBroker, topic_name
 from eventrelay.envelope import Delivery, Message, new_message_id
-from eventrelay.errors import ConfigurationError, PublishFailed
+from eventrelay.errors import BrokerUnavailable, ConfigurationError, PublishFailed
 from tests.brokers.contract import (
     LEASES,
     OUTAGES,
@@ -38,11 +39,14 @@ from tests.brokers.contract import (
     event_name,
     message,
     nothing_for,
+    publish_when_back,
+    receive,
     subscriber_name,
 )
 from tests.brokers.contract_replies import ReplyContract
-from tests.brokers.kafka_server import tansu_server
+from tests.brokers.kafka_server import free_port, tansu_server
 from tests.examples.test_bookstore import run_demo
+from tests.faultproxy import FaultProxy
 
 pytestmark = pytest.mark.kafka
 
@@ -69,12 +73,25 @@ def url(kafka_bootstrap: str, prefix: str) -> str:
     return kafka_url(kafka_bootstrap, prefix)
 
 
+@pytest.fixture
+async def proxied(tmp_path: Path, prefix: str) -> AsyncIterator[tuple[str, FaultProxy]]:
+    """A Tansu of the test's own behind a fault proxy, advertising the proxy's address (a client connects
+    where the metadata says): a URL through the proxy, and the proxy."""
+    port = free_port()
+    async with FaultProxy(port) as proxy:
+        with contextlib.contextmanager(tansu_server)(tmp_path, port, f"127.0.0.1:{proxy.port}"):
+            yield kafka_url(f"127.0.0.1:{proxy.port}", prefix), proxy
+
+
 class TestKafkaBroker(BrokerContract, ReplyContract):
     # A topic per event name: Kafka orders within a partition (a name's unkeyed messages share one), never
     # across topics.
     orders_across_names = False
     cannot: ClassVar[Mapping[str, str]] = {
-        OUTAGES: "a client connects to the addresses the bootstrap server advertises, past any proxy",
+        OUTAGES: "these tests have one client go round the proxy and another through it, but every Kafka "
+        "client goes to the one address the broker advertises (outages are tested with a Tansu advertising "
+        "the proxy: test_the_producer_recovers_from_an_outage_longer_than_its_timeout, "
+        "tests/reliability/test_outages.py)",
         LEASES: "Tansu drops commit metadata, so a redelivery after a crash keeps attempt 1 (see "
         "test_a_crashed_instances_message_goes_to_the_other_after_a_rebalance)",
     }
@@ -192,6 +209,24 @@ async def test_a_message_over_the_size_limit_is_refused(url: str) -> None:
         with pytest.raises(PublishFailed, match="too large"):
             await broker.publish([message(event_name(), b"x" * 20_000)])
         await broker.publish([message(event_name())])  # the producer still works
+
+
+async def test_the_producer_recovers_from_an_outage_longer_than_its_timeout(
+    proxied: tuple[str, FaultProxy],
+) -> None:
+    """Messages that time out in the idempotent producer's queue make it bump its epoch when the broker is
+    back; a producer that then fails for good is replaced, not kept refusing every publish."""
+    url, proxy = proxied
+    name, subscriber = event_name(), subscriber_name()
+    async with KafkaBroker(f"{url}&timeout=1") as broker:
+        await broker.bind(subscriber, name)
+        await broker.publish([first := message(name)])
+        async with proxy.down():
+            with pytest.raises(BrokerUnavailable):
+                await broker.publish([message(name)])  # timed out in the producer's queue
+        await publish_when_back(broker, [last := message(name)])
+        got = {d.message.id for d in await receive(broker, subscriber, {first.id, last.id})}
+        assert {first.id, last.id} <= got
 
 
 # --- order, retries, crashes, commits -------------------------------------------------------------------

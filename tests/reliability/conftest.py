@@ -16,7 +16,7 @@ import nats.js.errors
 import pytest
 
 from eventrelay.brokers.rabbitmq import RabbitMQBroker
-from tests.brokers.kafka_server import tansu_server
+from tests.brokers.kafka_server import free_port, tansu_server
 from tests.brokers.test_redis_broker import delete_keys
 from tests.reliability.harness import (
     ADAPTERS,
@@ -137,15 +137,27 @@ def kafka_bootstrap(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     yield from tansu_server(tmp_path_factory.mktemp("tansu"))
 
 
+def _kafka_options() -> dict[str, str]:
+    """A topic prefix of its own; a session timeout of 2 s is how soon a killed subscriber's partitions go to
+    its successor (its lease)."""
+    return {"topic_prefix": f"rel{uuid.uuid4().hex[:10]}.", "session_timeout": "2", "partitions": "3"}
+
+
 @pytest.fixture
 def kafka_broker(kafka_bootstrap: str, names: dict[str, str]) -> BrokerUnderTest:
     """A topic prefix of its own (Tansu keeps its topics in memory; they go with it at the end).
 
-    No password: a user in a Kafka URL turns SASL on, which Tansu does not speak. A session timeout of 2 s
-    is how soon a killed subscriber's partitions go to its successor (its lease).
+    No password: a user in a Kafka URL turns SASL on, which Tansu does not speak.
     """
-    options = {"topic_prefix": f"rel{uuid.uuid4().hex[:10]}.", "session_timeout": "2", "partitions": "3"}
-    return BrokerUnderTest("kafka", f"kafka://{kafka_bootstrap}", None, options, **names)
+    return BrokerUnderTest("kafka", f"kafka://{kafka_bootstrap}", None, _kafka_options(), **names)
+
+
+@pytest.fixture
+def kafka_proxied_broker(names: dict[str, str]) -> BrokerUnderTest:
+    """For a fault proxy: the address of a Tansu of the test's own, not started yet. A Kafka client connects
+    to the addresses the broker advertises, not to the one in its URL, so the test starts its proxy towards
+    this port first, then Tansu on it, advertising the proxy (`tansu_server(folder, port, advertised)`)."""
+    return BrokerUnderTest("kafka", "kafka://127.0.0.1:{port}", free_port(), _kafka_options(), **names)
 
 
 @pytest.fixture(params=BROKERS)
@@ -158,8 +170,8 @@ def broker(request: pytest.FixtureRequest) -> BrokerUnderTest:
 
 @pytest.fixture(params=NETWORK_BROKERS)
 def network_broker(request: pytest.FixtureRequest) -> BrokerUnderTest:
-    """Each broker adapter reached over TCP (all but SQLite), in turn."""
-    made = request.getfixturevalue(f"{request.param}_broker")
+    """Each broker adapter reached over TCP (all but SQLite), in turn; Kafka's is `kafka_proxied_broker`."""
+    made = request.getfixturevalue(f"{request.param}_{'proxied_' if request.param == 'kafka' else ''}broker")
     assert isinstance(made, BrokerUnderTest)
     return made
 

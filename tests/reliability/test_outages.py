@@ -2,19 +2,24 @@
 reset, a stall longer than the heartbeat, the broker gone for a while and back. The publisher keeps
 committing events through its outbox all along; afterwards everything catches up, and the consumers resume by
 themselves (no process is restarted). The SQLite broker is a local file, with no network to cut: it has no
-outage scenario.
+outage scenario. Kafka's clients connect to the address the broker advertises, so each Kafka test starts a
+Tansu of its own behind its proxy, advertising the proxy's address, and checks that Tansu accepted no other
+connection.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from eventrelay import DistributedEventBus, Settings
 from eventrelay.testing import wait_until_idle
+from tests.brokers.kafka_server import accepted_connections, tansu_server
 from tests.conftest import POSTGRESQL_PORT
 from tests.faultproxy import FaultProxy
 from tests.reliability.harness import SIZES, BrokerUnderTest, Report, Scenario, subscribe_ahead
@@ -24,6 +29,17 @@ pytestmark = pytest.mark.reliability
 LEAD = 0.5  # seconds of traffic before the fault
 TAIL = 0.5  # seconds of traffic after it
 HUNG = 3.0  # seconds a unit of work may wait while the broker hangs (a commit takes milliseconds)
+
+
+@contextlib.contextmanager
+def server_behind(proxy: FaultProxy, broker: BrokerUnderTest, folder: Path) -> Iterator[str | None]:
+    """Kafka's broker for the block: a Tansu in `folder` on the broker's port, advertising `proxy` (yields its
+    address). The other brokers' servers run already (yields None)."""
+    if broker.kind != "kafka":
+        yield None
+        return
+    assert broker.server_port is not None
+    yield from tansu_server(folder, broker.server_port, advertised=f"127.0.0.1:{proxy.port}")
 
 
 @pytest.mark.parametrize(
@@ -43,7 +59,9 @@ async def test_an_outage_loses_nothing_and_everything_catches_up(
     # A 1 s heartbeat (RabbitMQ) and ping interval (NATS), so that the stall outlasts it and the client drops
     # the connection. PostgreSQL and Redis have none: their connections wait out the stall.
     options = {"rabbitmq": {"heartbeat": 1}, "nats": {"ping_interval": 1}}.get(broker.kind, {})
-    async with FaultProxy(broker.server_port or 0) as proxy:
+    tansu = tmp_path_factory.mktemp("tansu")
+    async with FaultProxy(broker.server_port or 0) as proxy, contextlib.AsyncExitStack() as stack:
+        stack.enter_context(server_behind(proxy, broker, tansu))
         run = Scenario(
             tmp_path_factory.mktemp("outage"),
             broker,
@@ -51,7 +69,7 @@ async def test_an_outage_loses_nothing_and_everything_catches_up(
             env={"RELIABILITY_RATE": str(SIZES.rate)},
         )
         try:
-            await subscribe_ahead(broker.url(), broker.subscriber)
+            await subscribe_ahead(broker.url(proxy.port), broker.subscriber)
             subscriber = run.subscriber()
 
             async def started() -> bool:  # then events flow as soon as they are committed
@@ -95,6 +113,12 @@ async def test_an_outage_loses_nothing_and_everything_catches_up(
     if fault == "down":
         assert during.outbox > 0, "events waited in the outbox"
     assert not broker.leaks(run.logs()), "a password reached a log"
+    if broker.kind == "kafka":  # Tansu saw its readiness check, then the proxy's connections only
+        accepted = accepted_connections(tansu)
+        assert len(accepted) == 1 + proxy.connections, (
+            f"a client went round the proxy: Tansu accepted {len(accepted)} connections, the proxy made "
+            f"{proxy.connections} and the readiness check 1"
+        )
     if fault != "stall":  # a stall shorter than a client's timeouts is waited out on the same connection
         assert proxy.connections > connections, "the services never reconnected"
     assert (counts.sent, counts.delivered) == (events, events), "an event was lost"

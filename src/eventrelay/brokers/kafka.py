@@ -51,7 +51,9 @@ start on Tansu. Its calls block, so they run in threads.
 
 Limits: order is per partition, never across event names; instances beyond a topic's partition count idle;
 a held retry holds back its retry partition's commit (after a restart the copies behind it are read again);
-publishing is at least once (a batch that timed out may still arrive). On Tansu, the test broker, ListOffsets
+publishing is at least once (a batch that timed out may still arrive). A producer the broker refuses for good
+(fenced, as Tansu does after messages timed out during an outage) is replaced by a new one, and that publish
+raises `BrokerUnavailable`, so the caller sends it again. On Tansu, the test broker, ListOffsets
 reports the first offset of a partition's last record batch plus one, so the unbind fence, the bind start
 and `pending_count` (for partitions owned elsewhere) can fall short by the rest of that batch, and commit
 metadata is dropped, so a crash redelivery keeps its attempt.
@@ -106,6 +108,10 @@ _LATEST = OffsetSpec.latest()  # type: ignore[no-untyped-call]
 _SLICE = 0.1  # the longest one poll holds the consumer's thread
 _UNAVAILABLE = {KafkaError._ALL_BROKERS_DOWN, KafkaError._TRANSPORT, KafkaError._TIMED_OUT}
 _UNAVAILABLE |= {KafkaError._MSG_TIMED_OUT, KafkaError._RESOLVE, KafkaError.NETWORK_EXCEPTION}
+# Errors after which an idempotent producer refuses every later batch: only a new producer (a new producer
+# id) publishes again.
+_SPENT = {KafkaError.PRODUCER_FENCED, KafkaError.INVALID_PRODUCER_EPOCH, KafkaError.UNKNOWN_PRODUCER_ID}
+_SPENT |= {KafkaError.OUT_OF_ORDER_SEQUENCE_NUMBER, KafkaError._FATAL, KafkaError._FENCED}
 
 
 class KafkaBroker(Broker):
@@ -163,10 +169,8 @@ class KafkaBroker(Broker):
     # --- lifecycle -----------------------------------------------------------------------------------
 
     async def start(self) -> None:
-        producer = {"enable.idempotence": True, "acks": "all", "linger.ms": 5}
-        producer |= {"partitioner": "murmur2_random", "message.timeout.ms": int(self.timeout * 1000)}
         try:
-            self._producer, self._admin = Producer({**self.config, **producer}), AdminClient(self.config)
+            self._producer, self._admin = self._new_producer(), AdminClient(self.config)
         except KafkaException as exc:
             raise ConfigurationError(f"Bad Kafka broker URL {self.url!r}: {exc}") from exc
         async with self.translate("connect to"):
@@ -282,6 +286,11 @@ class KafkaBroker(Broker):
 
     # --- internals -----------------------------------------------------------------------------------
 
+    def _new_producer(self) -> Producer:
+        producer = {"enable.idempotence": True, "acks": "all", "linger.ms": 5}
+        producer |= {"partitioner": "murmur2_random", "message.timeout.ms": int(self.timeout * 1000)}
+        return Producer({**self.config, **producer})
+
     def _topic(self, name: str) -> str:
         return self.single_topic or topic_name(self.topic_prefix, name)
 
@@ -345,9 +354,17 @@ class KafkaBroker(Broker):
             if left := await asyncio.to_thread(producer.flush, self.timeout):
                 raise BrokerUnavailable(f"Kafka at {self.url} did not acknowledge {left} message(s) in time")
             errors = [e for e in await asyncio.wait_for(asyncio.gather(*results), self.timeout) if e]
-        if errors:
-            text = f"Kafka at {self.url} refused {len(errors)} message(s): {errors[0].str()}"
-            raise (BrokerUnavailable if any(map(_unavailable, errors)) else PublishFailed)(text)
+        if not errors:
+            return
+        text = f"Kafka at {self.url} refused {len(errors)} message(s): {errors[0].str()}"
+        if any(e.fatal() or e.code() in _SPENT for e in errors):
+            # E.g. on Tansu after messages timed out in the queue during an outage: PRODUCER_FENCED for good.
+            if self._producer is producer:  # not replaced yet by a concurrent publish
+                logger.warning("%s; a new producer takes over", text)
+                self._producer = self._new_producer()
+                await asyncio.to_thread(producer.flush, 0)  # nothing is left in it: it was flushed
+            raise BrokerUnavailable(f"{text} (a new producer takes over: publish again)")
+        raise (BrokerUnavailable if any(map(_unavailable, errors)) else PublishFailed)(text)
 
     @contextlib.asynccontextmanager
     async def translate(self, action: str) -> AsyncIterator[None]:
