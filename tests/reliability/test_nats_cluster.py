@@ -28,8 +28,8 @@ from tests.reliability.harness import FULL, SIZES, BrokerUnderTest, Report, Scen
 
 pytestmark = [pytest.mark.reliability, pytest.mark.nats]
 
-LEAD = 0.5  # seconds of traffic before the kill
-TAIL = 1.0  # seconds of traffic after the node is back (the kill comes after LEAD + failover)
+LEAD = 0.5  # seconds of traffic before the kill (events: rate x (LEAD + outage + TAIL))
+TAIL = 1.0  # seconds of traffic after the node is back
 RESYNC = 60.0  # the most seconds a node back may take to hold a current copy of the stream again
 
 

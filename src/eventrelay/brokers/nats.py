@@ -253,7 +253,7 @@ class NatsBroker(Broker):
         consumer = self._consumers.setdefault(consumer.durable, consumer)
         consumer.cutoff = None
         async with self._translate("bind on"):
-            await self._js.add_consumer(self.stream, self._config(consumer))  # creates, or updates in place
+            await nats_topology.add_consumer(self._js, self.stream, self._config(consumer))
 
     async def unbind(self, subscriber: str, name: str) -> None:
         consumer = Consumer(subscriber, name)

@@ -35,8 +35,9 @@ logger = logging.getLogger(__name__)
 
 _ABANDONED = 300.0  # the inactive_threshold of a draining consumer, so that the server reaps an abandoned one
 _DRAINING = "draining"  # how a draining consumer's description begins
-# JetStream's errors for replicas it cannot place: not clustered (or more than 5), too few servers
-_NO_REPLICAS = {10074, 10023}
+# JetStream's errors for replicas it cannot place: not clustered, no resources, more than 5, too few peers
+_NO_REPLICAS = {10074, 10023, 10052, 10005}
+_STREAM_NOT_FOUND = 10059
 
 
 @dataclass(eq=False)
@@ -87,7 +88,8 @@ async def declare_stream(
     )
     try:
         await _add_stream(js, config)
-    except nats.js.errors.BadRequestError:  # it exists with other limits: fine if it routes alike
+    except nats.js.errors.BadRequestError as exc:  # it exists with other limits: fine if it routes alike
+        _refuse_replicas(exc, config)
         found = (await js.stream_info(stream)).config
         if (found.subjects, found.retention) != (subjects, interest):
             raise ConfigurationError(
@@ -117,7 +119,22 @@ async def declare(
     """The stream (`declare_stream`), then `consumers` (each created, or updated in place)."""
     await declare_stream(js, stream, prefix, options)
     for consumer in consumers:
-        await js.add_consumer(stream, consumer)
+        await add_consumer(js, stream, consumer)
+
+
+async def add_consumer(js: JetStreamContext, stream: str, config: api.ConsumerConfig, tries: int = 6) -> None:
+    """Create the consumer (or update it in place), trying again while its stream is not found: in a cluster,
+    a stream just created can be unknown for a moment to the server that creates the consumer (nats-server
+    2.9 answered "stream not found" to a bind right after the stream's creation, in our tests)."""
+    for attempt in range(1, tries + 1):
+        try:
+            await js.add_consumer(stream, config)
+            return
+        except nats.js.errors.NotFoundError as exc:
+            if attempt == tries or exc.err_code != _STREAM_NOT_FOUND:
+                raise
+            logger.debug("NATS stream %r not found by the consumer's server yet; trying again", stream)
+            await asyncio.sleep(0.1 * attempt)
 
 
 async def declare_again(
@@ -159,16 +176,21 @@ async def _add_stream(js: JetStreamContext, config: api.StreamConfig, tries: int
             await js.add_stream(config)
             return
         except nats.js.errors.ServerError as exc:
-            if exc.err_code in _NO_REPLICAS and (config.num_replicas or 1) > 1:
-                raise ConfigurationError(
-                    f"NATS cannot keep stream {config.name!r} with {config.num_replicas} replicas "
-                    f"({exc.description}): ask for at most as many replicas as the cluster has JetStream "
-                    "servers, 5 at most (`replicas` option; 1 on a single server)"
-                ) from None
+            _refuse_replicas(exc, config)
             if attempt == tries:
                 raise
             logger.warning("NATS could not create stream %r, trying again: %s", config.name, exc)
             await asyncio.sleep(0.05 * attempt)
+
+
+def _refuse_replicas(exc: nats.js.errors.APIError, config: api.StreamConfig) -> None:
+    """A clear error when JetStream cannot place the replicas asked for."""
+    if exc.err_code in _NO_REPLICAS and (config.num_replicas or 1) > 1:
+        raise ConfigurationError(
+            f"NATS cannot keep stream {config.name!r} with {config.num_replicas} replicas "
+            f"({exc.description}): ask for at most as many replicas as the cluster has JetStream "
+            "servers running, 5 at most (`replicas` option; 1 on a single server)"
+        ) from None
 
 
 def durable(subscriber: str, name: str) -> str:
