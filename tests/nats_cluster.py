@@ -131,6 +131,14 @@ class NatsCluster:
         """Start node `k` again on its store folder (after `kill`)."""
         self.start(k)
 
+    def heal(self) -> None:
+        """Start again every node a test left dead, and wait for the meta leader: the next test gets three."""
+        dead = [k for k, node in enumerate(self.nodes) if not node.running()]
+        for k in dead:
+            self.restart(k)
+        if dead:
+            wait_for(self, lambda: self.meta_leader() is not None, "meta leader after a heal")
+
     def meta_leader(self) -> str | None:
         """The JetStream meta leader's server name as a running node sees it; None while there is none."""
         for node in self.nodes:

@@ -50,6 +50,7 @@ async def cluster_broker(cluster: NatsCluster) -> AsyncIterator[BrokerUnderTest]
     try:
         yield BrokerUnderTest("nats", address, None, options, **names, secret=secret)
     finally:
+        cluster.heal()  # a test that failed with a node down
         async with _client(cluster) as client:
             with contextlib.suppress(nats.js.errors.NotFoundError):
                 await client.jetstream().delete_stream(stream)
