@@ -143,26 +143,24 @@ async def declare_again(
     connected: Callable[[], bool],
 ) -> None:
     """`declare(consumers)` after a reconnect, tried until JetStream answers (a cluster that lost a node
-    answers once it has elected new leaders) or the connection is lost again (the next reconnect declares
-    again)."""
+    answers once it has elected new leaders), the connection is lost again (the next reconnect declares
+    again) or the stream there is not one this broker can use (`ConfigurationError`, logged)."""
     for failures in itertools.count(1):
         try:
             await declare(consumers)
             return
         except Exception as exc:
             known = isinstance(exc, nats.errors.Error | ConfigurationError)  # their text says enough
-            if not connected():
-                logger.warning(
-                    "Could not declare the NATS stream and consumers again: %r", exc, exc_info=not known
-                )
-                return
+            again = connected() and not isinstance(exc, ConfigurationError)  # a misconfiguration stays
             pause = reconnect_pause(failures)
             logger.warning(
-                "Could not declare the NATS stream and consumers again, trying again in %.1fs: %r",
-                pause,
+                "Could not declare the NATS stream and consumers again%s: %r",
+                f", trying again in {pause:.1f}s" if again else "",
                 exc,
                 exc_info=not known,
             )
+            if not again:
+                return
             await asyncio.sleep(pause)
 
 
