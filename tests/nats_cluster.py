@@ -2,8 +2,8 @@
 
 Each node is a `nats-server` process (`/usr/sbin/nats-server`, or `$NATS_SERVER`) with JetStream, a store
 folder of its own under the session's temporary folder, a client port, a cluster (route) port and a monitoring
-port, and routes to the two others. `nats_cluster()` starts the three, waits (bounded) until a node reports a
-JetStream meta leader in a cluster of three (then a stream with three replicas can be made), yields the
+port, and routes to the two others. `nats_cluster()` starts the three, waits (bounded) until every node names
+the same JetStream meta leader and that leader holds the others as current replicas, yields the
 `NatsCluster`, and stops every node and removes the folders afterwards, even if a test failed. A test kills a
 node with SIGKILL (`kill`) and starts it again on the same store folder (`restart`).
 
@@ -140,14 +140,28 @@ class NatsCluster:
             wait_for(self, lambda: self.meta_leader() is not None, "meta leader after a heal")
 
     def meta_leader(self) -> str | None:
-        """The JetStream meta leader's server name as a running node sees it; None while there is none."""
+        """The JetStream meta leader's server name once every running node names it and it holds every other
+        running node as a current replica; None until then (an election, a node still catching up)."""
+        metas = []
         for node in self.nodes:
             if node.running():
-                with contextlib.suppress(OSError, ValueError):
-                    meta = node.monitor("jsz").get("meta_cluster") or {}
-                    if meta.get("leader") and meta.get("cluster_size") == NODES:
-                        return str(meta["leader"])
-        return None
+                try:
+                    metas.append(node.monitor("jsz").get("meta_cluster") or {})
+                except (OSError, ValueError):  # still starting
+                    return None
+        leaders = {meta.get("leader") for meta in metas}
+        if len(leaders) != 1 or None in leaders or any(meta.get("cluster_size") != NODES for meta in metas):
+            return None
+        [leader] = leaders
+        [own] = [meta for node, meta in zip(self.running(), metas, strict=True) if node.name == leader] or [
+            {}
+        ]
+        current = {replica["name"] for replica in own.get("replicas") or [] if replica.get("current")}
+        others = {node.name for node in self.running() if node.name != leader}
+        return str(leader) if others <= current else None
+
+    def running(self) -> list[Node]:
+        return [node for node in self.nodes if node.running()]
 
     def clients_of(self, k: int, name: str = "") -> int:
         """How many client connections node `k` has (those named `name`, if given)."""
