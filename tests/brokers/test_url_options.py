@@ -95,6 +95,7 @@ OWN_OPTIONS = {  # what each adapter reads itself, as its message lists them
         "ping_interval",
         "prefix",
         "publish_timeout",
+        "replicas",
         "stream",
         "tls_ca",
         "tls_cert",

@@ -1,4 +1,5 @@
-"""`nats://host:4222?stream=shop&prefix=shop` (or `tls://user:password@host`): NATS JetStream, with nats-py.
+"""`nats://host:4222?stream=shop&prefix=shop` (or `tls://user:password@host`, or a cluster's hosts:
+`nats://user:password@h1:4222,h2:4223,h3:4224?replicas=3`): NATS JetStream, with nats-py.
 
 Topology: one stream per solution (`stream`; interest retention, file storage) captures `<prefix>.>`; an
 event goes to `<prefix>.<event name>` (the name escaped: `nats_wire.py`). Each (subscriber, event name) has
@@ -35,8 +36,10 @@ disconnected, `publish` raises `BrokerUnavailable`, and so does a `fetch` not re
 
 Options: `stream` (eventrelay), `prefix` (the stream name), `ack_wait` (30 s), `max_age` (7 days, 0 = none),
 `duplicate_window` (120 s, at most `max_age`), `max_ack_pending` (1000 per consumer), `publish_timeout`
-(5 s), `connect_timeout` (5 s), `ping_interval` (10 s; three unanswered pings drop a hung connection);
-another option is an error.
+(5 s), `connect_timeout` (5 s), `ping_interval` (10 s; three unanswered pings drop a hung connection),
+`replicas` (1: the stream's, and so its consumers', copies in a cluster; `nats_topology.py`); another option
+is an error. Several hosts (`nats_url.py`) share the scheme, credentials and options; nats-py connects to one,
+learns the cluster's others from it, and reconnects to any.
 TLS: `tls://` with `tls_ca` (a CA file; the system's CAs without it), `tls_cert` and `tls_key` (a client
 certificate) and `tls_handshake_first=1` (for a server with `handshake_first`: TLS before its INFO). A
 `tls://` URL (or a `tls_*` option) to a server whose INFO does not ask for TLS is refused: nats-py would go on
@@ -55,6 +58,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import json
 import logging
 import re
@@ -74,6 +78,7 @@ try:
     from eventrelay.brokers import nats_topology, nats_wire
     from eventrelay.brokers.nats_replies import NatsReplies
     from eventrelay.brokers.nats_topology import Consumer, Pulled, Request, consumer_info, durable
+    from eventrelay.brokers.nats_url import parse_servers
     from eventrelay.brokers.nats_wire import subject_token
 except ImportError as exc:  # pragma: no cover
     raise ImportError("NATS support needs an extra: pip install 'eventrelay[nats]'") from exc
@@ -105,6 +110,7 @@ class NatsBroker(Broker):
         self.options = {
             name: options.number(name, default, zero=name == "max_age") for name, default in OPTIONS.items()
         }
+        self.options["replicas"] = options.integer("replicas", 1, minimum=1)
         options.finish()
         if not re.fullmatch(r"[\w-]+", self.stream) or not re.fullmatch(r"[\w-]+(\.[\w-]+)*", self.prefix):
             raise ConfigurationError(
@@ -113,6 +119,7 @@ class NatsBroker(Broker):
         if self.prefix.split(".")[0] == nats_wire.INBOX:  # its stream would capture replies and pull answers
             raise ConfigurationError(f"NATS broker URL: prefix={self.prefix!r} is under {nats_wire.INBOX}")
         self.url = parts._replace(query="").geturl()
+        self._servers = parse_servers(self.url)  # one host or several
         token = parts.username is not None and parts.password is None  # nats://<token>@host
         self.safe_url = redact_url(self.url.replace(f"{parts.username}@", "***@", 1) if token else self.url)
         self._context = self._tls_context()
@@ -154,7 +161,8 @@ class NatsBroker(Broker):
         whole = {name: int(max(1, self.options[name])) for name in ("ping_interval", "connect_timeout")}
         handshake_first = self._handshake_first
         connecting = self._nc.connect(
-            self.url,
+            self._servers.urls,
+            **self._servers.credentials(),
             name="eventrelay",
             max_reconnect_attempts=-1,
             reconnect_time_wait=1,
@@ -215,15 +223,11 @@ class NatsBroker(Broker):
             await self._nc.close()
 
     async def _declare(self, again: bool = False) -> None:
-        """Create the stream (or check the one there); after a reconnect, also the consumers again."""
-        try:
-            await nats_topology.declare_stream(self._js, self.stream, self.prefix, self.options)
-            for consumer in [c for c in self._consumers.values() if again and c.cutoff is None]:
-                await self._js.add_consumer(self.stream, self._config(consumer))
-        except Exception:
-            if not again:
-                raise
-            logger.warning("Could not declare the NATS stream and consumers again", exc_info=True)
+        """Create the stream (or check it); after a reconnect, the consumers too (`declare_again`)."""
+        consumers = [self._config(c) for c in self._consumers.values() if again and c.cutoff is None]
+        declare = functools.partial(nats_topology.declare, self._js, self.stream, self.prefix, self.options)
+        connected = functools.partial(getattr, self._nc, "is_connected")
+        await (nats_topology.declare_again(declare, consumers, connected) if again else declare(consumers))
 
     # --- the port ------------------------------------------------------------------------------------
 
@@ -237,7 +241,9 @@ class NatsBroker(Broker):
                     subject, headers = nats_wire.subject(self.prefix, m.name), nats_wire.outgoing(m)
                     publishing = self._js.publish_async(subject, m.body, stream=self.stream, headers=headers)
                     futures.append(await publishing)
-                await asyncio.wait_for(asyncio.gather(*futures), self.options["publish_timeout"])
+                # cancelled (the relay's lease ran out), it holds a CancelledError that asyncio would log
+                (confirmed := asyncio.gather(*futures)).add_done_callback(_retrieved)
+                await asyncio.wait_for(confirmed, self.options["publish_timeout"])
             finally:
                 for future in futures:
                     future.cancel()
@@ -247,7 +253,7 @@ class NatsBroker(Broker):
         consumer = self._consumers.setdefault(consumer.durable, consumer)
         consumer.cutoff = None
         async with self._translate("bind on"):
-            await self._js.add_consumer(self.stream, self._config(consumer))  # creates, or updates in place
+            await nats_topology.add_consumer(self._js, self.stream, self._config(consumer))
 
     async def unbind(self, subscriber: str, name: str) -> None:
         consumer = Consumer(subscriber, name)

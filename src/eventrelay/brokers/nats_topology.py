@@ -1,8 +1,9 @@
 """The NATS adapter's JetStream topology: one stream per solution, one durable pull consumer per
 (subscriber, event name).
 
-The stream captures `<prefix>.>` with interest retention, file storage, `max_age` and `duplicate_window`; one
-that exists with other limits is used as it is if it routes alike. A consumer is named
+The stream captures `<prefix>.>` with interest retention, file storage, `max_age`, `duplicate_window` and
+`replicas`; one that exists with other limits is used as it is if it routes alike (with a warning when it
+has fewer replicas than asked). Its consumers have its replicas (JetStream's default). A consumer is named
 `<subscriber>_<name>_<digest>` (readable, and unique by the digest), filters the subject of its name, acks
 explicitly and delivers what is published after its creation. A draining one (unbound, still delivering what
 was queued before) says so in its description and has a 5 minute inactive threshold, so that the server reaps
@@ -14,23 +15,29 @@ from __future__ import annotations
 import asyncio
 import functools
 import hashlib
+import itertools
 import logging
 import re
-from collections.abc import Container, Mapping
+from collections.abc import Awaitable, Callable, Container, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
+import nats.errors
 import nats.js.errors
 from nats.aio.msg import Msg
 from nats.js import JetStreamContext, api
 
 from eventrelay.brokers import nats_wire
+from eventrelay.brokers.base import reconnect_pause
 from eventrelay.errors import ConfigurationError
 
 logger = logging.getLogger(__name__)
 
 _ABANDONED = 300.0  # the inactive_threshold of a draining consumer, so that the server reaps an abandoned one
 _DRAINING = "draining"  # how a draining consumer's description begins
+# JetStream's errors for replicas it cannot place: not clustered, no resources, more than 5, too few peers
+_NO_REPLICAS = {10074, 10023, 10052, 10005}
+_STREAM_NOT_FOUND = 10059
 
 
 @dataclass(eq=False)
@@ -77,10 +84,12 @@ async def declare_stream(
         storage=api.StorageType.FILE,
         max_age=max_age,
         duplicate_window=min(options["duplicate_window"], max_age or float("inf")),
+        num_replicas=int(options["replicas"]),
     )
     try:
         await _add_stream(js, config)
-    except nats.js.errors.BadRequestError:  # it exists with other limits: fine if it routes alike
+    except nats.js.errors.BadRequestError as exc:  # it exists with other limits: fine if it routes alike
+        _refuse_replicas(exc, config)
         found = (await js.stream_info(stream)).config
         if (found.subjects, found.retention) != (subjects, interest):
             raise ConfigurationError(
@@ -88,6 +97,71 @@ async def declare_stream(
                 f"{found.retention}; this broker needs {subjects} and interest retention: delete that stream "
                 "or give this broker another (`stream` option)"
             ) from None
+        if (found.num_replicas or 1) < (asked := config.num_replicas or 1):  # more than asked is no harm
+            logger.warning(
+                "NATS stream %r exists with %s replicas, fewer than the %s asked (`replicas` option); it is "
+                "used as it is: raise its replicas on the server (nats stream edit %s --replicas %s)",
+                stream,
+                found.num_replicas or 1,
+                asked,
+                stream,
+                asked,
+            )
+
+
+async def declare(
+    js: JetStreamContext,
+    stream: str,
+    prefix: str,
+    options: Mapping[str, float],
+    consumers: Sequence[api.ConsumerConfig],
+) -> None:
+    """The stream (`declare_stream`), then `consumers` (each created, or updated in place)."""
+    await declare_stream(js, stream, prefix, options)
+    for consumer in consumers:
+        await add_consumer(js, stream, consumer)
+
+
+async def add_consumer(js: JetStreamContext, stream: str, config: api.ConsumerConfig, tries: int = 6) -> None:
+    """Create the consumer (or update it in place), trying again while its stream is not found: in a cluster,
+    a stream just created can be unknown for a moment to the server that creates the consumer (nats-server
+    2.9 answered "stream not found" to a bind right after the stream's creation, in our tests)."""
+    for attempt in range(1, tries + 1):
+        try:
+            await js.add_consumer(stream, config)
+            return
+        except nats.js.errors.NotFoundError as exc:
+            if attempt == tries or exc.err_code != _STREAM_NOT_FOUND:
+                raise
+            logger.debug("NATS stream %r not found by the consumer's server yet; trying again", stream)
+            await asyncio.sleep(0.1 * attempt)
+
+
+async def declare_again(
+    declare: Callable[[Sequence[api.ConsumerConfig]], Awaitable[None]],
+    consumers: Sequence[api.ConsumerConfig],
+    connected: Callable[[], bool],
+) -> None:
+    """`declare(consumers)` after a reconnect, tried until JetStream answers (a cluster that lost a node
+    answers once it has elected new leaders), the connection is lost again (the next reconnect declares
+    again) or the stream there is not one this broker can use (`ConfigurationError`, logged)."""
+    for failures in itertools.count(1):
+        try:
+            await declare(consumers)
+            return
+        except Exception as exc:
+            known = isinstance(exc, nats.errors.Error | ConfigurationError)  # their text says enough
+            again = connected() and not isinstance(exc, ConfigurationError)  # a misconfiguration stays
+            pause = reconnect_pause(failures)
+            logger.warning(
+                "Could not declare the NATS stream and consumers again%s: %r",
+                f", trying again in {pause:.1f}s" if again else "",
+                exc,
+                exc_info=not known,
+            )
+            if not again:
+                return
+            await asyncio.sleep(pause)
 
 
 async def _add_stream(js: JetStreamContext, config: api.StreamConfig, tries: int = 5) -> None:
@@ -100,10 +174,21 @@ async def _add_stream(js: JetStreamContext, config: api.StreamConfig, tries: int
             await js.add_stream(config)
             return
         except nats.js.errors.ServerError as exc:
+            _refuse_replicas(exc, config)
             if attempt == tries:
                 raise
             logger.warning("NATS could not create stream %r, trying again: %s", config.name, exc)
             await asyncio.sleep(0.05 * attempt)
+
+
+def _refuse_replicas(exc: nats.js.errors.APIError, config: api.StreamConfig) -> None:
+    """A clear error when JetStream cannot place the replicas asked for."""
+    if exc.err_code in _NO_REPLICAS and (config.num_replicas or 1) > 1:
+        raise ConfigurationError(
+            f"NATS cannot keep stream {config.name!r} with {config.num_replicas} replicas "
+            f"({exc.description}): ask for at most as many replicas as the cluster has JetStream "
+            "servers running, 5 at most (`replicas` option; 1 on a single server)"
+        ) from None
 
 
 def durable(subscriber: str, name: str) -> str:
