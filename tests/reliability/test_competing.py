@@ -54,7 +54,8 @@ TAIL = 2.0  # seconds of traffic after an outage, for every instance to take som
 
 
 def _keyed(**env: str) -> dict[str, str]:
-    return {"RELIABILITY_KEYS": str(KEYS), **env}
+    """Keyed events; each handler logs its pid and event as it starts (`started.log`)."""
+    return {"RELIABILITY_KEYS": str(KEYS), "RELIABILITY_LOG_STARTS": "1", **env}
 
 
 async def _start(run: Scenario, instances: int) -> list[Child]:
@@ -90,6 +91,17 @@ def out_of_order(effects: Sequence[tuple[int, float, int]], until: float = math.
     return sorted(
         key for key, numbers in by_key.items() if numbers != list(range(key, key + KEYS * len(numbers), KEYS))
     )
+
+
+async def _held(run: Scenario, kill: Mapping[str, object]) -> dict[int, float]:
+    """The events the killed instance had started and not committed (its work in flight), each with the
+    seconds from the kill until a survivor's effect of it committed."""
+    lines = (run.folder / "started.log").read_text().split()
+    started = {int(n) for pid, n in zip(lines[::2], lines[1::2], strict=True) if int(pid) == kill["pid"]}
+    rows = await run.rows(f"SELECT n, pid, handled_at FROM effects WHERE pid = {int(str(kill['pid']))}")
+    committed = {int(n) for n, _, _ in rows}
+    handled = {n: at for n, at, _ in await _effects(run)}
+    return {n: handled[n] - float(str(kill["time"])) for n in sorted(started - committed)}
 
 
 def _survivors_after(effects: Sequence[tuple[int, float, int]], kill: Mapping[str, object]) -> int:
@@ -177,7 +189,10 @@ async def test_survivors_take_a_killed_instance_s_work(
         assert not while_alive, f"keys {while_alive} out of publish order while every instance lived"
     if promised and broker.kind in ORDER_ACROSS_CRASH:
         assert not overall, f"keys {overall} out of publish order across the crash"
-    recovery = max([await run.recovery(float(str(kill["time"]))) for kill in taken.values()])
+    held = {point: await _held(run, kill) for point, kill in taken.items()}
+    if "handler" in held:
+        assert kills["handler"][0] in held["handler"], "the event killed mid-handler was not in flight"
+    recovery = max(at for times in held.values() for at in [0.0, *times.values()])
     where = ", ".join(f"{TITLES[point]} at event {kill['n']}" for point, kill in taken.items())
     option = "".join(f" {k}={v}" for k, v in ORDERED.get(broker.kind, {}).items()) if ordered else ""
     report.counted(
@@ -185,10 +200,16 @@ async def test_survivors_take_a_killed_instance_s_work(
         broker.kind,
         counts,
         recovery,
-        f"{instances} instances, {len(points)} left dead ({where}); events handled by survivors after each "
-        f"kill: {', '.join(map(str, after.values()))}; keys out of order (of {KEYS}): "
-        f"{len(while_alive)} while all lived ({alive} events), {len(overall)} overall"
-        + (" (order promised)" if promised else ""),
+        "; ".join(
+            [
+                f"{instances} instances, {len(points)} left dead ({where})",
+                "in flight in the killed instance (recovery: until these took effect): "
+                + ", ".join(str(len(times)) for times in held.values()),
+                f"events handled by survivors after each kill: {', '.join(map(str, after.values()))}",
+                f"keys out of order (of {KEYS}): {len(while_alive)} while all lived ({alive} events), "
+                f"{len(overall)} overall" + (" (order promised)" if promised else ""),
+            ]
+        ),
     )
 
 
