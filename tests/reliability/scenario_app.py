@@ -149,7 +149,10 @@ def die_if(point: str, n: object, **details: object) -> None:
     marker = DIR / f"killed-{point}-{n}.json"
     if marker.exists():
         return
-    marker.write_text(json.dumps({"time": time.time(), "pid": os.getpid(), **details}))
+    # Written whole, then renamed: a test that polls for the marker never reads it half-written.
+    partial = marker.with_name(f"{marker.name}.partial")
+    partial.write_text(json.dumps({"time": time.time(), "pid": os.getpid(), **details}))
+    os.replace(partial, marker)
     os.kill(os.getpid(), signal.SIGKILL)
 
 

@@ -4,8 +4,8 @@
   committed, before the ack. The killed instances stay dead (`Child.supervised` is off) while the others go
   on: what a killed instance held comes back to the survivors (RabbitMQ at once, as its connection dies; SQL,
   Redis and NATS when its lease of 1 s runs out; Kafka after the group's session timeout of 2 s and a
-  rebalance). The publisher commits the first two thirds of the events before the kills and the last third
-  after both, so the survivors must handle those.
+  rebalance). The publisher commits two thirds of the events, the test waits for both kills, then the
+  publisher commits the last third: the survivors alone must handle those.
 - An outage: the broker goes away under all the instances (the fault proxy's `down`); all of them resume.
 
 Every committed event takes effect exactly once and nothing is dead-lettered. Each effect records the pid of
