@@ -206,6 +206,7 @@ class Child:
         self.log = cwd / f"{name}.log"
         self.process: subprocess.Popen[bytes] | None = None
         self.restarts: list[float] = []
+        self.supervised = True  # False: `Scenario.supervise` leaves it dead after a kill
 
     def start(self) -> Child:
         with open(self.log, "ab") as log:  # the child keeps its own copy of the descriptor
@@ -297,7 +298,8 @@ BUSINESS_TABLES = {
     "publisher.db": "CREATE TABLE sent (n INTEGER PRIMARY KEY, committed_at FLOAT NOT NULL)",
     "subscriber.db": (
         "CREATE TABLE effects (id INTEGER PRIMARY KEY AUTOINCREMENT, n INTEGER NOT NULL, "
-        "message_id VARCHAR(64) NOT NULL, attempt INTEGER NOT NULL, handled_at FLOAT NOT NULL)"
+        "message_id VARCHAR(64) NOT NULL, attempt INTEGER NOT NULL, handled_at FLOAT NOT NULL, "
+        "pid INTEGER NOT NULL)"
     ),
 }
 
@@ -388,7 +390,8 @@ class Scenario:
         on_kill: Callable[[Child], Awaitable[None]] | None = None,
         interval: float = 0.05,
     ) -> float:
-        """Restart the processes that killed themselves until `done()`; return the seconds it took.
+        """Restart the processes that killed themselves (but those not `supervised`) until `done()`; return
+        the seconds it took.
 
         `on_kill(child)` runs when a kill is noticed, before the restart: to look at what the kill left.
         `done()` is asked every `interval` seconds.
@@ -396,7 +399,7 @@ class Scenario:
         started = time.monotonic()
         while True:
             for child in self.children:
-                if child.killed():
+                if child.killed() and child.supervised:
                     if on_kill is not None:
                         await on_kill(child)
                     child.restart()

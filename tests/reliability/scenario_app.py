@@ -18,6 +18,8 @@ and holds the time of the kill):
               deleted them from the outbox;
 - `handler:N` in the middle of the handler of event N (its effect written, not committed);
 - `ack:N`     after the handler of event N committed, before the broker's ack.
+
+The marker also holds the pid of the process that took the kill; each effect holds the pid that wrote it.
 """
 
 from __future__ import annotations
@@ -51,6 +53,7 @@ PAUSE = float(ENV.get("RELIABILITY_HANDLER_PAUSE", "0"))  # seconds a handler ta
 PAD = int(ENV.get("RELIABILITY_PAD", "0"))  # bytes of padding per event (for the backlog)
 RATE = float(ENV.get("RELIABILITY_RATE", "0"))  # events per second published; 0: as fast as it goes
 PER_UNIT = int(ENV.get("RELIABILITY_PER_UNIT", "1"))  # events (and business rows) per unit of work
+KEYS = int(ENV.get("RELIABILITY_KEYS", "0"))  # K > 0: event n is published with the ordering key n % K
 LOG_STARTS = ENV.get("RELIABILITY_LOG_STARTS") == "1"  # append "<pid> <n>" to started.log as a handler starts
 # The handler of an event numbered at least this, its effect written, waits for `<dir>/release` before its
 # unit of work may commit: work held in flight for as long as the test wants (-1: none is held).
@@ -112,6 +115,7 @@ effects = Table(
     Column("message_id", String(64), nullable=False),
     Column("attempt", Integer, nullable=False),
     Column("handled_at", Float, nullable=False),
+    Column("pid", Integer, nullable=False),  # the subscriber instance whose unit of work wrote it
 )
 
 
@@ -145,7 +149,10 @@ def die_if(point: str, n: object, **details: object) -> None:
     marker = DIR / f"killed-{point}-{n}.json"
     if marker.exists():
         return
-    marker.write_text(json.dumps({"time": time.time(), **details}))
+    # Written whole, then renamed: a test that polls for the marker never reads it half-written.
+    partial = marker.with_name(f"{marker.name}.partial")
+    partial.write_text(json.dumps({"time": time.time(), "pid": os.getpid(), **details}))
+    os.replace(partial, marker)
     os.kill(os.getpid(), signal.SIGKILL)
 
 
@@ -182,7 +189,11 @@ async def apply(event: Numbered, context: Context) -> None:
         log_start(event.n)
     await context.session.execute(
         insert(effects).values(
-            n=event.n, message_id=context.message_id, attempt=context.attempt, handled_at=time.time()
+            n=event.n,
+            message_id=context.message_id,
+            attempt=context.attempt,
+            handled_at=time.time(),
+            pid=os.getpid(),
         )
     )
     if PAUSE:
@@ -263,7 +274,7 @@ async def publish(count: int, relay: bool) -> None:
             async with bus.unit_of_work() as uow:
                 for m in numbers:
                     await uow.session.execute(insert(sent).values(n=m, committed_at=time.time()))
-                    await bus.publish(Numbered(n=m, pad="x" * PAD))
+                    await bus.publish(Numbered(n=m, pad="x" * PAD), key=str(m % KEYS) if KEYS else None)
             for m in numbers:
                 die_if("commit", m)
             n = numbers[-1] + 1
