@@ -18,7 +18,6 @@ import asyncio
 import json
 import os
 import shutil
-import signal
 import sqlite3
 import subprocess
 import sys
@@ -27,7 +26,6 @@ from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlencode
 
 import pytest
 from sqlalchemy import text
@@ -36,6 +34,8 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from eventrelay.brokers import broker_from_url
 from eventrelay.envelope import Message
 from eventrelay.sql import READ_ONLY, create_engine
+from tests.reliability.children import Child
+from tests.reliability.under_test import BrokerUnderTest
 
 EVENT = "Reliability.Numbered"
 APP = Path(__file__).with_name("scenario_app.py")
@@ -77,51 +77,6 @@ def report_path() -> Path:
     """Where the suite writes its figures (JSON): `$EVENTRELAY_RELIABILITY_REPORT` or a fixed temp file."""
     default = Path(os.environ.get("TMPDIR", "/tmp")) / "eventrelay-reliability.json"
     return Path(os.environ.get(REPORT_ENV, default))
-
-
-# --- the brokers ------------------------------------------------------------------------------------------
-
-# Every broker adapter; `conftest.py` makes each one.
-BROKERS = [
-    pytest.param("sqlite", id="sqlite"),
-    pytest.param("postgresql", id="postgresql", marks=pytest.mark.postgresql),
-    pytest.param("rabbitmq", id="rabbitmq", marks=pytest.mark.rabbitmq),
-    pytest.param("redis", id="redis", marks=pytest.mark.redis),
-    pytest.param("nats", id="nats", marks=pytest.mark.nats),
-    pytest.param("kafka", id="kafka", marks=pytest.mark.kafka),
-]
-# A TCP link a fault proxy can cut: not SQLite (a file). Kafka's clients connect to the addresses the broker
-# advertises in its metadata, not to the one in the URL: its outage tests start a Tansu of their own that
-# advertises the proxy's address.
-NETWORK_BROKERS = [param for param in BROKERS if param.id != "sqlite"]
-ADAPTERS = [pytest.param("memory", id="memory"), *BROKERS]  # in-process tests also run on the memory broker
-
-
-@dataclass(frozen=True)
-class BrokerUnderTest:
-    """A broker for one test: its URL (with a place for a proxy's port) and service names of its own."""
-
-    kind: str  # sqlite, postgresql, rabbitmq, redis, nats, kafka
-    address: str  # the URL before the query, with "{port}" where the server's port goes
-    server_port: int | None  # None: no fault proxy can sit between the services and the broker
-    options: Mapping[str, str]
-    publisher: str
-    subscriber: str
-    secret: str | None = None  # the password in the URL, which must never show
-
-    def leaks(self, text: str) -> bool:
-        """Whether `text` shows the URL's password."""
-        if self.secret is None:
-            return False
-        if self.secret == "guest":  # RabbitMQ's guest:guest: the password is also the user name
-            return "guest:guest" in text or ":guest@" in text
-        return self.secret in text
-
-    def url(self, port: int | None = None, **options: object) -> str:
-        """The broker's URL, through `port` (a fault proxy) if given, with `options` added to the query."""
-        address = self.address.format(port=port or self.server_port)
-        query = urlencode({**self.options, **{k: str(v) for k, v in options.items()}})
-        return f"{address}?{query}" if query else address
 
 
 # --- figures ----------------------------------------------------------------------------------------------
@@ -192,93 +147,6 @@ REPORT = pytest.StashKey[Report]()
 
 
 # --- processes --------------------------------------------------------------------------------------------
-
-
-class Child:
-    """One service process; stdout and stderr go to `log`. `restarts` holds when it was started again."""
-
-    def __init__(self, name: str, argv: list[str], cwd: Path, env: Mapping[str, str], finite: bool) -> None:
-        self.name = name
-        self.finite = finite  # a command that ends by itself (not a service that runs until stopped)
-        self.argv = argv
-        self.cwd = cwd
-        self.env = dict(env)
-        self.log = cwd / f"{name}.log"
-        self.process: subprocess.Popen[bytes] | None = None
-        self.restarts: list[float] = []
-        self.supervised = True  # False: `Scenario.supervise` leaves it dead after a kill
-
-    def start(self) -> Child:
-        with open(self.log, "ab") as log:  # the child keeps its own copy of the descriptor
-            self.process = subprocess.Popen(
-                self.argv, cwd=self.cwd, env=self.env, stdout=log, stderr=subprocess.STDOUT
-            )
-        return self
-
-    @property
-    def pid(self) -> int:
-        assert self.process is not None
-        return self.process.pid
-
-    def poll(self) -> int | None:
-        assert self.process is not None
-        return self.process.poll()
-
-    def killed(self) -> bool:
-        """Whether it died by SIGKILL (a kill point); fail if it died any other way than exit 0."""
-        code = self.poll()
-        if code not in (None, 0, -signal.SIGKILL):
-            raise AssertionError(f"{self.name} exited with {code}:\n{self.tail()}")
-        return code == -signal.SIGKILL
-
-    def restart(self) -> None:
-        self.restarts.append(time.time())
-        self.start()
-
-    def started_again(self) -> bool:
-        """Whether the last restart has ended, or has logged that its service started."""
-        return self.poll() is not None or self.tail(10**8).count(" started: ") > len(self.restarts)
-
-    async def wait(self, timeout: float) -> int:
-        deadline = time.monotonic() + timeout
-        while (code := self.poll()) is None:
-            if time.monotonic() > deadline:
-                await self._dump_stacks()
-                raise AssertionError(f"{self.name} still running after {timeout}s:\n{self.tail(12000)}")
-            await asyncio.sleep(0.02)
-        return code
-
-    async def _dump_stacks(self) -> None:
-        """Have the stuck process write its threads' and tasks' stacks into its log (scenario_app's
-        SIGUSR1 handler), so a failure shows where it waits."""
-        size = self.log.stat().st_size if self.log.exists() else 0
-        self.process.send_signal(signal.SIGUSR1)  # type: ignore[union-attr]
-        for _ in range(100):  # up to 2 s for the dump to be written
-            await asyncio.sleep(0.02)
-            if self.log.exists() and self.log.stat().st_size > size and "end of stacks" in self.tail(200):
-                return
-
-    async def stop(self, timeout: float = 30.0) -> int:
-        """SIGTERM, then its exit code (a graceful stop is 0)."""
-        if self.poll() is None:
-            assert self.process is not None
-            self.process.send_signal(signal.SIGTERM)
-        return await self.wait(timeout)
-
-    def kill(self) -> None:
-        if self.process is not None and self.process.poll() is None:
-            self.process.kill()
-            self.process.wait(10)
-
-    def tail(self, chars: int = 4000) -> str:
-        return self.log.read_text(errors="replace")[-chars:] if self.log.exists() else "(no output)"
-
-    def peak_rss_kib(self) -> int:
-        """VmHWM of the running process: its resident memory's high-water mark, in KiB."""
-        for line in Path(f"/proc/{self.pid}/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1])
-        raise AssertionError("no VmHWM in /proc/<pid>/status")
 
 
 @dataclass(frozen=True)
@@ -359,6 +227,29 @@ class Scenario:
         """`eventrelay run app:subscriber`."""
         return self._child(name, [sys.executable, "-m", "eventrelay", "run", "app:subscriber"], env)
 
+    async def subscribers(self, instances: int = 1) -> list[Child]:
+        """Start `instances` subscribers (`subscriber`, or `subscriber-0`, `subscriber-1`, ...); return once
+        each has started, so that events flow as soon as they are committed and none joins while they flow."""
+        names = ["subscriber"] if instances == 1 else [f"subscriber-{i}" for i in range(instances)]
+        children = [self.subscriber(name) for name in names]
+
+        async def started() -> bool:
+            return all(" started: " in child.tail(10**8) for child in children)
+
+        await self.supervise(started, timeout=60, what=f"{instances} subscriber(s) started")
+        return children
+
+    async def flowing(self, events: int, before: float, what: str) -> Counts:
+        """Start the publisher of `events` and return the counts once `before` of them took effect: a fault
+        that comes then comes while the publisher still commits."""
+        self.publisher(events)
+
+        async def flowed() -> bool:
+            return (await self.count()).delivered >= before
+
+        await self.supervise(flowed, timeout=60, what=f"events flowing before {what}")
+        return await self.count()
+
     def relay(self, name: str = "relay", **env: str) -> Child:
         """`eventrelay run app:publisher`: the publisher's relay."""
         return self._child(name, [sys.executable, "-m", "eventrelay", "run", "app:publisher"], env)
@@ -438,6 +329,13 @@ class Scenario:
         return await self.supervise(
             done, timeout=timeout, what=f"{count} events delivered", on_kill=on_kill, interval=interval
         )
+
+    async def finish(self, events: int, fault_end: float) -> tuple[list[int], Counts, float]:
+        """Once all `events` took effect: stop the processes; their exit codes, the counts, and the recovery
+        from `fault_end`."""
+        await self.all_delivered(events)
+        codes = await self.stop()
+        return codes, await self.count(), await self.recovery(fault_end)
 
     async def stop(self, *children: Child) -> list[int]:
         """SIGTERM `children` at once; their exit codes. By default: wait for the commands that end by

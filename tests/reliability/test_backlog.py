@@ -14,7 +14,8 @@ from collections.abc import Callable
 
 import pytest
 
-from tests.reliability.harness import SIZES, BrokerUnderTest, Figures, Report, Scenario, subscribe_ahead
+from tests.reliability.harness import SIZES, Figures, Report, Scenario, subscribe_ahead
+from tests.reliability.under_test import BrokerUnderTest
 
 pytestmark = pytest.mark.reliability
 

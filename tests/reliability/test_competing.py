@@ -20,6 +20,7 @@ keys saw their effects out of publish order.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import math
 import time
 from collections import defaultdict
@@ -28,18 +29,8 @@ from collections.abc import Callable, Mapping, Sequence
 import pytest
 
 from tests.faultproxy import FaultProxy
-from tests.reliability.harness import (
-    BROKERS,
-    FULL,
-    SIZES,
-    BrokerUnderTest,
-    Child,
-    Counts,
-    Report,
-    Scenario,
-    kill_spec,
-    subscribe_ahead,
-)
+from tests.reliability.harness import FULL, SIZES, Counts, Report, Scenario, kill_spec, subscribe_ahead
+from tests.reliability.under_test import BROKERS, BrokerUnderTest, server_behind
 
 pytestmark = pytest.mark.reliability
 
@@ -56,17 +47,6 @@ TAIL = 2.0  # seconds of traffic after an outage, for every instance to take som
 def _keyed(**env: str) -> dict[str, str]:
     """Keyed events; each handler logs its pid and event as it starts (`started.log`)."""
     return {"RELIABILITY_KEYS": str(KEYS), "RELIABILITY_LOG_STARTS": "1", **env}
-
-
-async def _start(run: Scenario, instances: int) -> list[Child]:
-    """`instances` subscribers, once each has started (so that none joins while events flow)."""
-    children = [run.subscriber(f"subscriber-{i}") for i in range(instances)]
-
-    async def started() -> bool:
-        return all(" started: " in child.tail(10**8) for child in children)
-
-    await run.supervise(started, timeout=60, what=f"{instances} subscribers started")
-    return children
 
 
 async def _effects(run: Scenario) -> list[tuple[int, float, int]]:
@@ -141,7 +121,7 @@ async def test_survivors_take_a_killed_instance_s_work(
     url = broker.url(None, **(ORDERED[broker.kind] if ordered else {}))
     run = scenario(broker_url=url, kill=kill_spec(**kills), env=_keyed())
     await subscribe_ahead(url, broker.subscriber)
-    children = await _start(run, instances)
+    children = await run.subscribers(instances)
     for child in children:
         child.supervised = False  # the survivors must take its work: a killed instance stays dead
     first = events * 2 // 3
@@ -213,8 +193,8 @@ async def test_survivors_take_a_killed_instance_s_work(
     )
 
 
-@pytest.mark.skipif(not FULL, reason="full size only (EVENTRELAY_RELIABILITY_FULL=1): CI time")
-@pytest.mark.parametrize("instances", [2, 3])
+# CI: two instances; the full run also three.
+@pytest.mark.parametrize("instances", [2, 3] if FULL else [2])
 async def test_competing_instances_resume_after_an_outage(
     instances: int,
     network_broker: BrokerUnderTest,
@@ -223,7 +203,8 @@ async def test_competing_instances_resume_after_an_outage(
 ) -> None:
     broker = network_broker
     events = int(SIZES.rate * (0.5 + SIZES.outage + TAIL))
-    async with FaultProxy(broker.server_port or 0) as proxy:
+    async with FaultProxy(broker.server_port or 0) as proxy, contextlib.AsyncExitStack() as stack:
+        stack.enter_context(server_behind(proxy, broker, tmp_path_factory.mktemp("tansu")))
         run = Scenario(
             tmp_path_factory.mktemp("competing-outage"),
             broker,
@@ -231,25 +212,16 @@ async def test_competing_instances_resume_after_an_outage(
             env=_keyed(RELIABILITY_RATE=str(SIZES.rate)),
         )
         try:
-            await subscribe_ahead(broker.url(), broker.subscriber)
-            children = await _start(run, instances)
-            run.publisher(events)
-
-            async def flowing() -> bool:
-                return (await run.count()).delivered >= SIZES.rate * 0.5
-
-            await run.supervise(flowing, timeout=60, what="events flowing before the outage")
-            before = await run.count()
+            await subscribe_ahead(broker.url(proxy.port), broker.subscriber)
+            children = await run.subscribers(instances)
+            before = await run.flowing(events, SIZES.rate * 0.5, "the outage")
             assert before.sent < events, "the publisher had committed every event before the outage"
             connections = proxy.connections
             async with proxy.down():
                 await asyncio.sleep(SIZES.outage)
             fault_end = time.time()
             during = await run.count()
-            await run.all_delivered(events)
-            codes = await run.stop()
-            counts = await run.count()
-            recovery = await run.recovery(fault_end)
+            codes, counts, recovery = await run.finish(events, fault_end)
         finally:
             await run.close()
 

@@ -18,16 +18,9 @@ from collections.abc import Callable
 
 import pytest
 
-from tests.reliability.harness import (
-    SIZES,
-    BrokerUnderTest,
-    Child,
-    Report,
-    Scenario,
-    kill_spec,
-    spread,
-    subscribe_ahead,
-)
+from tests.reliability.children import Child
+from tests.reliability.harness import SIZES, Report, Scenario, kill_spec, spread, subscribe_ahead
+from tests.reliability.under_test import BrokerUnderTest
 
 pytestmark = pytest.mark.reliability
 

@@ -11,7 +11,9 @@ from collections.abc import Callable
 
 import pytest
 
-from tests.reliability.harness import SIZES, BrokerUnderTest, Child, Report, Scenario, subscribe_ahead
+from tests.reliability.children import Child
+from tests.reliability.harness import SIZES, Report, Scenario, subscribe_ahead
+from tests.reliability.under_test import BrokerUnderTest
 
 pytestmark = pytest.mark.reliability
 

@@ -24,7 +24,8 @@ from nats.aio.client import Client
 from nats.js import api
 
 from tests.nats_cluster import NatsCluster, nats_cluster
-from tests.reliability.harness import FULL, SIZES, BrokerUnderTest, Report, Scenario, subscribe_ahead
+from tests.reliability.harness import FULL, SIZES, Report, Scenario, subscribe_ahead
+from tests.reliability.under_test import BrokerUnderTest
 
 pytestmark = [pytest.mark.reliability, pytest.mark.nats]
 
@@ -108,18 +109,8 @@ async def test_a_node_killed_and_back_loses_nothing(
         await subscribe_ahead(broker.url(), broker.subscriber)  # makes the R3 stream and the consumer
         info = await _stream_cluster(cluster, stream)
         assert len(info.replicas or []) == 2, f"the stream is not on three nodes: {info}"
-        subscriber = run.subscriber()
-
-        async def started() -> bool:
-            return subscriber.log.exists() and " started: " in subscriber.log.read_text(errors="replace")
-
-        await run.supervise(started, timeout=60, what="the subscriber started")
-        run.publisher(events)
-
-        async def flowing() -> bool:
-            return (await run.count()).delivered >= SIZES.rate * LEAD
-
-        await run.supervise(flowing, timeout=60, what="events flowing before the kill")
+        await run.subscribers()
+        await run.flowing(events, SIZES.rate * LEAD, "the kill")
         leader_name = (await _stream_cluster(cluster, stream)).leader or ""
         leader = cluster.nodes.index(cluster.node_named(leader_name))
         services = [_services_on(cluster, k) for k in range(len(cluster.nodes))]
@@ -147,10 +138,8 @@ async def test_a_node_killed_and_back_loses_nothing(
             return cluster.nodes[k].name in peers and len(peers) == len(cluster.nodes)
 
         resync = await run.supervise(in_sync, timeout=RESYNC, what="the node back in sync", interval=0.2)
-        await run.all_delivered(events)
-        codes = await run.stop()
-        counts = await run.count()
-        recovery = max(failover, await run.recovery(killed_at))
+        codes, counts, recovery = await run.finish(events, killed_at)
+        recovery = max(failover, recovery)
         new_leader = (await _stream_cluster(cluster, stream)).leader
     finally:
         await run.close()

@@ -12,34 +12,23 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from eventrelay import DistributedEventBus, Settings
 from eventrelay.testing import wait_until_idle
-from tests.brokers.kafka_server import accepted_connections, tansu_server
+from tests.brokers.kafka_server import accepted_connections
 from tests.conftest import POSTGRESQL_PORT
 from tests.faultproxy import FaultProxy
-from tests.reliability.harness import SIZES, BrokerUnderTest, Report, Scenario, subscribe_ahead
+from tests.reliability.harness import SIZES, Report, Scenario, subscribe_ahead
+from tests.reliability.under_test import BrokerUnderTest, server_behind
 
 pytestmark = pytest.mark.reliability
 
 LEAD = 0.5  # seconds of traffic before the fault
 TAIL = 0.5  # seconds of traffic after it
 HUNG = 3.0  # seconds a unit of work may wait while the broker hangs (a commit takes milliseconds)
-
-
-@contextlib.contextmanager
-def server_behind(proxy: FaultProxy, broker: BrokerUnderTest, folder: Path) -> Iterator[str | None]:
-    """Kafka's broker for the block: a Tansu in `folder` on the broker's port, advertising `proxy` (yields its
-    address). The other brokers' servers run already (yields None)."""
-    if broker.kind != "kafka":
-        yield None
-        return
-    assert broker.server_port is not None
-    yield from tansu_server(folder, broker.server_port, advertised=f"127.0.0.1:{proxy.port}")
 
 
 @pytest.mark.parametrize(
@@ -70,21 +59,10 @@ async def test_an_outage_loses_nothing_and_everything_catches_up(
         )
         try:
             await subscribe_ahead(broker.url(proxy.port), broker.subscriber)
-            subscriber = run.subscriber()
-
-            async def started() -> bool:  # then events flow as soon as they are committed
-                return subscriber.log.exists() and " started: " in subscriber.log.read_text(errors="replace")
-
-            # The publisher starts only now, so that the fault comes while it still commits (a subscriber slow
-            # to start under load once let it commit every event before the fault).
-            await run.supervise(started, timeout=60, what="the subscriber started")
-            run.publisher(events)
-
-            async def flowing() -> bool:
-                return (await run.count()).delivered >= SIZES.rate * LEAD
-
-            await run.supervise(flowing, timeout=60, what="events flowing before the fault")
-            before = await run.count()
+            # The publisher starts only once the subscriber has, so that the fault comes while it still
+            # commits (a subscriber slow to start under load once let it commit every event before the fault).
+            await run.subscribers()
+            before = await run.flowing(events, SIZES.rate * LEAD, "the fault")
             if fault != "reset":  # commits must go on during the fault: it comes while the publisher commits
                 assert before.sent < events, "the publisher had committed every event before the fault"
             connections = proxy.connections
@@ -99,10 +77,7 @@ async def test_an_outage_loses_nothing_and_everything_catches_up(
                     await asyncio.sleep(seconds)
             fault_end = time.time()
             during = await run.count()
-            await run.all_delivered(events)
-            codes = await run.stop()
-            counts = await run.count()
-            recovery = await run.recovery(fault_end)
+            codes, counts, recovery = await run.finish(events, fault_end)
         finally:
             await run.close()
 

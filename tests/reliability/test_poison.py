@@ -19,16 +19,8 @@ import pytest
 
 from eventrelay import ConfigurationError, Context, DistributedEventBus, Event, Settings
 from eventrelay.envelope import Message, new_message_id
-from tests.reliability.harness import (
-    EVENT,
-    SIZES,
-    BrokerUnderTest,
-    Figures,
-    Report,
-    Scenario,
-    inject,
-    subscribe_ahead,
-)
+from tests.reliability.harness import EVENT, SIZES, Figures, Report, Scenario, inject, subscribe_ahead
+from tests.reliability.under_test import BrokerUnderTest
 
 pytestmark = pytest.mark.reliability
 

@@ -15,7 +15,8 @@ from collections.abc import Iterator
 import pytest
 
 from tests.rabbitmq_nodes import RabbitNode, rabbitmq_cluster
-from tests.reliability.harness import FULL, SIZES, BrokerUnderTest, Report, Scenario, subscribe_ahead
+from tests.reliability.harness import FULL, SIZES, Report, Scenario, subscribe_ahead
+from tests.reliability.under_test import BrokerUnderTest
 
 pytestmark = [pytest.mark.reliability, pytest.mark.rabbitmq]
 
@@ -60,19 +61,8 @@ async def test_a_node_sigkilled_and_back_loses_nothing(
         # declaring client, so the node killed is both the leader and the services' node (the worst case).
         await subscribe_ahead(broker.url(), broker.subscriber)
         victim = _leader(cluster, broker.subscriber)
-        subscriber = run.subscriber()
-
-        async def started() -> bool:
-            return subscriber.log.exists() and " started: " in subscriber.log.read_text(errors="replace")
-
-        await run.supervise(started, timeout=60, what="the subscriber started")
-        run.publisher(events)
-
-        async def flowing() -> bool:
-            return (await run.count()).delivered >= SIZES.rate * LEAD
-
-        await run.supervise(flowing, timeout=60, what="events flowing before the kill")
-        before = await run.count()
+        await run.subscribers()
+        before = await run.flowing(events, SIZES.rate * LEAD, "the kill")
         assert before.sent < events, "the publisher had committed every event before the kill"
         victim.kill()
         killed_at = time.time()
@@ -87,11 +77,8 @@ async def test_a_node_sigkilled_and_back_loses_nothing(
         down = time.time() - killed_at
         running = victim.ctl("eval", "length(rabbit_nodes:all_running()).").strip()
         during = await run.count()  # committed while the node was down, its boot included
-        await run.all_delivered(events)
         rss = [node.rss_kib() // 1024 for node in cluster]
-        codes = await run.stop()
-        counts = await run.count()
-        recovery = await run.recovery(killed_at)
+        codes, counts, recovery = await run.finish(events, killed_at)
     finally:
         await run.close()
 

@@ -29,7 +29,7 @@ from eventrelay.testing import wait_until_idle
 from tests.brokers.raw_amqp import publish_raw, short_string
 from tests.conftest import POSTGRESQL_PORT
 from tests.faultproxy import FaultProxy
-from tests.reliability.harness import BrokerUnderTest
+from tests.reliability.under_test import BrokerUnderTest
 
 pytestmark = pytest.mark.reliability
 

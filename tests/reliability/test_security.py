@@ -29,7 +29,8 @@ from eventrelay.errors import ConfigurationError
 from eventrelay.stores.base import DEAD_LETTER_BODY_MAX
 from tests.conftest import POSTGRESQL_PORT
 from tests.faultproxy import FaultProxy
-from tests.reliability.harness import BrokerUnderTest, Figures, Report, Scenario, adapter_kind
+from tests.reliability.harness import Figures, Report, Scenario, adapter_kind
+from tests.reliability.under_test import BrokerUnderTest
 
 pytestmark = pytest.mark.reliability
 
