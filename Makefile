@@ -24,7 +24,7 @@ test: $(STAMP)
 	$(VENV)/bin/mypy -p bookstore
 	$(VENV)/bin/pytest -n 2
 
-# The fault and crash suite at issue 8's full sizes (a 10 s outage, a 200,000-event backlog; `make test` runs it
+# The fault and crash suite at full sizes (a 10 s outage, a 1,000,000-event backlog; `make test` runs it
 # scaled down), then its table of figures (docs/reliability.md). Takes hours: see docs/reliability.md.
 reliability: $(STAMP)
 	EVENTRELAY_RELIABILITY_FULL=1 $(VENV)/bin/pytest tests/reliability -m reliability; status=$$?; \
