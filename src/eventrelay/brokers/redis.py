@@ -205,8 +205,20 @@ class RedisBroker(Broker):
     # --- lifecycle -----------------------------------------------------------------------------------
 
     async def start(self) -> None:
-        async with self._translate("connect to"):
-            await self._redis.ping()
+        try:
+            async with self._translate("connect to"):
+                await self._redis.ping()
+        except BrokerUnavailable as exc:
+            # Over TLS 1.3 a server that demands a client certificate resets the connection after the
+            # handshake, and the client sees nothing more than the reset.
+            if not (
+                self.url.startswith("rediss:") and "ssl_certfile" not in self.url and "reset" in str(exc)
+            ):
+                raise
+            hint = (
+                "if the server demands a client certificate (mutual TLS), give ssl_certfile and ssl_keyfile"
+            )
+            raise BrokerUnavailable(f"{exc}; {hint}") from exc.__cause__
         self._leases.start()
 
     async def close(self) -> None:
