@@ -33,7 +33,9 @@ from tests.tlsproxy import SSL_REQUEST
 __all__ = ["certificates"]  # the session's certificates, a fixture of this module too
 
 Server = Literal["PostgreSQL store", "PostgreSQL broker", "Redis", "NATS"]
-SERVERS: list[Server] = ["PostgreSQL store", "PostgreSQL broker", "Redis", "NATS"]
+MARKS = {"PostgreSQL store": pytest.mark.postgresql, "PostgreSQL broker": pytest.mark.postgresql}
+MARKS |= {"Redis": pytest.mark.redis, "NATS": pytest.mark.nats}
+SERVERS = [pytest.param(server, marks=mark, id=server) for server, mark in MARKS.items()]
 NEVER_CREATED = "er_never_created"  # a refused client never gets as far as the database's absence
 
 
@@ -178,6 +180,7 @@ async def test_a_client_that_asked_for_tls_sends_no_password_to_a_plaintext_serv
         assert "did not ask for TLS" in str(caught.value)
 
 
+@pytest.mark.nats
 async def test_a_nats_client_that_reconnects_sends_no_password_to_a_plaintext_server(
     tls_servers: TlsServers, caplog: pytest.LogCaptureFixture
 ) -> None:

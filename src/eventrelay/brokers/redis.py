@@ -33,7 +33,8 @@ payload is the reply's id, headers and key as one JSON line, then its body.
 Options (query string): `prefix` (`eventrelay:`), `visibility_timeout` (30 s), `poll` (1 s: the longest a
 fetch blocks before it looks for due retries and reclaimable entries again), `maxlen` (0: no cap; n: each
 queue is capped with `XADD MAXLEN ~ n`). redis-py's URL options go to it (e.g. `socket_timeout`), TLS's too:
-`rediss://host:6380/0?ssl_ca_certs=/ca.pem` (and `ssl_certfile`, `ssl_keyfile` for a client certificate).
+`rediss://host:6380/0?ssl_ca_certs=/ca.pem` (and `ssl_certfile`, `ssl_keyfile` for a client certificate; a
+connection reset at start without them says that the server may demand one).
 Another option is an error when the broker is made (`UrlOptions`).
 Connections: a blocking pool of `max_connections` (50); a command past them waits for a free one.
 
