@@ -73,7 +73,7 @@ try:
 
     from eventrelay.brokers import nats_topology, nats_wire
     from eventrelay.brokers.nats_replies import NatsReplies
-    from eventrelay.brokers.nats_tls import SecureClient, mutual_tls_hint
+    from eventrelay.brokers.nats_tls import SecureClient
     from eventrelay.brokers.nats_topology import Consumer, Pulled, Request, consumer_info, durable
     from eventrelay.brokers.nats_wire import subject_token
 except ImportError as exc:  # pragma: no cover
@@ -81,6 +81,7 @@ except ImportError as exc:  # pragma: no cover
 
 from eventrelay.brokers.base import Arrivals, Broker, LeaseKeeper, Replies, delivery_token
 from eventrelay.brokers.options import UrlOptions, url_query
+from eventrelay.brokers.tls_hints import mutual_tls_hint
 from eventrelay.config import redact_url
 from eventrelay.envelope import Delivery, Message
 from eventrelay.errors import BrokerUnavailable, ConfigurationError, PublishFailed
@@ -174,7 +175,8 @@ class NatsBroker(Broker):
                 except TimeoutError as exc:  # nats-py tries again until then: say what went wrong
                     if (last := self._nc.last_error) is None:
                         raise
-                    hint = mutual_tls_hint(last) if self._wants_tls and "tls_cert" not in self._tls else ""
+                    bare = self._wants_tls and "tls_cert" not in self._tls  # TLS, no client certificate
+                    hint = mutual_tls_hint(last, "tls_cert and tls_key") if bare else ""
                     raise nats.errors.Error(f"timed out; the last error was {last!r}{hint}") from exc
                 await self._declare()
                 self._inbox = await self._nc.subscribe(f"{self._nc.new_inbox()}.*", cb=self._receive)

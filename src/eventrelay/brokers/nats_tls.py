@@ -48,12 +48,4 @@ class SecureClient(Client):
         await super()._process_info(info, initial_connection)
 
 
-def mutual_tls_hint(error: BaseException) -> str:
-    """What to add to `error`, the last one of a TLS connection without a client certificate: over TLS 1.3
-    a server that demands one resets the connection after the handshake, and the client sees only that."""
-    if isinstance(error, ConnectionResetError):
-        return "; if the server demands a client certificate (mutual TLS), give tls_cert and tls_key"
-    return ""
-
-
-__all__ = ["PlaintextRefused", "SecureClient", "mutual_tls_hint"]
+__all__ = ["PlaintextRefused", "SecureClient"]

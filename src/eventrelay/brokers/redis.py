@@ -84,6 +84,7 @@ except ImportError as exc:  # pragma: no cover
 
 from eventrelay.brokers.base import Broker, LeaseKeeper, Replies, delivery_token
 from eventrelay.brokers.options import UrlOptions, keyword_names, url_query
+from eventrelay.brokers.tls_hints import mutual_tls_hint
 from eventrelay.config import redact_url
 from eventrelay.envelope import Delivery, Message
 from eventrelay.errors import BrokerUnavailable, ConfigurationError, PublishFailed
@@ -210,16 +211,10 @@ class RedisBroker(Broker):
             async with self._translate("connect to"):
                 await self._redis.ping()
         except BrokerUnavailable as exc:
-            # Over TLS 1.3 a server that demands a client certificate resets the connection after the
-            # handshake, and the client sees nothing more than the reset.
-            if not (
-                self.url.startswith("rediss:") and "ssl_certfile" not in self.url and "reset" in str(exc)
-            ):
+            hint = mutual_tls_hint(exc, "ssl_certfile and ssl_keyfile")
+            if not (hint and self.url.startswith("rediss:") and "ssl_certfile" not in self.url):
                 raise
-            hint = (
-                "if the server demands a client certificate (mutual TLS), give ssl_certfile and ssl_keyfile"
-            )
-            raise BrokerUnavailable(f"{exc}; {hint}") from exc.__cause__
+            raise BrokerUnavailable(f"{exc}{hint}") from exc.__cause__
         self._leases.start()
 
     async def close(self) -> None:
