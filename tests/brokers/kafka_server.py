@@ -8,12 +8,9 @@ A missing or failing binary skips the Kafka tests, or fails them under CI (``CI=
 
 from __future__ import annotations
 
-import contextlib
 import importlib.util
 import os
 import re
-import signal
-import socket
 import subprocess
 import time
 from collections.abc import Iterator
@@ -21,6 +18,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.server_process import accepts, free_port, stop
 from tests.servers import servers_required
 
 HOST = "127.0.0.1"
@@ -44,34 +42,6 @@ def _unavailable(reason: str) -> None:
     if servers_required():
         pytest.fail(f"The Tansu Kafka broker is needed: {reason}")
     pytest.skip(f"The Tansu Kafka broker is not available: {reason}")
-
-
-def free_port() -> int:
-    """A TCP port of 127.0.0.1 free now."""
-    with socket.socket() as sock:
-        sock.bind((HOST, 0))
-        port: int = sock.getsockname()[1]
-        return port
-
-
-def _accepts(port: int) -> bool:
-    try:
-        with socket.create_connection((HOST, port), timeout=0.5):
-            return True
-    except OSError:
-        return False
-
-
-def _stop(process: subprocess.Popen[bytes]) -> None:
-    """Stop the broker by its process id: SIGTERM, then SIGKILL if it lingers."""
-    with contextlib.suppress(ProcessLookupError):
-        os.kill(process.pid, signal.SIGTERM)
-    try:
-        process.wait(STOP_TIMEOUT)
-    except subprocess.TimeoutExpired:
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(process.pid, signal.SIGKILL)
-        process.wait(STOP_TIMEOUT)
 
 
 def tansu_server(log_dir: Path, port: int | None = None, advertised: str | None = None) -> Iterator[str]:
@@ -108,14 +78,14 @@ def tansu_server(log_dir: Path, port: int | None = None, advertised: str | None 
         )
     try:
         deadline = time.monotonic() + START_TIMEOUT
-        while not _accepts(port):  # one connection of ours once it listens, the first it accepts
+        while not accepts(port):  # one connection of ours once it listens, the first it accepts
             if process.poll() is not None or time.monotonic() > deadline:
                 tail = log.read_text(errors="replace")[-2000:]
                 _unavailable(f"{binary} did not start on {HOST}:{port} (exit {process.poll()}): {tail}")
             time.sleep(0.05)
         yield f"{HOST}:{port}"
     finally:
-        _stop(process)
+        stop(process, STOP_TIMEOUT)
 
 
 def accepted_connections(log_dir: Path) -> list[str]:

@@ -44,9 +44,10 @@ from tests.brokers.contract import (
     subscriber_name,
 )
 from tests.brokers.contract_replies import ReplyContract
-from tests.brokers.kafka_server import free_port, tansu_server
+from tests.brokers.kafka_server import tansu_server
 from tests.examples.test_bookstore import run_demo
 from tests.faultproxy import FaultProxy
+from tests.server_process import free_port
 
 pytestmark = pytest.mark.kafka
 

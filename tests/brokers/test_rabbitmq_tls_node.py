@@ -18,9 +18,10 @@ import pytest
 
 from eventrelay import DistributedEventBus
 from eventrelay.errors import BrokerUnavailable
-from tests.brokers.test_tls import FAST, SECRET, _deliver, _unique
+from tests.brokers.tls_common import FAST, deliver, unique
 from tests.certificates import Certificates, make_certificates
 from tests.rabbitmq_nodes import RabbitNode, rabbitmq_node
+from tests.tls_servers import SECRET
 
 pytestmark = pytest.mark.rabbitmq
 
@@ -59,7 +60,7 @@ def _serve(node: RabbitNode, cert: Path) -> None:
 
 async def _refused(url: str) -> str:
     """The error of a bus that cannot start on `url` (the broker's refusal), checked free of the password."""
-    bus = DistributedEventBus(_unique(), broker=url, settings=FAST)
+    bus = DistributedEventBus(unique(), broker=url, settings=FAST)
     with pytest.raises(BrokerUnavailable) as caught:
         await bus.start()
     await bus.store.close()
@@ -75,7 +76,7 @@ async def test_tls_node_verification_mutual_tls_and_each_refusal(
     client = f"&certfile={certs.client_cert}&keyfile={certs.client_key}"
 
     # The server verified with the CA, the client with its certificate: events go through.
-    assert await _deliver(base + client) == [0, 1, 2]
+    assert await deliver(base + client) == [0, 1, 2]
 
     # Mutual TLS: without a client certificate the node refuses the client.
     assert "certificate required" in (await _refused(base)).lower()
@@ -91,7 +92,7 @@ async def test_tls_node_verification_mutual_tls_and_each_refusal(
         assert "IP address mismatch" in await _refused(base + client)
     finally:
         _serve(node, certs.server_cert)
-    assert await _deliver(base + client) == [0, 1, 2]  # the swaps were what the client refused
+    assert await deliver(base + client) == [0, 1, 2]  # the swaps were what the client refused
 
 
 async def test_an_amqps_client_sends_no_credentials_to_a_listener_without_tls(tmp_path: Path) -> None:

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import uuid
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from urllib.parse import quote
@@ -23,49 +22,18 @@ from redis.asyncio import Redis
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import DBAPIError
 
-from eventrelay import DistributedEventBus, Event, Settings
+from eventrelay import DistributedEventBus
 from eventrelay.brokers.nats import NatsBroker
 from eventrelay.brokers.rabbitmq import RabbitMQBroker
 from eventrelay.errors import BrokerUnavailable, ConfigurationError, EventRelayError, StoreError
 from eventrelay.sql import create_engine
-from eventrelay.testing import wait_until_idle
-from tests.brokers.contract import PATIENCE
+from tests.brokers.tls_common import FAST, certificates, deliver, unique
 from tests.servers import require_server
-from tests.tlsproxy import Certificates, Protocol, TlsProxy, make_certificates
+from tests.tls_servers import SECRET
+from tests.tlsproxy import Certificates, Protocol, TlsProxy
 
 RABBITMQ, REDIS, NATS, POSTGRESQL = 5672, 6379, 4222, 5432
-SECRET = "s3cret-not-for-logs"  # a password that must never show in an error
-FAST = Settings(relay_poll_interval=0.05, fetch_timeout=0.2, shutdown_timeout=5.0)
-
-
-class PriceChanged(Event, name="TlsTests.PriceChanged"):
-    product_id: int
-
-
-@pytest.fixture(scope="session")
-def certificates(tmp_path_factory: pytest.TempPathFactory) -> Certificates:
-    return make_certificates(tmp_path_factory.mktemp("tls"))
-
-
-def _unique() -> str:
-    return f"er-tls-{uuid.uuid4().hex[:12]}"
-
-
-async def _deliver(broker: str, database: str | None = None, service: str | None = None) -> list[int]:
-    """Publish three events through a unit of work and return what a handler of the same bus received."""
-    received: list[int] = []
-
-    async def record(event: PriceChanged) -> None:
-        received.append(event.product_id)
-
-    bus = DistributedEventBus(service or _unique(), broker=broker, database=database, settings=FAST)
-    await bus.subscribe(record, event=PriceChanged)
-    async with bus:
-        async with bus.unit_of_work():
-            for product_id in range(3):
-                await bus.publish(PriceChanged(product_id=product_id))
-        await wait_until_idle(bus, timeout=PATIENCE)
-    return sorted(received)
+__all__ = ["certificates"]  # the session's certificates, a fixture of this module too
 
 
 @contextlib.asynccontextmanager
@@ -89,11 +57,11 @@ async def _spoke_tls(proxy: TlsProxy) -> int:
 
 @pytest.mark.rabbitmq
 async def test_rabbitmq_over_amqps_with_the_ca(certificates: Certificates) -> None:
-    exchange, service = _unique(), _unique()
+    exchange, service = unique(), unique()
     try:
         async with _proxy("RabbitMQ", RABBITMQ, certificates, "tls") as proxy:
             url = f"amqps://guest:guest@127.0.0.1:{proxy.port}/?cafile={certificates.ca}&exchange={exchange}"
-            assert await _deliver(url, service=service) == [0, 1, 2]
+            assert await deliver(url, service=service) == [0, 1, 2]
             assert await _spoke_tls(proxy) >= 1
     finally:
         leftovers = RabbitMQBroker(f"amqp://127.0.0.1/?exchange={exchange}")
@@ -107,11 +75,11 @@ async def test_rabbitmq_over_amqps_with_the_ca(certificates: Certificates) -> No
 
 @pytest.mark.redis
 async def test_redis_over_rediss_with_the_ca(certificates: Certificates) -> None:
-    prefix = f"{_unique()}:"
+    prefix = f"{unique()}:"
     try:
         async with _proxy("Redis", REDIS, certificates, "tls") as proxy:
             url = f"rediss://127.0.0.1:{proxy.port}/0?ssl_ca_certs={certificates.ca}&prefix={prefix}"
-            assert await _deliver(url) == [0, 1, 2]
+            assert await deliver(url) == [0, 1, 2]
             assert await _spoke_tls(proxy) >= 1
     finally:
         async with Redis(port=REDIS) as client:
@@ -128,11 +96,11 @@ async def test_redis_over_rediss_with_the_ca(certificates: Certificates) -> None
 )
 async def test_nats_over_tls_with_the_ca(certificates: Certificates, protocol: Protocol, option: str) -> None:
     # "info-then-tls" is what a NATS server with TLS does; "tls-handshake-first" is its `handshake_first`.
-    stream = _unique().replace("-", "_")
+    stream = unique().replace("-", "_")
     try:
         async with _proxy("NATS", NATS, certificates, protocol) as proxy:
             url = f"tls://someone:{SECRET}@127.0.0.1:{proxy.port}?stream={stream}&tls_ca={certificates.ca}"
-            assert await _deliver(url + option) == [0, 1, 2]
+            assert await deliver(url + option) == [0, 1, 2]
             assert await _spoke_tls(proxy) >= 1
     finally:
         client = await nats.connect(f"nats://127.0.0.1:{NATS}")
@@ -151,7 +119,7 @@ def _through(url: str, proxy: TlsProxy, query: str) -> str:
 async def test_postgresql_store_over_tls_with_the_ca(certificates: Certificates, postgresql_url: str) -> None:
     async with _proxy("PostgreSQL", POSTGRESQL, certificates, "postgresql") as proxy:
         database = _through(postgresql_url, proxy, f"ssl=verify-full&sslrootcert={certificates.ca}")
-        assert await _deliver("memory://", database=database) == [0, 1, 2]  # through the outbox
+        assert await deliver("memory://", database=database) == [0, 1, 2]  # through the outbox
         assert await _spoke_tls(proxy) >= 1
 
 
@@ -161,7 +129,7 @@ async def test_postgresql_sql_broker_over_tls_with_the_ca(
 ) -> None:
     async with _proxy("PostgreSQL", POSTGRESQL, certificates, "postgresql") as proxy:
         broker = _through(postgresql_url, proxy, f"sslmode=verify-full&sslrootcert={certificates.ca}&lease=5")
-        assert await _deliver(broker) == [0, 1, 2]
+        assert await deliver(broker) == [0, 1, 2]
         assert await _spoke_tls(proxy) >= 2  # the engine's pool and the LISTEN connection
 
 
@@ -207,7 +175,7 @@ async def test_a_client_without_the_ca_refuses_the_server_and_says_why(
     caplog.set_level(logging.DEBUG)
     async with _proxy(case.split()[0], port, certificates, protocol) as proxy:
         broker, database = urls(proxy.port, certificates)
-        bus = DistributedEventBus(_unique(), broker=broker, database=database, settings=FAST)
+        bus = DistributedEventBus(unique(), broker=broker, database=database, settings=FAST)
         with pytest.raises(EventRelayError) as caught:
             await bus.start()
         await bus.store.close()
@@ -240,7 +208,7 @@ async def test_the_proxy_refuses_a_postgresql_client_that_does_not_ask_for_tls(
 @pytest.mark.nats
 async def test_a_nats_tls_url_refuses_a_server_that_does_not_ask_for_tls() -> None:
     require_server("NATS", NATS)
-    broker = NatsBroker(f"tls://127.0.0.1:{NATS}?stream={_unique().replace('-', '_')}")
+    broker = NatsBroker(f"tls://127.0.0.1:{NATS}?stream={unique().replace('-', '_')}&connect_timeout=1")
     with pytest.raises(BrokerUnavailable, match="did not ask for TLS"):
         await broker.start()
 

@@ -16,10 +16,11 @@ import nats.js.errors
 import pytest
 
 from eventrelay.brokers.rabbitmq import RabbitMQBroker
-from tests.brokers.kafka_server import free_port, tansu_server
+from tests.brokers.kafka_server import tansu_server
 from tests.brokers.test_redis_broker import delete_keys
 from tests.reliability.harness import REPORT, Report, Scenario
 from tests.reliability.under_test import ADAPTERS, BROKERS, NETWORK_BROKERS, BrokerUnderTest
+from tests.server_process import free_port
 from tests.servers import require_server
 
 RABBITMQ_PORT, REDIS_PORT, POSTGRESQL_PORT, NATS_PORT = 5672, 6379, 5432, 4222

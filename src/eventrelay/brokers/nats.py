@@ -42,8 +42,8 @@ is an error. Several hosts (`nats_url.py`) share the scheme, credentials and opt
 learns the cluster's others from it, and reconnects to any.
 TLS: `tls://` with `tls_ca` (a CA file; the system's CAs without it), `tls_cert` and `tls_key` (a client
 certificate) and `tls_handshake_first=1` (for a server with `handshake_first`: TLS before its INFO). A
-`tls://` URL (or a `tls_*` option) to a server whose INFO does not ask for TLS is refused: nats-py would go on
-in plaintext (after sending CONNECT; only `tls_handshake_first` keeps that from an impostor).
+`tls://` URL (or a `tls_*` option) to a server whose INFO does not ask for TLS is refused before CONNECT,
+so the credentials never go in plaintext, on reconnections too (`nats_tls.py`).
 
 Replies (`bus.request`): a core NATS subscription per process to `_INBOX.<nuid>` (`nats_replies.py`), no
 stream and no consumer; `send_reply` publishes there and flushes. A `prefix` under `_INBOX` is refused, so
@@ -77,6 +77,7 @@ try:
 
     from eventrelay.brokers import nats_topology, nats_wire
     from eventrelay.brokers.nats_replies import NatsReplies
+    from eventrelay.brokers.nats_tls import SecureClient
     from eventrelay.brokers.nats_topology import Consumer, Pulled, Request, consumer_info, durable
     from eventrelay.brokers.nats_url import parse_servers
     from eventrelay.brokers.nats_wire import subject_token
@@ -85,6 +86,7 @@ except ImportError as exc:  # pragma: no cover
 
 from eventrelay.brokers.base import Arrivals, Broker, LeaseKeeper, Replies, delivery_token
 from eventrelay.brokers.options import UrlOptions, url_query
+from eventrelay.brokers.tls_hints import mutual_tls_hint
 from eventrelay.config import redact_url
 from eventrelay.envelope import Delivery, Message
 from eventrelay.errors import BrokerUnavailable, ConfigurationError, PublishFailed
@@ -124,7 +126,7 @@ class NatsBroker(Broker):
         self.safe_url = redact_url(self.url.replace(f"{parts.username}@", "***@", 1) if token else self.url)
         self._context = self._tls_context()
         self._wants_tls = parts.scheme == "tls" or bool(self._tls) or "tls_handshake_first" in query
-        self._nc = Client()
+        self._nc: Client = SecureClient(self._wants_tls)
         self._js = self._nc.jetstream()
         self._inbox: Subscription | None = None  # where the answers to all our pull requests come
         self._consumers: dict[str, Consumer] = {}  # by durable name
@@ -154,12 +156,11 @@ class NatsBroker(Broker):
         async def error(exc: Exception) -> None:
             logger.debug("NATS connection to %s: %r", self.safe_url, exc)
 
-        self._nc, self._requests = Client(), {}  # a fresh client: a closed broker can start again
+        self._nc, self._requests = SecureClient(self._wants_tls), {}  # a closed broker can start again
         self._js = self._nc.jetstream()
         for consumer in self._consumers.values():
             consumer.request = None
         whole = {name: int(max(1, self.options[name])) for name in ("ping_interval", "connect_timeout")}
-        handshake_first = self._handshake_first
         connecting = self._nc.connect(
             self._servers.urls,
             **self._servers.credentials(),
@@ -173,7 +174,7 @@ class NatsBroker(Broker):
             reconnected_cb=reconnected,
             error_cb=error,
             tls=self._context,
-            tls_handshake_first=handshake_first,
+            tls_handshake_first=self._handshake_first,
         )
         try:
             async with self._translate("connect to"):
@@ -182,9 +183,9 @@ class NatsBroker(Broker):
                 except TimeoutError as exc:  # nats-py tries again until then: say what went wrong
                     if (last := self._nc.last_error) is None:
                         raise
-                    raise nats.errors.Error(f"timed out; the last error was {last!r}") from exc
-                if self._wants_tls and not (handshake_first or self._nc._server_info.get("tls_required")):
-                    raise nats.errors.Error("the server did not ask for TLS")  # nats-py went on in plaintext
+                    bare = self._wants_tls and "tls_cert" not in self._tls  # TLS, no client certificate
+                    hint = mutual_tls_hint(last, "tls_cert and tls_key") if bare else ""
+                    raise nats.errors.Error(f"timed out; the last error was {last!r}{hint}") from exc
                 await self._declare()
                 self._inbox = await self._nc.subscribe(f"{self._nc.new_inbox()}.*", cb=self._receive)
         except BaseException:

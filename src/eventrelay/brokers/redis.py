@@ -33,7 +33,8 @@ payload is the reply's id, headers and key as one JSON line, then its body.
 Options (query string): `prefix` (`eventrelay:`), `visibility_timeout` (30 s), `poll` (1 s: the longest a
 fetch blocks before it looks for due retries and reclaimable entries again), `maxlen` (0: no cap; n: each
 queue is capped with `XADD MAXLEN ~ n`). redis-py's URL options go to it (e.g. `socket_timeout`), TLS's too:
-`rediss://host:6380/0?ssl_ca_certs=/ca.pem` (and `ssl_certfile`, `ssl_keyfile` for a client certificate).
+`rediss://host:6380/0?ssl_ca_certs=/ca.pem` (and `ssl_certfile`, `ssl_keyfile` for a client certificate; a
+connection reset at start without them says that the server may demand one).
 Another option is an error when the broker is made (`UrlOptions`).
 Connections: a blocking pool of `max_connections` (50); a command past them waits for a free one.
 
@@ -83,6 +84,7 @@ except ImportError as exc:  # pragma: no cover
 
 from eventrelay.brokers.base import Broker, LeaseKeeper, Replies, delivery_token
 from eventrelay.brokers.options import UrlOptions, keyword_names, url_query
+from eventrelay.brokers.tls_hints import mutual_tls_hint
 from eventrelay.config import redact_url
 from eventrelay.envelope import Delivery, Message
 from eventrelay.errors import BrokerUnavailable, ConfigurationError, PublishFailed
@@ -205,8 +207,14 @@ class RedisBroker(Broker):
     # --- lifecycle -----------------------------------------------------------------------------------
 
     async def start(self) -> None:
-        async with self._translate("connect to"):
-            await self._redis.ping()
+        try:
+            async with self._translate("connect to"):
+                await self._redis.ping()
+        except BrokerUnavailable as exc:
+            hint = mutual_tls_hint(exc, "ssl_certfile and ssl_keyfile")
+            if not (hint and self.url.startswith("rediss:") and "ssl_certfile" not in self.url):
+                raise
+            raise BrokerUnavailable(f"{exc}{hint}") from exc.__cause__
         self._leases.start()
 
     async def close(self) -> None:

@@ -365,7 +365,7 @@ class SqlBroker(Broker):
         try:
             yield
         except DATABASE_ERRORS as exc:
-            if connection_lost(exc):
+            if connection_lost(exc) or action == "connect to":  # refused at start (a certificate, a password)
                 raise BrokerUnavailable(
                     f"Could not {action} the SQL broker at {redact_url(self.url)}: {database_said(exc)}"
                 ) from exc
