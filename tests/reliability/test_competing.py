@@ -6,7 +6,7 @@
   Redis and NATS when its lease of 1 s runs out; Kafka after the group's session timeout of 2 s and a
   rebalance). The publisher commits two thirds of the events, the test waits for both kills, then the
   publisher commits the last third: the survivors alone must handle those.
-- An outage: the broker goes away under all the instances (the fault proxy's `down`); all of them resume.
+- An outage under competing instances is `test_outages.py`'s "down" (2 instances; 1 to 3 in the full run).
 
 Every committed event takes effect exactly once and nothing is dead-lettered. Each effect records the pid of
 the instance that wrote it, each kill the pid it took, so the test sees that the work really moved.
@@ -19,18 +19,14 @@ keys saw their effects out of publish order.
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import math
-import time
 from collections import defaultdict
 from collections.abc import Callable, Mapping, Sequence
 
 import pytest
 
-from tests.faultproxy import FaultProxy
 from tests.reliability.harness import FULL, SIZES, Counts, Report, Scenario, kill_spec, subscribe_ahead
-from tests.reliability.under_test import BROKERS, BrokerUnderTest, server_behind
+from tests.reliability.under_test import BROKERS, BrokerUnderTest
 
 pytestmark = pytest.mark.reliability
 
@@ -41,7 +37,6 @@ ORDER_ACROSS_CRASH = {"rabbitmq", "kafka"}  # the others put a dead instance's e
 TITLES = {"handler": "mid-handler", "ack": "after commit, before the ack"}
 # CI: three instances, both kill points in one run; the full run also kills one of two, at each point.
 CRASHES = [(3, ("handler", "ack"))] + ([(2, ("handler",)), (2, ("ack",))] if FULL else [])
-TAIL = 2.0  # seconds of traffic after an outage, for every instance to take some
 
 
 def _keyed(**env: str) -> dict[str, str]:
@@ -190,58 +185,4 @@ async def test_survivors_take_a_killed_instance_s_work(
                 f"{len(overall)} overall" + (" (order promised)" if promised else ""),
             ]
         ),
-    )
-
-
-# CI: two instances; the full run also three.
-@pytest.mark.parametrize("instances", [2, 3] if FULL else [2])
-async def test_competing_instances_resume_after_an_outage(
-    instances: int,
-    network_broker: BrokerUnderTest,
-    tmp_path_factory: pytest.TempPathFactory,
-    report: Report,
-) -> None:
-    broker = network_broker
-    events = int(SIZES.rate * (0.5 + SIZES.outage + TAIL))
-    async with FaultProxy(broker.server_port or 0) as proxy, contextlib.AsyncExitStack() as stack:
-        stack.enter_context(server_behind(proxy, broker, tmp_path_factory.mktemp("tansu")))
-        run = Scenario(
-            tmp_path_factory.mktemp("competing-outage"),
-            broker,
-            broker_url=broker.url(proxy.port),
-            env=_keyed(RELIABILITY_RATE=str(SIZES.rate)),
-        )
-        try:
-            await subscribe_ahead(broker.url(proxy.port), broker.subscriber)
-            children = await run.subscribers(instances)
-            before = await run.flowing(events, SIZES.rate * 0.5, "the outage")
-            assert before.sent < events, "the publisher had committed every event before the outage"
-            connections = proxy.connections
-            async with proxy.down():
-                await asyncio.sleep(SIZES.outage)
-            fault_end = time.time()
-            during = await run.count()
-            codes, counts, recovery = await run.finish(events, fault_end)
-        finally:
-            await run.close()
-
-    assert codes == [0] * (instances + 1), run.logs()[-3000:]
-    assert all(not child.restarts for child in run.children), "a process had to be restarted"
-    assert during.sent > before.sent, "publishing through the outbox stopped during the outage"
-    assert proxy.connections > connections, "the services never reconnected"
-    await _check(run, counts, events)
-    effects = await _effects(run)
-    pids = {child.pid for child in children}
-    resumed = {pid: sum(1 for _, at, by in effects if by == pid and at > fault_end) for pid in pids}
-    assert all(resumed.values()), f"an instance handled nothing after the outage: {resumed}"
-    while_alive = out_of_order(effects)
-    report.counted(
-        f"competing: {instances} instances, outage: down {SIZES.outage:g} s",
-        broker.kind,
-        counts,
-        recovery,
-        f"{instances} instances, each handled events after the outage "
-        f"({', '.join(map(str, resumed.values()))}); {during.sent - before.sent} committed during the "
-        f"outage; keys out of order (of {KEYS}): "
-        f"{len(while_alive)}",
     )

@@ -1,10 +1,10 @@
 """Outages through the fault proxy (`tests/faultproxy.py`) between both services and the broker: a connection
-reset, a stall longer than the heartbeat, the broker gone for a while and back. The publisher keeps
-committing events through its outbox all along; afterwards everything catches up, and the consumers resume by
-themselves (no process is restarted). The SQLite broker is a local file, with no network to cut: it has no
-outage scenario. Kafka's clients connect to the address the broker advertises, so each Kafka test starts a
-Tansu of its own behind its proxy, advertising the proxy's address, and checks that Tansu accepted no other
-connection.
+reset, a stall longer than the heartbeat, the broker gone for a while and back (under 2 competing instances of
+the subscriber, each of which must resume). The publisher keeps committing events through its outbox all
+along; afterwards everything catches up, and the consumers resume by themselves (no process is restarted). The
+SQLite broker is a local file, with no network to cut: it has no outage scenario. Kafka's clients connect to
+the address the broker advertises, so each Kafka test starts a Tansu of its own behind its proxy, advertising
+the proxy's address, and checks that Tansu accepted no other connection.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from eventrelay.testing import wait_until_idle
 from tests.brokers.kafka_server import accepted_connections
 from tests.conftest import POSTGRESQL_PORT
 from tests.faultproxy import FaultProxy
-from tests.reliability.harness import SIZES, Report, Scenario, subscribe_ahead
+from tests.reliability.harness import FULL, SIZES, Report, Scenario, subscribe_ahead
 from tests.reliability.under_test import BrokerUnderTest, server_behind
 
 pytestmark = pytest.mark.reliability
@@ -31,14 +31,21 @@ TAIL = 0.5  # seconds of traffic after it
 HUNG = 3.0  # seconds a unit of work may wait while the broker hangs (a commit takes milliseconds)
 
 
-@pytest.mark.parametrize(
-    ("fault", "seconds"),
-    [("reset", 0.0), ("stall", SIZES.stall), ("down", SIZES.outage)],
-    ids=["reset", "stall", "down"],
-)
+# (fault, seconds, instances of the subscriber): a "down" outage hits competing instances, 2 in CI, 1 to 3 in
+# the full run.
+OUTAGES = [
+    pytest.param("reset", 0.0, 1, id="reset"),
+    pytest.param("stall", SIZES.stall, 1, id="stall"),
+    *(pytest.param("down", SIZES.outage, n, id=f"down-{n}") for n in ((1, 2, 3) if FULL else (2,))),
+]
+MORE = 30  # events published after the outage while an instance has handled none since (Kafka: a late rejoin)
+
+
+@pytest.mark.parametrize(("fault", "seconds", "instances"), OUTAGES)
 async def test_an_outage_loses_nothing_and_everything_catches_up(
     fault: str,
     seconds: float,
+    instances: int,
     network_broker: BrokerUnderTest,
     tmp_path_factory: pytest.TempPathFactory,
     report: Report,
@@ -61,7 +68,7 @@ async def test_an_outage_loses_nothing_and_everything_catches_up(
             await subscribe_ahead(broker.url(proxy.port), broker.subscriber)
             # The publisher starts only once the subscriber has, so that the fault comes while it still
             # commits (a subscriber slow to start under load once let it commit every event before the fault).
-            await run.subscribers()
+            await run.subscribers(instances)
             before = await run.flowing(events, SIZES.rate * LEAD, "the fault")
             if fault != "reset":  # commits must go on during the fault: it comes while the publisher commits
                 assert before.sent < events, "the publisher had committed every event before the fault"
@@ -77,11 +84,15 @@ async def test_an_outage_loses_nothing_and_everything_catches_up(
                     await asyncio.sleep(seconds)
             fault_end = time.time()
             during = await run.count()
+            await run.all_delivered(events)
+            resumed: list[int] = []
+            if instances > 1:  # each competing instance resumes by itself
+                events, resumed = await _every_instance_resumed(run, events, fault_end)
             codes, counts, recovery = await run.finish(events, fault_end)
         finally:
             await run.close()
 
-    assert codes == [0, 0], run.logs()[-3000:]
+    assert set(codes) == {0}, run.logs()[-3000:]
     assert all(not child.restarts for child in run.children), "a process had to be restarted"
     if fault != "reset":  # the relay holds no lock while the broker is away or hangs: commits go on
         assert during.sent > before.sent, "publishing through the outbox stopped during the outage"
@@ -100,13 +111,41 @@ async def test_an_outage_loses_nothing_and_everything_catches_up(
     assert counts.duplicates == 0, "an event took effect twice"
     assert counts.dead_letters == 0
     committed = during.sent - before.sent
-    report.counted(
-        f"outage: {fault}" + (f" {seconds:g} s" if seconds else ""),
-        broker.kind,
-        counts,
-        recovery,
-        f"{committed} committed during the fault; {proxy.connections - connections} new connections",
-    )
+    title = f"outage: {fault}" + (f" {seconds:g} s" if seconds else "")
+    notes = f"{committed} committed during the fault; {proxy.connections - connections} new connections"
+    if instances > 1:
+        title += f", {instances} instances"
+        notes = (
+            f"{instances} instances, each handled events after it ({', '.join(map(str, resumed))}); {notes}"
+        )
+    report.counted(title, broker.kind, counts, recovery, notes)
+
+
+async def _every_instance_resumed(run: Scenario, events: int, fault_end: float) -> tuple[int, list[int]]:
+    """Wait until each instance of the subscriber has handled an event committed after the fault, publishing
+    `MORE` at a time while one has not (a Kafka member that rejoins its group late gets its partitions after
+    the others took the tail); the events committed in all, and the events each instance handled after it."""
+    pids = [child.pid for child in run.children if child.name.startswith("subscriber")]
+    rounds = 0
+
+    async def resumed() -> list[int]:
+        rows = dict(
+            await run.rows(f"SELECT pid, count(*) FROM effects WHERE handled_at > {fault_end} GROUP BY pid")
+        )
+        return [int(rows.get(pid, 0)) for pid in pids]
+
+    async def all_resumed() -> bool:
+        nonlocal events, rounds
+        if all(await resumed()):
+            return True
+        if (await run.count()).delivered >= events:  # all handled: publish more
+            rounds += 1
+            events += MORE
+            run.publisher(events, name=f"publisher-more-{rounds}")
+        return False
+
+    await run.supervise(all_resumed, timeout=60, what="every instance handling events after the fault")
+    return events, await resumed()
 
 
 @pytest.mark.postgresql

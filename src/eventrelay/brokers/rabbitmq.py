@@ -19,15 +19,12 @@ TLS: `amqps://` (port 5671) with aio-pika's `cafile`, `certfile`, `keyfile` and 
 Mapping: `rabbitmq_wire.py`. `profile=abp` also makes the bus write and read ABP's JSON
 (`Settings.json_style`); `docs/wire-format.md` has the ABP profile in full.
 
-A routing key nobody binds: RabbitMQ would drop the message and still confirm it. So the adapter publishes
-with `mandatory` and declares the exchange with the alternate exchange `<exchange>.unrouted` (fanout), whose
-classic queue of that name keeps such messages: publish succeeds, as the broker stored them, and they wait
-there to be inspected, moved or purged (give it a TTL or length policy if that suits you); while its node is
-down (a cluster), the adapter connects without it (untested: where an unrouted message goes then). ABP
-declares the exchange without that argument, and RabbitMQ refuses a declaration whose `alternate-exchange`
-differs, so `profile=abp` declares none: the broker returns the message, publish raises `PublishFailed`, and
-the outbox keeps it and tries again later (ABP drops it). An operator's `alternate-exchange` policy restores
-the first behaviour.
+A routing key nobody binds: RabbitMQ would drop the message and still confirm it. So the exchange has the
+alternate exchange `<exchange>.unrouted` (fanout), whose classic queue keeps such messages for an operator
+(give it a TTL or length policy if that suits you); while its node is down (a cluster), the adapter connects
+without it (untested: where an unrouted message goes then). ABP declares the exchange without that argument,
+which RabbitMQ would refuse as different, so `profile=abp` declares none: the broker returns the message,
+publish raises `PublishFailed`, and the outbox tries again later (ABP drops it).
 
 Order: a queue hands messages out in publish order, and the bus keeps the order of a key among what one
 instance fetched; instances that compete share a queue, so across them a key's order does not hold unless
@@ -87,6 +84,7 @@ try:
     from eventrelay.brokers import rabbitmq_wire as wire
     from eventrelay.brokers.rabbitmq_hosts import Hosts, gone, split_hosts
     from eventrelay.brokers.rabbitmq_replies import RabbitMQReplies
+    from eventrelay.brokers.tls_hints import mutual_tls_hint
 except ImportError as exc:  # pragma: no cover
     raise ImportError("RabbitMQ support needs an extra: pip install 'eventrelay[rabbitmq]'") from exc
 
@@ -133,6 +131,7 @@ class RabbitMQBroker(Broker):
         client_options = options.finish()
         self.unrouted = f"{self.exchange}.unrouted"
         self._where = redact_url(url)  # for messages and logs
+        self._bare_tls = parsed.scheme == "amqps" and "certfile" not in client_options  # for a hint
         self.hosts = Hosts([str(URL(one).with_query(client_options)) for one in each])
         self._secret = parsed.password or ""
         self._conn: AbstractConnection | None = None
@@ -477,6 +476,8 @@ class RabbitMQBroker(Broker):
         if isinstance(exc, asyncio.CancelledError) and exc.args and isinstance(exc.args[0], Exception):
             exc = exc.args[0]  # the reason the channel closed
         text = f"Could not {action} RabbitMQ at {self._where}: {self._scrub(exc)}"
+        if action == "connect to" and self._bare_tls:
+            text += mutual_tls_hint(exc, "certfile and keyfile")
         if isinstance(exc, amqp.ChannelPreconditionFailed):
             return ConfigurationError(f"{text} (an exchange or queue exists with other settings)")
         # A connection lost under a call (reset, broker gone) before the supervisor noticed: aio-pika then
