@@ -161,6 +161,7 @@ class SqlBroker(Broker):
         self._tasks: list[asyncio.Task[None]] = []
         self._listener: AsyncConnection | None = None
         self._notified: Any = None  # the asyncpg connection that LISTENs, to see that it is still open
+        self._listening = asyncio.Lock()  # one LISTEN again at a time
         self._sqlite = self.engine.dialect.name == "sqlite"
 
     # --- lifecycle -----------------------------------------------------------------------------------
@@ -196,14 +197,19 @@ class SqlBroker(Broker):
 
     async def _listen_again(self) -> None:
         """LISTEN on a new connection when the old one was lost (an outage); until then fetchers poll."""
-        if self._listener is not None:
-            with contextlib.suppress(Exception):
-                await self._listener.invalidate()
-        self._listener = self._notified = None
-        try:
-            await self._listen()
-        except Exception as exc:  # the next fetch tries again
-            logger.debug("Could not LISTEN again: %s", exc)
+        # One at a time: fetchers that found the connection lost together each opened one, and the one
+        # overwritten was never closed (the garbage collector's warning about a connection not checked in).
+        async with self._listening:
+            if self._notified is not None and not self._notified.is_closed():
+                return  # another fetcher listened again meanwhile
+            if self._listener is not None:
+                with contextlib.suppress(Exception):
+                    await self._listener.invalidate()
+            self._listener = self._notified = None
+            try:
+                await self._listen()
+            except Exception as exc:  # the next fetch tries again
+                logger.debug("Could not LISTEN again: %s", exc)
 
     # --- the port ------------------------------------------------------------------------------------
 
