@@ -160,8 +160,8 @@ async def test_a_fetcher_listens_again_after_a_connection_reset(postgresql_url: 
 
 @pytest.mark.postgresql
 async def test_fetchers_that_find_the_listen_connection_lost_together_open_one(postgresql_url: str) -> None:
-    """Fetchers (a consumer and a reply channel) that see the LISTEN connection gone at once must not each open
-    one: the one overwritten was never closed (the garbage collector's warning about a connection not checked
+    """Fetchers (a consumer and a reply channel) that see the LISTEN connection gone at once must not each
+    open one: the one overwritten was never closed (the garbage collector's warning about a connection not checked
     in made `test_an_asker_that_lost_its_connection_gets_replies_again` fail now and then)."""
     async with FaultProxy(POSTGRESQL_PORT) as proxy:
         through_proxy = postgresql_url.replace(f":{POSTGRESQL_PORT}/", f":{proxy.port}/")
@@ -171,7 +171,8 @@ async def test_fetchers_that_find_the_listen_connection_lost_together_open_one(p
             with pytest.raises(BrokerUnavailable):
                 await fetcher.fetch("Listener", 10, 0.1)
             lost = fetcher._notified  # what each fetcher that claimed rows now sees closed
-            assert lost is not None and lost.is_closed()
+            assert lost is not None
+            assert lost.is_closed()
             await asyncio.gather(*(fetcher._listen_again() for _ in range(4)))  # as four fetchers at once
             assert fetcher.engine.pool.checkedout() == 1  # type: ignore[attr-defined]  # the LISTEN one
 
