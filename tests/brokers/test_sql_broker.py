@@ -161,8 +161,8 @@ async def test_a_fetcher_listens_again_after_a_connection_reset(postgresql_url: 
 @pytest.mark.postgresql
 async def test_fetchers_that_find_the_listen_connection_lost_together_open_one(postgresql_url: str) -> None:
     """Fetchers (a consumer and a reply channel) that see the LISTEN connection gone at once must not each
-    open one: the one overwritten was never closed (the garbage collector's warning about a connection not checked
-    in made `test_an_asker_that_lost_its_connection_gets_replies_again` fail now and then)."""
+    open one: the one overwritten was never closed (the garbage collector's warning about a connection not
+    checked in made `test_an_asker_that_lost_its_connection_gets_replies_again` fail now and then)."""
     async with FaultProxy(POSTGRESQL_PORT) as proxy:
         through_proxy = postgresql_url.replace(f":{POSTGRESQL_PORT}/", f":{proxy.port}/")
         async with SqlBroker(f"{through_proxy}?poll_max=0.05") as fetcher:
