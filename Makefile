@@ -17,12 +17,13 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install --disable-pip-version-check -q -e '.[dev]'
 	touch $(STAMP)
 
+# pytest in 3 processes on 2 cores: most tests wait (on servers, child processes, timeouts) rather than compute.
 test: $(STAMP)
 	$(VENV)/bin/ruff check src tests examples bench
 	$(VENV)/bin/ruff format --check src tests examples bench
 	$(VENV)/bin/mypy
 	$(VENV)/bin/mypy -p bookstore
-	$(VENV)/bin/pytest -n 2
+	$(VENV)/bin/pytest -n 3
 
 # The fault and crash suite at full sizes (a 10 s outage, a 1,000,000-event backlog; `make test` runs it
 # scaled down), then its table of figures (docs/reliability.md). Takes hours: see docs/reliability.md.

@@ -38,6 +38,7 @@ OUTAGES = [
     pytest.param("stall", SIZES.stall, 1, id="stall"),
     *(pytest.param("down", SIZES.outage, n, id=f"down-{n}") for n in ((1, 2, 3) if FULL else (2,))),
 ]
+KEYS = 60  # ordering keys of the events under competing instances: every Kafka partition gets some
 MORE = 30  # events published after the outage while an instance has handled none since (Kafka: a late rejoin)
 
 
@@ -62,7 +63,12 @@ async def test_an_outage_loses_nothing_and_everything_catches_up(
             tmp_path_factory.mktemp("outage"),
             broker,
             broker_url=broker.url(proxy.port, **options),
-            env={"RELIABILITY_RATE": str(SIZES.rate)},
+            # Competing instances get keyed events, spread over every partition: on Kafka a name's unkeyed
+            # events share one partition (their order), which one member owns, and the others would idle.
+            env={
+                "RELIABILITY_RATE": str(SIZES.rate),
+                **({"RELIABILITY_KEYS": str(KEYS)} if instances > 1 else {}),
+            },
         )
         try:
             await subscribe_ahead(broker.url(proxy.port), broker.subscriber)
