@@ -79,11 +79,10 @@ async def test_tls_node_verification_mutual_tls_and_each_refusal(
     assert await deliver(base + client) == [0, 1, 2]
 
     # Mutual TLS: without a client certificate the node refuses the client. Whether the client reads the
-    # node's alert or only the reset that follows is a matter of timing: either way the error says what to do.
+    # node's alert or only the closed connection (a reset, a broken pipe) is a matter of timing: either way
+    # the error says what to do.
     refused = await _refused(base)
-    assert "certificate required" in refused.lower() or (
-        "reset" in refused and "give certfile and keyfile" in refused
-    ), refused
+    assert "certificate required" in refused.lower() or "give certfile and keyfile" in refused, refused
 
     # A client trusting another CA refuses the node.
     wrong_ca = f"amqps://{USER}:{SECRET}@127.0.0.1:{node.port}/?cafile={certs.other_ca}{client}"

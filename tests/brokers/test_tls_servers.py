@@ -109,8 +109,8 @@ REFUSALS: dict[str, Refusal] = {
     "wrong CA": ("verify", True, r"\[SSL: CERTIFICATE_VERIFY_FAILED\] certificate verify failed"),
     "expired": ("expired", False, "certificate verify failed: certificate has expired"),
     "wrong host": ("wrong_host", False, "certificate verify failed: IP address mismatch"),
-    # Redis and NATS send an alert, or (TLS 1.3) reset the connection after the handshake: the adapters add
-    # a hint (`brokers/tls_hints.py`).
+    # Redis and NATS send an alert, or (TLS 1.3) close the connection after the handshake (a reset, a broken
+    # pipe, an EOF, as timing has it): the adapters add a hint (`brokers/tls_hints.py`).
     "mutual TLS without a client certificate": (
         "mutual",
         False,
