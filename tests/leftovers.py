@@ -24,7 +24,6 @@ import asyncio
 import json
 import os
 import shutil
-import socket
 import time
 from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -35,6 +34,7 @@ import asyncpg
 import nats
 import redis.asyncio as aioredis
 
+from tests.server_process import accepts
 from tests.servers import servers_required
 
 HOST = "127.0.0.1"
@@ -76,14 +76,6 @@ class Leftovers:
                 found.append(f"    ... and {len(shown) - SHOWN} more")
         found += [f"not checked: {problem}" for problem in self.problems]
         return found
-
-
-def _reachable(port: int) -> bool:
-    try:
-        with socket.create_connection((HOST, port), timeout=1.0):
-            return True
-    except OSError:
-        return False
 
 
 async def _rabbitmqctl(what: str) -> frozenset[str]:
@@ -198,7 +190,7 @@ SERVERS: dict[str, tuple[int, Callable[[], Awaitable[Inventory]]]] = {
 
 async def _snapshot() -> Snapshot:
     snapshot = Snapshot()
-    up = {name: list_ for name, (port, list_) in SERVERS.items() if _reachable(port)}
+    up = {name: list_ for name, (port, list_) in SERVERS.items() if accepts(port, timeout=1.0)}
     if servers_required():
         snapshot.problems += [f"{name} is not reachable" for name in SERVERS if name not in up]
     results = await asyncio.gather(*(list_() for list_ in up.values()), return_exceptions=True)

@@ -21,7 +21,6 @@ import contextlib
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import tempfile
 import time
@@ -31,6 +30,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.server_process import accepts, free_port
 from tests.servers import servers_required
 
 SERVER = "/usr/lib/rabbitmq/bin/rabbitmq-server"
@@ -38,21 +38,6 @@ CTL = "rabbitmqctl"
 USER = "rabbitmq"
 START_TIMEOUT = 120.0  # seconds: an Erlang VM boots in about 7 s alone; three at once on 2 busy cores, more
 STOP_TIMEOUT = 60.0
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
-
-
-def _accepts(port: int) -> bool:
-    try:
-        with socket.create_connection(("127.0.0.1", port), timeout=0.5):
-            return True
-    except OSError:
-        return False
 
 
 def _require() -> None:
@@ -122,7 +107,7 @@ class RabbitNode:
         took. Fails with the node's log if it ended or took longer than `timeout`."""
         assert self.process is not None, "start() first"
         deadline = time.monotonic() + timeout
-        while not _accepts(self.port):
+        while not accepts(self.port):
             if self.process.poll() is not None or time.monotonic() > deadline:
                 raise AssertionError(f"RabbitMQ node {self.name} did not start:\n{self.tail()}")
             time.sleep(0.1)

@@ -21,10 +21,10 @@ def free_port() -> int:
         return port
 
 
-def accepts(port: int) -> bool:
-    """Whether something accepts a TCP connection on 127.0.0.1:`port`."""
+def accepts(port: int, host: str = HOST, timeout: float = 0.5) -> bool:
+    """Whether something accepts a TCP connection on `host`:`port` within `timeout` seconds."""
     try:
-        with socket.create_connection((HOST, port), timeout=0.5):
+        with socket.create_connection((host, port), timeout=timeout):
             return True
     except OSError:
         return False

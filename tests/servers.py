@@ -9,9 +9,10 @@ from __future__ import annotations
 
 import functools
 import os
-import socket
 
 import pytest
+
+from tests.server_process import accepts
 
 CONNECT_TIMEOUT = 1.0
 
@@ -19,11 +20,7 @@ CONNECT_TIMEOUT = 1.0
 @functools.cache
 def _reachable(host: str, port: int) -> bool:
     """Whether a TCP connection to ``host:port`` succeeds; tried once per session for each address."""
-    try:
-        with socket.create_connection((host, port), timeout=CONNECT_TIMEOUT):
-            return True
-    except OSError:
-        return False
+    return accepts(port, host, CONNECT_TIMEOUT)
 
 
 def servers_required() -> bool:

@@ -6,7 +6,6 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
-import socket
 import subprocess
 import sys
 import textwrap
@@ -23,6 +22,7 @@ from eventrelay.metrics import Metrics, committed_at, scrape
 from eventrelay.stores.base import utcnow
 from eventrelay.testing import RecordingBroker, wait_until_idle
 from tests.bus.helpers import eventually, settings
+from tests.server_process import free_port
 
 METRICS = settings(metrics=True, retry=RetryPolicy(max_attempts=3, initial_delay=0.01, max_delay=0.01))
 NAME = "MetricsTests.StockChanged"
@@ -158,12 +158,6 @@ def test_settings_turn_metrics_on_from_the_environment() -> None:
     )
     with pytest.raises(ConfigurationError, match="metrics_port"):
         Settings(metrics_port=70000)
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 async def test_eventrelay_run_serves_metrics_at_the_metrics_port(tmp_path: Path) -> None:
