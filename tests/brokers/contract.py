@@ -109,9 +109,9 @@ async def receive(broker: Broker, subscriber: str, wanted: set[str]) -> list[Del
     return got
 
 
-async def publish_when_back(broker: Broker, messages: Sequence[Message]) -> None:
-    """Publish, trying again on BrokerUnavailable, as the relay does."""
-    async with asyncio.timeout(PATIENCE):
+async def publish_when_back(broker: Broker, messages: Sequence[Message], patience: float = PATIENCE) -> None:
+    """Publish, trying again on BrokerUnavailable for up to `patience` seconds, as the relay does."""
+    async with asyncio.timeout(patience):
         while True:
             try:
                 return await broker.publish(messages)

@@ -7,7 +7,8 @@ has fewer replicas than asked). Its consumers have its replicas (JetStream's def
 `<subscriber>_<name>_<digest>` (readable, and unique by the digest), filters the subject of its name, acks
 explicitly and delivers what is published after its creation. A draining one (unbound, still delivering what
 was queued before) says so in its description and has a 5 minute inactive threshold, so that the server reaps
-a drain nobody finishes.
+a drain nobody finishes. Creating a stream or consumer is tried again for up to 30 s while JetStream does not
+answer in time (`answered`): a cluster electing leaders answers late, and a start or bind waits for it.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ import logging
 import re
 from collections.abc import Awaitable, Callable, Container, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, TypeVar
 
 import nats.errors
 import nats.js.errors
@@ -38,6 +39,10 @@ _DRAINING = "draining"  # how a draining consumer's description begins
 # JetStream's errors for replicas it cannot place: not clustered, no resources, more than 5, too few peers
 _NO_REPLICAS = {10074, 10023, 10052, 10005}
 _STREAM_NOT_FOUND = 10059
+_UNAVAILABLE = 10008  # "JetStream system temporarily unavailable": no meta leader (yet)
+PATIENCE = 30.0  # how long a stream or consumer is created again while JetStream does not answer in time
+
+T = TypeVar("T")
 
 
 @dataclass(eq=False)
@@ -126,9 +131,10 @@ async def add_consumer(js: JetStreamContext, stream: str, config: api.ConsumerCo
     """Create the consumer (or update it in place), trying again while its stream is not found: in a cluster,
     a stream just created can be unknown for a moment to the server that creates the consumer (nats-server
     2.9 answered "stream not found" to a bind right after the stream's creation, in our tests)."""
+    adding = functools.partial(js.add_consumer, stream, config)
     for attempt in range(1, tries + 1):
         try:
-            await js.add_consumer(stream, config)
+            await answered(adding, f"create consumer {config.durable_name!r}")
             return
         except nats.js.errors.NotFoundError as exc:
             if attempt == tries or exc.err_code != _STREAM_NOT_FOUND:
@@ -171,7 +177,7 @@ async def _add_stream(js: JetStreamContext, config: api.StreamConfig, tries: int
     the folder again (seen in `make soak`)."""
     for attempt in range(1, tries + 1):
         try:
-            await js.add_stream(config)
+            await answered(functools.partial(js.add_stream, config), f"create stream {config.name!r}")
             return
         except nats.js.errors.ServerError as exc:
             _refuse_replicas(exc, config)
@@ -179,6 +185,31 @@ async def _add_stream(js: JetStreamContext, config: api.StreamConfig, tries: int
                 raise
             logger.warning("NATS could not create stream %r, trying again: %s", config.name, exc)
             await asyncio.sleep(0.05 * attempt)
+
+
+async def answered(call: Callable[[], Awaitable[T]], what: str, patience: float = PATIENCE) -> T:
+    """`call()`, tried again for up to `patience` seconds while JetStream does not answer within nats-py's
+    timeout (5 s) or answers that it is temporarily unavailable. A cluster electing its meta leader, or the
+    leaders of a new stream's replicas, answers late (on a loaded machine, after more than 5 s); creating a
+    stream or consumer again with the same configuration is harmless."""
+    loop = asyncio.get_running_loop()
+    deadline, failures = loop.time() + patience, 0
+    while True:
+        try:
+            return await call()
+        except (nats.errors.TimeoutError, nats.js.errors.ServiceUnavailableError) as exc:
+            # "no responders" is a ServiceUnavailableError without a code: a server without JetStream
+            late = not isinstance(exc, nats.js.errors.ServiceUnavailableError) or exc.err_code == _UNAVAILABLE
+            if not late:
+                raise
+            if (left := deadline - loop.time()) <= 0:
+                raise nats.errors.Error(
+                    f"JetStream did not {what} within {patience:.0f}s ({exc}): check that a majority of the "
+                    "cluster's servers run and have elected a meta leader (`nats server report jetstream`)"
+                ) from exc
+            logger.warning("JetStream did not %s in time (%s); trying again", what, exc)
+            failures += 1
+            await asyncio.sleep(min(reconnect_pause(failures), left))
 
 
 def _refuse_replicas(exc: nats.js.errors.APIError, config: api.StreamConfig) -> None:
