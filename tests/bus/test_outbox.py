@@ -14,6 +14,8 @@ from eventrelay import ConfigurationError, Context, DistributedEventBus, MemoryB
 from eventrelay.testing import RecordingBroker, wait_until_idle
 from tests.bus.helpers import OrderPlaced, eventually, make_bus, not_started, outbox_size
 
+UNITS = 100  # units of work of 20 events each, committed back to back
+
 
 async def test_a_commit_followed_by_a_crash_before_the_relay_runs_still_delivers(database_url: str) -> None:
     broker = MemoryBroker()
@@ -58,6 +60,25 @@ async def test_the_relay_wakes_at_once_after_a_local_commit(database: str | None
     assert handled == [1, 2, 3]
 
 
+async def test_the_relay_sends_while_units_of_work_commit_back_to_back(database: str | None) -> None:
+    """A loop of units of work that awaits nothing else (a batch import) leaves the relay its turns: events
+    leave while the loop runs, not only once it has ended. (On SQLite no statement suspends the task; before
+    each transaction let the loop's other tasks in, the relay sent nothing until such a loop ended.)"""
+    broker = RecordingBroker()
+    async with make_bus("Orders", broker, database) as bus:
+        await wait_until_idle(bus)
+        for start in range(0, UNITS * 20, 20):
+            async with bus.unit_of_work():
+                for order_id in range(start, start + 20):
+                    await bus.publish(OrderPlaced(order_id=order_id))
+        sent_meanwhile = len(broker.published)
+        await wait_until_idle(bus)
+    assert len(broker.published) == UNITS * 20
+    # MariaDB's relay lags behind a loop of inserts (240 to 340 of 2,000 in our runs), yet is never starved.
+    floor = 1 if database and database.startswith("mysql") else UNITS * 20 // 2
+    assert sent_meanwhile >= floor, f"the relay sent {sent_meanwhile} while the loop committed"
+
+
 class SlowRecordingBroker(RecordingBroker):
     """Takes a moment to confirm each batch, so two relays overlap while they hold rows."""
 
@@ -89,9 +110,8 @@ async def test_two_relays_on_one_database_never_send_a_row_twice(database_url: s
     sent = Counter(m.id for m in broker.published)
     assert set(sent) == set(published)
     assert [message_id for message_id, times in sent.items() if times != 1] == []
-    if not url.startswith("sqlite"):  # SQLite lets one writer in at a time; the servers let both relays work
-        assert first.relay.sent > 0
-        assert second.relay.sent > 0
+    assert first.relay.sent > 0  # both worked (on SQLite, by turns)
+    assert second.relay.sent > 0
 
 
 # --- delayed publishing ----------------------------------------------------------------------------

@@ -38,6 +38,10 @@ class MemoryTransaction(Transaction):
             raise
 
     async def _commit(self) -> None:
+        # Nothing else here suspends the task: without this turn, a loop of units of work that awaits nothing
+        # else would keep the event loop, and the relay would send nothing until it ended. Before the writes:
+        # a cancellation landing here leaves the transaction as if never committed.
+        await asyncio.sleep(0)
         for write in self.writes:
             write()
         self._end()
