@@ -11,7 +11,15 @@ from dataclasses import replace
 from datetime import datetime
 
 from eventrelay.envelope import Message
-from eventrelay.stores.base import DeadLetter, NewDeadLetter, OutboxRecord, Store, Transaction, utcnow
+from eventrelay.stores.base import (
+    DeadLetter,
+    NewDeadLetter,
+    OutboxRecord,
+    Store,
+    Transaction,
+    turn_due,
+    utcnow,
+)
 
 InboxKey = tuple[str, str, str]
 INBOX_LIMIT = 100_000  # inbox records kept (the newest): about 30 MB
@@ -38,10 +46,10 @@ class MemoryTransaction(Transaction):
             raise
 
     async def _commit(self) -> None:
-        # Nothing else here suspends the task: without this turn, a loop of units of work that awaits nothing
-        # else would keep the event loop, and the relay would send nothing until it ended. Before the writes:
-        # a cancellation landing here leaves the transaction as if never committed.
-        await asyncio.sleep(0)
+        # Nothing here suspends the task (`turn_due`). Before the writes: a cancellation landing here leaves
+        # the transaction as if never committed.
+        if turn_due():
+            await asyncio.sleep(0)
         for write in self.writes:
             write()
         self._end()

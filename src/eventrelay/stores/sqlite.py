@@ -15,10 +15,11 @@ tried again after an asynchronous pause, from 1 ms doubling to 50 ms with jitter
 SQLite never waits for a lock in WAL mode when the transaction began with `BEGIN IMMEDIATE`, as every write
 transaction of eventrelay's engines does.
 
-Since no statement suspends the task, each transaction lets the event loop run its other tasks once before
-it begins (`take_turn`): a task that commits units of work back to back and awaits nothing else (a batch
-import) would otherwise keep the loop, and so the file's write lock, to itself, and the service's relay
-sent nothing until it ended (a 1,000,000-event backlog in issue 21).
+Since no statement suspends the task, a transaction lets the event loop run its other tasks once before it
+begins when 10 ms have passed since the last such turn (`take_turn`, `stores.base.turn_due`): a task that
+commits units of work back to back and awaits nothing else (a batch import) would otherwise keep the loop,
+and so the file's write lock, to itself, and the service's relay sent nothing until it ended (a
+1,000,000-event backlog in issue 21).
 """
 
 from __future__ import annotations
@@ -36,6 +37,8 @@ from sqlalchemy.dialects.sqlite.pysqlite import SQLiteDialect_pysqlite
 from sqlalchemy.engine import URL
 from sqlalchemy.util import await_only
 from sqlalchemy.util.concurrency import in_greenlet
+
+from eventrelay.stores.base import turn_due
 
 DRIVER = "eventrelay"
 BUSY_TIMEOUT = 30.0  # seconds a statement waits for a lock, unless the URL says `?timeout=`
@@ -60,9 +63,10 @@ def _as_async() -> None:
 
 
 def take_turn() -> None:
-    """Let the event loop run its other tasks once (from SQLAlchemy's greenlet; outside it, nothing). Called
-    before a transaction begins: no lock is held, so a cancellation landing here leaves nothing open."""
-    if in_greenlet():
+    """Let the event loop run its other tasks once if a turn is due (from SQLAlchemy's greenlet; outside it,
+    nothing). Called before a transaction begins: no lock is held, so a cancellation landing here leaves
+    nothing open."""
+    if in_greenlet() and turn_due():
         await_only(asyncio.sleep(0))
 
 
