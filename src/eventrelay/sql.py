@@ -258,8 +258,6 @@ def configure_sqlite(engine: AsyncEngine, busy_timeout_ms: int = 30_000) -> None
     def _begin(connection: Connection) -> None:
         mode = connection.get_execution_options().get("eventrelay_begin", "IMMEDIATE")
         if mode != "NONE":
-            if ours:  # statements never suspend the task: let the loop's other tasks in between transactions
-                sqlite_driver.take_turn()
             connection.exec_driver_sql(f"BEGIN {mode}")
 
     sync_engine._eventrelay_configured = True  # type: ignore[attr-defined]

@@ -23,22 +23,24 @@ def utcnow() -> datetime:
 
 
 TURN = 0.01  # seconds a task may run transactions back to back on a store whose statements never suspend it
-_last_turn = 0.0
 
 
-def turn_due() -> bool:
-    """Whether a transaction on SQLite or the memory store, whose statements never suspend the task, should
-    let the event loop's other tasks run once before it begins: true once `TURN` seconds have passed since
-    the last such turn. Without turns, a task that runs transactions back to back and awaits nothing else
-    (a batch import) keeps the loop, and SQLite's write lock, to itself: the relay sent nothing until it
-    ended. A turn before every transaction let the relay in so often that it sent batches of one, and E3
-    with one event per unit of work lost 15% of its throughput."""
-    global _last_turn
-    now = time.monotonic()
-    if now - _last_turn < TURN:
-        return False
-    _last_turn = now
-    return True
+class Turns:
+    """When SQLite or the memory store, whose statements never suspend the task, should let the event loop's
+    other tasks run once: `due()` is true once `TURN` seconds have passed since it last was. Without turns, a
+    task that runs transactions back to back and awaits nothing else (a batch import) keeps the loop to
+    itself: the relay sent nothing until it ended. A turn before every transaction let the relay in so often
+    that it sent batches of one, and E3 with one event per unit of work lost 15% of its throughput."""
+
+    def __init__(self) -> None:
+        self._last = 0.0
+
+    def due(self) -> bool:
+        now = time.monotonic()
+        if now - self._last < TURN:
+            return False
+        self._last = now
+        return True
 
 
 @dataclass(frozen=True)

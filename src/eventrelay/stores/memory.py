@@ -17,12 +17,15 @@ from eventrelay.stores.base import (
     OutboxRecord,
     Store,
     Transaction,
-    turn_due,
+    Turns,
     utcnow,
 )
 
 InboxKey = tuple[str, str, str]
 INBOX_LIMIT = 100_000  # inbox records kept (the newest): about 30 MB
+
+
+_COMMITS = Turns()
 
 
 class MemoryTransaction(Transaction):
@@ -46,9 +49,9 @@ class MemoryTransaction(Transaction):
             raise
 
     async def _commit(self) -> None:
-        # Nothing here suspends the task (`turn_due`). Before the writes: a cancellation landing here leaves
+        # Nothing here suspends the task (`Turns`). Before the writes: a cancellation landing here leaves
         # the transaction as if never committed.
-        if turn_due():
+        if _COMMITS.due():
             await asyncio.sleep(0)
         for write in self.writes:
             write()

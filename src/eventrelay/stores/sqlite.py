@@ -15,11 +15,13 @@ tried again after an asynchronous pause, from 1 ms doubling to 50 ms with jitter
 SQLite never waits for a lock in WAL mode when the transaction began with `BEGIN IMMEDIATE`, as every write
 transaction of eventrelay's engines does.
 
-Since no statement suspends the task, a transaction lets the event loop run its other tasks once before it
-begins when 10 ms have passed since the last such turn (`take_turn`, `stores.base.turn_due`): a task that
-commits units of work back to back and awaits nothing else (a batch import) would otherwise keep the loop,
-and so the file's write lock, to itself, and the service's relay sent nothing until it ended (a
-1,000,000-event backlog in issue 21).
+Since no statement suspends the task, the event loop's other tasks get a turn before a transaction begins
+and before a statement within one, each when 10 ms have passed since the last such turn (`Turns`), and
+before a transaction begins while a writer of this process waits for the lock (it goes first). Without
+them, a task that commits units of work back to back and awaits nothing else (a batch import) kept the
+loop, and the file's write lock, to itself, and the service's relay sent nothing until it ended (a
+1,000,000-event backlog in issue 21). A turn within a transaction lets the relay's network steps go on; a
+cancellation landing there rolls the transaction back, as one landing on an `await` of the caller's would.
 """
 
 from __future__ import annotations
@@ -38,12 +40,14 @@ from sqlalchemy.engine import URL
 from sqlalchemy.util import await_only
 from sqlalchemy.util.concurrency import in_greenlet
 
-from eventrelay.stores.base import turn_due
+from eventrelay.stores.base import Turns
 
 DRIVER = "eventrelay"
 BUSY_TIMEOUT = 30.0  # seconds a statement waits for a lock, unless the URL says `?timeout=`
 FIRST_PAUSE = 0.001  # seconds before the first try again of a statement that found the database locked
 LONGEST_PAUSE = 0.05
+_writers: list[asyncio.Future[None]] = []  # statements of this process waiting for the write lock
+_BEGINS, _STATEMENTS = Turns(), Turns()  # turns before a transaction, and within one
 
 
 def _locked(exc: sqlite3.OperationalError) -> bool:
@@ -54,20 +58,45 @@ async def _nothing() -> None:
     pass
 
 
-def _as_async() -> None:
-    """Hand SQLAlchemy's asyncio bridge an awaitable that completes at once: its `AsyncConnection.execute`
-    refuses a driver that never awaits. It does not suspend the task, so it costs no trip to the event
-    loop and gives no cancellation a place to land."""
+def _as_async(outside_transaction: bool) -> None:
+    """Hand SQLAlchemy's asyncio bridge an awaitable: its `AsyncConnection.execute` refuses a driver that
+    never awaits. It completes at once, with no trip to the event loop, unless a turn for the loop's other
+    tasks is due (`Turns`: one clock before transactions, one within), or, outside a transaction, a writer
+    of this process waits for the lock (it goes first: `_wake_writers`)."""
     if in_greenlet():
-        await_only(_nothing())
+        begins = outside_transaction and (_wake_writers() or _BEGINS.due())
+        await_only(asyncio.sleep(0) if begins or _STATEMENTS.due() else _nothing())
 
 
-def take_turn() -> None:
-    """Let the event loop run its other tasks once if a turn is due (from SQLAlchemy's greenlet; outside it,
-    nothing). Called before a transaction begins: no lock is held, so a cancellation landing here leaves
-    nothing open."""
-    if in_greenlet() and turn_due():
-        await_only(asyncio.sleep(0))
+async def _wait_for_the_lock(pause: float) -> None:
+    """Wait `pause` seconds, or less if a writer of this process is about to begin (`_wake_writers`)."""
+    loop = asyncio.get_running_loop()
+    woken = loop.create_future()
+    timer = loop.call_later(pause, _wake, woken)
+    _writers.append(woken)
+    try:
+        await woken  # directly: a waker's next turn of the loop is this task's
+    finally:
+        timer.cancel()
+        _writers.remove(woken)
+
+
+def _wake(woken: asyncio.Future[None]) -> None:
+    if not woken.done():
+        woken.set_result(None)
+
+
+def _wake_writers() -> bool:
+    """Wake the statements of this event loop waiting for the write lock; whether there were any. Called
+    before a transaction begins: the caller then lets them run first, else a writer that begins again at
+    once (a loop of units of work) would find the lock free before a waiter's pause ran out, every time."""
+    if not _writers:
+        return False
+    loop = asyncio.get_running_loop()
+    waiting = [woken for woken in _writers if woken.get_loop() is loop and not woken.done()]
+    for woken in waiting:
+        _wake(woken)
+    return bool(waiting)
 
 
 class Connection(sqlite3.Connection):
@@ -83,7 +112,7 @@ class Connection(sqlite3.Connection):
 
     def run(self, statement: Any, *args: Any) -> Any:
         """`statement(*args)`, tried again while it finds the database locked outside a transaction."""
-        _as_async()
+        _as_async(not self.in_transaction)
         deadline, pause = 0.0, FIRST_PAUSE
         while True:
             opened = self.in_transaction
@@ -96,7 +125,7 @@ class Connection(sqlite3.Connection):
                 deadline = deadline or now + self.busy_timeout
                 if now >= deadline:
                     raise
-            await_only(asyncio.sleep(pause * random.uniform(0.5, 1.0)))
+            await_only(_wait_for_the_lock(pause * random.uniform(0.5, 1.0)))
             pause = min(pause * 2, LONGEST_PAUSE)
 
 
