@@ -18,13 +18,10 @@ from eventrelay.brokers import nats_topology
 from eventrelay.brokers.nats import NatsBroker, consumer_info, durable
 from eventrelay.errors import ConfigurationError
 from tests.brokers.contract import PATIENCE, collect, message, publish_when_back
+from tests.brokers.test_nats_broker import _with
 from tests.nats_cluster import NatsCluster, nats_cluster
 
 pytestmark = pytest.mark.nats
-
-
-def _with(url: str, **options: object) -> str:
-    return url + "".join(f"&{name}={value}" for name, value in options.items())
 
 
 @pytest.fixture(scope="session")

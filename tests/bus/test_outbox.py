@@ -62,8 +62,8 @@ async def test_the_relay_wakes_at_once_after_a_local_commit(database: str | None
 
 async def test_the_relay_sends_while_units_of_work_commit_back_to_back(database: str | None) -> None:
     """A loop of units of work that awaits nothing else (a batch import) leaves the relay its turns: events
-    leave while the loop runs, not only once it has ended. (On SQLite no statement suspends the task; before
-    each transaction let the loop's other tasks in, the relay sent nothing until such a loop ended.)"""
+    leave while the loop runs, not only once it has ended. (No statement of SQLite or the memory store
+    suspends the task; before they gave the loop's other tasks turns, the relay sent nothing until then.)"""
     broker = RecordingBroker()
     async with make_bus("Orders", broker, database) as bus:
         await wait_until_idle(bus)
